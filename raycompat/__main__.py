@@ -1,0 +1,3 @@
+from raycompat.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,211 @@
+"""The pipeline config: one YAML file drives every stage (see configs/*.yaml).
+
+Each stage reads the sections it needs; ``output_dir`` is the storage root under
+which every stage writes (see :mod:`raycompat.layout`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from raycompat.configio import check, join, load_config
+
+DATASETS = ("fashion_mnist", "digits", "cifar100", "imagefolder", "parquet")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from. ``root`` defaults per dataset (see raycompat.data)."""
+
+    name: Literal["fashion_mnist", "digits", "cifar100", "imagefolder", "parquet"] = "fashion_mnist"
+    root: Optional[str] = None
+    # CIFAR-100 only: fetch through torchvision when the files are absent (needs internet).
+    download: bool = False
+    # When the dataset's files are absent, use this bundled dataset instead (logged loudly).
+    fallback: Optional[Literal["digits"]] = None
+    # Subsample (stratified, seeded) to keep demos and tests small; null = everything.
+    max_train: Optional[int] = None
+    max_test: Optional[int] = None
+    # imagefolder/parquet: decoded images are resized to this square size.
+    image_size: int = 32
+    channels: Literal[1, 3] = 3
+
+    def validate(self, key: str) -> None:
+        for name in ("max_train", "max_test"):
+            v = getattr(self, name)
+            check(v is None or v > 0, join(key, name), f"must be positive, got {v}")
+        check(self.image_size > 0, join(key, "image_size"), "must be positive")
+
+
+@dataclass
+class ProtocolConfig:
+    """How old and new training data relate (DESIGN.md section 3)."""
+
+    kind: Literal["class_split", "data_split"] = "class_split"
+    # class_split: the classes the old model is trained on (null = first half).
+    old_classes: Optional[list[int]] = None
+    # data_split: the fraction of every class's training images the old model sees.
+    old_fraction: float = 0.5
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        check(0.0 < self.old_fraction <= 1.0, join(key, "old_fraction"), f"must be in (0, 1], got {self.old_fraction}")
+        if self.old_classes is not None:
+            check(len(self.old_classes) > 0, join(key, "old_classes"), "must not be empty")
+            check(len(set(self.old_classes)) == len(self.old_classes), join(key, "old_classes"), "has duplicates")
+            check(min(self.old_classes) >= 0, join(key, "old_classes"), "class ids must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    """A backbone with an embedding of ``embed_dim`` and a cosine classifier head."""
+
+    arch: Literal["small_cnn", "resnet18", "resnet50"] = "small_cnn"
+    width: int = 32
+    embed_dim: int = 64
+
+    def validate(self, key: str) -> None:
+        check(self.width > 0, join(key, "width"), "must be positive")
+        check(self.embed_dim > 0, join(key, "embed_dim"), "must be positive")
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    # Scale s of the cosine classifier s * <w_c, normalize(phi(x))>.
+    scale: float = 16.0
+
+    def validate(self, key: str) -> None:
+        check(self.epochs > 0, join(key, "epochs"), "must be positive")
+        check(self.batch_size > 0, join(key, "batch_size"), "must be positive")
+        check(self.lr > 0, join(key, "lr"), "must be positive")
+        check(self.weight_decay >= 0, join(key, "weight_decay"), "must be >= 0")
+        check(self.scale > 0, join(key, "scale"), "must be positive")
+
+
+@dataclass
+class RandomWalkConfig:
+    """Random walk with restart over a kNN graph of old features (DESIGN.md section 2)."""
+
+    enabled: bool = False
+    k: int = 20
+    tau: float = 0.05
+    alpha: float = 0.9
+    iterations: int = 50
+    # intra_class keeps only kNN edges between items of the same class.
+    graph: Literal["intra_class", "global"] = "intra_class"
+
+    def validate(self, key: str) -> None:
+        check(self.k > 0, join(key, "k"), "must be positive")
+        check(self.tau > 0, join(key, "tau"), "must be positive")
+        check(0.0 <= self.alpha < 1.0, join(key, "alpha"), f"must be in [0, 1), got {self.alpha}")
+        check(self.iterations > 0, join(key, "iterations"), "must be positive")
+
+
+@dataclass
+class CompatConfig:
+    """The compatibility term lambda * L_compat added to the new model's own loss."""
+
+    weight: float = field(default=1.0, metadata={"key": "lambda"})
+    # Scale s of the influence loss s * W*^T normalize(phi_new).
+    scale: float = 16.0
+    pseudo_classifier: Literal["mean", "linear"] = "mean"
+    # Use random-walk soft labels (KL) instead of hard labels (CE) in the influence loss.
+    soft_targets: bool = False
+    random_walk: RandomWalkConfig = field(default_factory=RandomWalkConfig)
+
+    def validate(self, key: str) -> None:
+        check(self.weight >= 0, join(key, "lambda"), "must be >= 0")
+        check(self.scale > 0, join(key, "scale"), "must be positive")
+        check(not self.soft_targets or self.random_walk.enabled, join(key, "soft_targets"),
+              "needs random_walk.enabled: true (soft targets come from the walk)")
+
+
+@dataclass
+class OldConfig:
+    """The old model: only trained here to have one; afterwards a black box."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # The black box used for extraction: null = the TorchScript file train-old exports;
+    # else a path to a TorchScript file, "module:callable", or an http:// endpoint.
+    extractor: Optional[str] = None
+    name: str = "old"
+    version: str = "1"
+
+
+@dataclass
+class NewConfig:
+    """The new model and how it is made compatible."""
+
+    method: Literal["independent", "l2", "bct", "nifcl"] = "independent"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    compat: CompatConfig = field(default_factory=CompatConfig)
+    name: str = "new"
+    version: str = "1"
+
+
+@dataclass
+class ExtractConfig:
+    batch_size: int = 256
+    # Actors in the extraction pool; null = what the cluster's CPUs/GPUs allow.
+    concurrency: Optional[int] = None
+    # GPUs per extraction actor; null = 1 when the cluster has GPUs, else 0.
+    num_gpus: Optional[float] = None
+    on_error: Literal["fail", "quarantine"] = "fail"
+    # Rows per output Parquet file (one commit unit for resume).
+    rows_per_file: int = 10000
+
+    def validate(self, key: str) -> None:
+        check(self.batch_size > 0, join(key, "batch_size"), "must be positive")
+        check(self.concurrency is None or self.concurrency > 0, join(key, "concurrency"), "must be positive")
+        check(self.rows_per_file > 0, join(key, "rows_per_file"), "must be positive")
+
+
+@dataclass
+class RayConfig:
+    # null = $RAY_ADDRESS if set, else a local ray.init().
+    address: Optional[str] = None
+    # Train workers; null = as many as the cluster has CPUs for (GPUs when present), at least 1.
+    num_workers: Optional[int] = None
+    cpus_per_worker: float = 1.0
+    use_gpu: Optional[bool] = None
+    max_failures: int = 2
+
+    def validate(self, key: str) -> None:
+        check(self.num_workers is None or self.num_workers >= 0, join(key, "num_workers"), "must be >= 0")
+        check(self.cpus_per_worker > 0, join(key, "cpus_per_worker"), "must be positive")
+        check(self.max_failures >= -1, join(key, "max_failures"), "must be >= -1 (-1 = unlimited)")
+
+
+@dataclass
+class EvalConfig:
+    # Query chunk size of the faiss search: bounds memory at ~chunk x gallery x 12 bytes.
+    chunk_size: int = 1024
+
+    def validate(self, key: str) -> None:
+        check(self.chunk_size > 0, join(key, "chunk_size"), "must be positive")
+
+
+@dataclass
+class PipelineConfig:
+    output_dir: str = "runs/demo"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    old: OldConfig = field(default_factory=OldConfig)
+    new: NewConfig = field(default_factory=NewConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def load_pipeline_config(path: str | Path, overrides: dict | None = None) -> PipelineConfig:
+    """Load and validate a pipeline config YAML (errors name the file and key)."""
+    return load_config(path, PipelineConfig, overrides)

@@ -1,0 +1,46 @@
+"""Evaluate stored features: the cross-model matrix and negative flips, from feature stores.
+
+Reads the test-split stores of the old and new models (gallery = query set =
+the test split, leave-one-out) and returns ``{"old/old"|"new/new"|"new/old":
+{"top1","top5","mAP",...}}`` plus negative flips of new/old and new/new
+against old/old.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from raycompat.data.feature_store import FeatureStore
+from raycompat.errors import DataError
+from raycompat.retrieval.evaluate import cross_model_matrix
+from raycompat.retrieval.metrics import negative_flips
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_stores(old_store: str | Path, new_store: str | Path, chunk_size: int = 1024) -> dict:
+    """Cross-model matrix old/old, new/new, new/old (+ negative flips) of two test-split stores."""
+    old = FeatureStore.open(old_store)
+    new = FeatureStore.open(new_store)
+    ids_old, labels, f_old = old.to_numpy()
+    ids_new, _, f_new = new.to_numpy()
+    order = np.argsort(ids_old, kind="stable")
+    ids_old, labels, f_old = ids_old[order], labels[order], f_old[order]
+    if len(ids_new) != len(ids_old):
+        raise DataError(f"{new_store} holds {len(ids_new)} items but {old_store} holds {len(ids_old)}")
+    f_new = new.lookup(ids_old)
+    d_old = f_old.shape[1]
+    if d_old > f_new.shape[1]:
+        raise DataError(f"old features have dim {d_old} > new features' {f_new.shape[1]}: no compatible slice")
+    feats = {"old": f_old, "new": f_new, "new|c": f_new[:, :d_old]}
+    pairs = [("old", "old"), ("new", "new"), ("new|c", "old")]
+    raw = cross_model_matrix(feats, labels, ids_old, pairs, chunk_size, return_correct=True)
+    matrix = {"old/old": raw["old/old"], "new/new": raw["new/new"], "new/old": raw["new|c/old"]}
+    before = matrix["old/old"].pop("correct")
+    flips = {}
+    for pair in ("new/new", "new/old"):
+        flips[pair] = negative_flips(before, matrix[pair].pop("correct"))
+    return {"matrix": matrix, "negative_flips": flips, "n_items": int(len(ids_old))}

@@ -1,0 +1,72 @@
+"""Export a trained embedding model as a TorchScript black box, plus what BCT needs.
+
+An exported model directory holds:
+- ``extractor.pt``: TorchScript, uint8 images (N, C, H, W) -> features (N, dim);
+- ``model.json``: name, version, dim, input shape, sha256 of ``extractor.pt``;
+- ``classifier.pt``: the cosine classifier's weight and the classes it covers.
+  Only the BCT baseline reads it; NIFCL never does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from raycompat.errors import DataError
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_model(
+    model: torch.nn.Module,
+    classifier_weight: torch.Tensor,
+    classes: list[int],
+    image_shape: tuple[int, int, int],
+    out_dir: str | Path,
+    name: str,
+    version: str,
+) -> Path:
+    """Trace ``model`` to TorchScript and write the model directory; returns it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.cpu().eval()
+    example = torch.zeros((2, *image_shape), dtype=torch.uint8)
+    with torch.no_grad():
+        scripted = torch.jit.trace(model, example)
+        dim = int(scripted(example).shape[1])
+    tmp = out / "extractor.pt.tmp"
+    scripted.save(str(tmp))
+    tmp.replace(out / "extractor.pt")
+    torch.save({"weight": classifier_weight.detach().cpu(), "classes": list(classes)}, out / "classifier.pt")
+    meta = {
+        "name": name, "version": version, "dim": dim, "input_shape": list(image_shape),
+        "input_dtype": "uint8", "sha256": sha256_file(out / "extractor.pt"),
+    }
+    (out / "model.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def load_model_meta(model_dir: str | Path) -> dict:
+    """Read ``model.json`` of an exported model directory."""
+    path = Path(model_dir) / "model.json"
+    if not path.is_file():
+        raise DataError(f"exported model metadata not found: {path} (run `raycompat train-old` first)")
+    return json.loads(path.read_text())
+
+
+def load_classifier(model_dir: str | Path) -> tuple[torch.Tensor, list[int]]:
+    """The exported cosine classifier ``(weight [C, dim], classes)`` (BCT's old classifier)."""
+    path = Path(model_dir) / "classifier.pt"
+    if not path.is_file():
+        raise DataError(f"old classifier not found: {path} (BCT needs the real old classifier)")
+    state = torch.load(path, map_location="cpu")
+    return state["weight"], list(state["classes"])

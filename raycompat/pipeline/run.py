@@ -1,0 +1,95 @@
+"""The stages of one upgrade, and the whole pipeline end to end.
+
+    train-old  -> models/old            (only to have an old model; then a black box)
+    extract    -> features/old-{train,test}  (Ray Data through the black box)
+    train      -> models/new-<method>   (Ray Train, compatibility term from stored old features)
+    extract    -> features/new-<method>-test
+    evaluate   -> eval/metrics.json, eval/report.md
+
+Each stage is a function of the pipeline config; they share ``output_dir`` and
+skip nothing implicitly except what their own resume logic skips.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from raycompat.config import PipelineConfig
+from raycompat.evaluation import evaluate_stores
+from raycompat.layout import Layout
+from raycompat.pipeline.extract import ExtractorSpec, run_extraction
+from raycompat.pipeline.ray_session import init_ray
+from raycompat.pipeline.train import new_model_name, old_model_name, run_training
+from raycompat.report import write_eval_report
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+def old_extractor_spec(cfg: PipelineConfig) -> ExtractorSpec:
+    """The black box to extract old features with: the configured one, else the exported old model."""
+    spec = cfg.old.extractor or str(Layout.of(cfg.output_dir).model_dir(old_model_name(cfg)) / "extractor.pt")
+    return ExtractorSpec(cfg.old.name, cfg.old.version, spec)
+
+
+def stage_train_old(cfg: PipelineConfig) -> dict:
+    return run_training(cfg, "old").metrics
+
+
+def stage_extract_old(cfg: PipelineConfig, splits: tuple[str, ...] = ("train", "test")) -> dict:
+    return {split: {k: str(v) for k, v in run_extraction(cfg, split, [old_extractor_spec(cfg)]).items()}
+            for split in splits}
+
+
+def stage_train_new(cfg: PipelineConfig) -> dict:
+    return run_training(cfg, "new").metrics
+
+
+def stage_extract_new(cfg: PipelineConfig) -> dict:
+    layout = Layout.of(cfg.output_dir)
+    name = new_model_name(cfg)
+    spec = ExtractorSpec(name, cfg.new.version, str(layout.model_dir(name) / "extractor.pt"))
+    return {k: str(v) for k, v in run_extraction(cfg, "test", [spec]).items()}
+
+
+def stage_evaluate(cfg: PipelineConfig, timings: Optional[dict] = None) -> Path:
+    """Evaluate the test-split stores and write ``eval/metrics.json`` and ``eval/report.md``."""
+    layout = Layout.of(cfg.output_dir)
+    result = evaluate_stores(layout.store(old_model_name(cfg), "test"), layout.store(new_model_name(cfg), "test"),
+                             cfg.eval.chunk_size)
+    result["method"] = cfg.new.method
+    result["dataset"] = cfg.data.name
+    if timings:
+        result["stage_seconds"] = timings
+    layout.eval_dir.mkdir(parents=True, exist_ok=True)
+    (layout.eval_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    return write_eval_report(result, cfg, layout.eval_dir / "report.md")
+
+
+STAGES: list[tuple[str, Callable[[PipelineConfig], object]]] = [
+    ("train old model", stage_train_old),
+    ("extract old features", stage_extract_old),
+    ("train new model", stage_train_new),
+    ("extract new features", stage_extract_new),
+]
+
+
+def run_pipeline(cfg: PipelineConfig, progress: Optional[Progress] = None) -> Path:
+    """Run every stage end to end on the configured cluster; returns the report path."""
+    init_ray(cfg.ray)
+    timings = {}
+    for name, stage in STAGES:
+        if progress:
+            progress(name)
+        t0 = time.perf_counter()
+        stage(cfg)
+        timings[name] = round(time.perf_counter() - t0, 1)
+        log.info("stage %r done in %.1f s", name, timings[name])
+    if progress:
+        progress("evaluate")
+    return stage_evaluate(cfg, timings)

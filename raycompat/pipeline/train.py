@@ -1,0 +1,191 @@
+"""Ray Train: train the old model (to have one) or the new model (any method).
+
+One ``TorchTrainer`` code path for both roles:
+- ``old``: the protocol's old training subset, plain cosine-softmax training;
+- ``new``: the full training split, plus the method's compatibility term built
+  from *stored* old features (the Parquet feature store; the old model is never
+  re-run per epoch).
+
+Each worker loads the dataset itself (no driver-side materialisation), trains
+on its DistributedSampler shard (DDP through ``prepare_model``), and every epoch
+all ranks call ``ray.train.report``; rank 0 attaches a checkpoint and the
+validation retrieval metrics (old/old for the old model; new/new and new/old
+for the new one). A restarted worker group resumes from the latest checkpoint;
+re-running with the same ``output_dir`` resumes the run (stable run names).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from raycompat.config import PipelineConfig
+from raycompat.configio import from_dict, to_dict
+from raycompat.data.datasets import load_dataset
+from raycompat.data.feature_store import FeatureStore
+from raycompat.data.protocols import old_training_set
+from raycompat.layout import Layout
+from raycompat.models.backbones import CosineClassifier, EmbeddingClassifier, EmbeddingModel
+from raycompat.models.export import export_model, load_classifier
+from raycompat.pipeline.ray_session import cluster_cpus_gpus
+from raycompat.retrieval.evaluate import cross_model_matrix
+from raycompat.training.compat_term import build_compat_term
+from raycompat.training.loop import embed, make_loader, seed_everything, train_epoch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    metrics: dict
+    epochs: int
+    checkpoint_path: str
+
+
+def old_model_name(cfg: PipelineConfig) -> str:
+    return cfg.old.name
+
+
+def new_model_name(cfg: PipelineConfig) -> str:
+    return f"{cfg.new.name}-{cfg.new.method}"
+
+
+def flatten_metrics(matrix: dict[str, dict]) -> dict[str, float]:
+    """``{"new/old": {"mAP": x}}`` -> ``{"new/old/mAP": x}`` (Tune/TensorBoard friendly)."""
+    return {f"{pair}/{k}": float(v) for pair, m in matrix.items() for k, v in m.items() if k in ("top1", "top5", "mAP")}
+
+
+def _load_old_features(cfg: PipelineConfig, layout: Layout, split: str, ids: np.ndarray) -> np.ndarray:
+    store = FeatureStore.open(layout.store(old_model_name(cfg), split), expect_model=cfg.old.name,
+                              expect_version=cfg.old.version)
+    return store.lookup(ids)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The per-worker training function (also runs in-process with ``num_workers=0``)."""
+    cfg: PipelineConfig = from_dict(PipelineConfig, config["pipeline"])
+    role: str = config["role"]
+    layout = Layout.of(cfg.output_dir)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    seed_everything(cfg.seed + 1000 * (role == "new"))
+    device = ray.train.torch.get_device()
+
+    ds = load_dataset(cfg.data, cfg.seed)
+    if role == "old":
+        old_set = old_training_set(ds, cfg.protocol)
+        train, classes, mcfg, optim = old_set.data, old_set.classes, cfg.old.model, cfg.old.optim
+        compat = None
+    else:
+        train, classes, mcfg, optim = ds.train, list(range(ds.num_classes)), cfg.new.model, cfg.new.optim
+        old_train = _load_old_features(cfg, layout, "train", train.ids)
+        old_clf = load_classifier(layout.model_dir(old_model_name(cfg))) if cfg.new.method == "bct" else None
+        compat = build_compat_term(cfg.new, old_train, train.labels, ds.num_classes, device, old_clf, cfg.seed)
+
+    net = EmbeddingClassifier(EmbeddingModel(mcfg, ds.image_shape), CosineClassifier(mcfg.embed_dim, len(classes), optim.scale))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    start_epoch = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", map_location="cpu")
+        net.load_state_dict(state["net"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = state["epoch"] + 1
+        log.info("rank %d resumes from checkpoint after epoch %d", rank, state["epoch"])
+    ddp = ray.train.torch.prepare_model(net)
+    inner: EmbeddingClassifier = ddp.module if hasattr(ddp, "module") else ddp
+
+    sampler = torch.utils.data.DistributedSampler(
+        torch.arange(len(train)), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed) if world > 1 else None
+    loader = make_loader(train.images, train.labels, optim.batch_size, shuffle=True, seed=cfg.seed, sampler=sampler)
+
+    gallery_old = _load_old_features(cfg, layout, "test", ds.test.ids) if role == "new" and rank == 0 else None
+    for epoch in range(start_epoch, optim.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        else:
+            loader.generator.manual_seed(cfg.seed + epoch)
+        stats = train_epoch(ddp, loader, optimizer, device, compat, cfg.new.compat.weight)
+        metrics = {"epoch": epoch + 1, **stats}
+        checkpoint = None
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                metrics.update(_validate(inner.model, ds.test, gallery_old, role, cfg, device))
+                torch.save({"net": inner.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                            "classes": classes, "image_shape": ds.image_shape}, Path(tmp) / "state.pt")
+                checkpoint = Checkpoint.from_directory(tmp)
+            log.info("rank %d epoch %d: %s", rank, epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _validate(model: EmbeddingModel, test, gallery_old: Optional[np.ndarray], role: str, cfg: PipelineConfig,
+              device: torch.device) -> dict[str, float]:
+    feats = embed(model, test.images, device=device)
+    if role == "old":
+        matrix = cross_model_matrix({"old": feats}, test.labels, test.ids, [("old", "old")], cfg.eval.chunk_size)
+    else:
+        d_old = gallery_old.shape[1]
+        matrix = cross_model_matrix({"new": feats, "new|c": feats[:, :d_old], "old": gallery_old}, test.labels, test.ids,
+                                    [("new", "new"), ("new|c", "old")], cfg.eval.chunk_size)
+        matrix = {"new/new": matrix["new/new"], "new/old": matrix["new|c/old"]}
+    return flatten_metrics(matrix)
+
+
+def scaling_config(cfg: PipelineConfig) -> ScalingConfig:
+    """Workers from config, or as many as the cluster's CPUs allow (GPUs when present)."""
+    cpus, gpus = cluster_cpus_gpus()
+    use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else gpus > 0
+    if cfg.ray.num_workers is not None:
+        n = cfg.ray.num_workers
+    else:
+        # Leave one CPU for the train controller; at least one worker.
+        n = int(gpus) if use_gpu else max(1, int((cpus - 1) // cfg.ray.cpus_per_worker))
+    resources = {"CPU": cfg.ray.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
+    return ScalingConfig(num_workers=n, use_gpu=use_gpu, resources_per_worker=resources)
+
+
+def run_training(cfg: PipelineConfig, role: str, scaling: Optional[ScalingConfig] = None,
+                 callbacks: Optional[list] = None) -> TrainResult:
+    """Train ``role`` ("old" or "new") with a TorchTrainer and export the result as a black box."""
+    layout = Layout.of(cfg.output_dir)
+    name = old_model_name(cfg) if role == "old" else new_model_name(cfg)
+    scaling = scaling or scaling_config(cfg)
+    epochs = (cfg.old if role == "old" else cfg.new).optim.epochs
+    log.info("training %s model %r: %d epochs, %d workers", role, name, epochs, scaling.num_workers)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"pipeline": to_dict(cfg), "role": role},
+        scaling_config=scaling,
+        run_config=RunConfig(
+            name=f"train-{name}",
+            storage_path=str(layout.ray_storage),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / "state.pt", map_location="cpu")
+    ds_shape, mcfg = tuple(state["image_shape"]), (cfg.old if role == "old" else cfg.new).model
+    net = EmbeddingClassifier(EmbeddingModel(mcfg, ds_shape), CosineClassifier(mcfg.embed_dim, len(state["classes"]), 1.0))
+    net.load_state_dict(state["net"])
+    version = cfg.old.version if role == "old" else cfg.new.version
+    model_dir = export_model(net.model, net.classifier.weight, state["classes"], ds_shape,
+                             layout.model_dir(name), name, version)
+    metrics = dict(result.metrics or {})
+    log.info("%s model exported to %s; final metrics %s", name, model_dir, metrics)
+    return TrainResult(model_dir, metrics, int(metrics.get("epoch", epochs)), result.checkpoint.path)

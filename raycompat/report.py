@@ -1,0 +1,47 @@
+"""The pipeline's Markdown report: the cross-model matrix and whether the update is compatible."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from raycompat.config import PipelineConfig
+
+PAIRS = ("old/old", "new/new", "new/old")
+
+
+def metrics_table(matrix: dict[str, dict], pairs=PAIRS) -> str:
+    """A Markdown table of top-1 / top-5 / mAP (percent) per query/gallery pair."""
+    rows = ["| query/gallery | top-1 | top-5 | mAP |", "|---|---:|---:|---:|"]
+    for pair in pairs:
+        if pair in matrix:
+            m = matrix[pair]
+            rows.append(f"| {pair} | {m['top1']:.2f} | {m['top5']:.2f} | {m['mAP']:.2f} |")
+    return "\n".join(rows)
+
+
+def write_eval_report(result: dict, cfg: PipelineConfig, path: Path) -> Path:
+    """Write ``report.md`` for one evaluated upgrade; returns its path."""
+    m = result["matrix"]
+    compatible = {k: m["new/old"][k] > m["old/old"][k] for k in ("top1", "mAP")}
+    verdict = "meets" if all(compatible.values()) else "does not meet"
+    lines = [
+        f"# raycompat report: {cfg.data.name}, method `{cfg.new.method}`",
+        "",
+        f"Protocol: {cfg.protocol.kind}; {result['n_items']} test items, each a query against all others "
+        "(leave-one-out); metrics in percent, cosine distance, exact faiss search.",
+        "",
+        metrics_table(m),
+        "",
+        f"Compatibility criterion M(new, old) > M(old, old): the update **{verdict}** it "
+        f"(top-1 {'yes' if compatible['top1'] else 'no'}, mAP {'yes' if compatible['mAP'] else 'no'}).",
+        "",
+        "Negative flips (queries right at top-1 under old/old, wrong after): "
+        + ", ".join(f"{k} {v:.2f}%" for k, v in result["negative_flips"].items()),
+        "",
+    ]
+    if "stage_seconds" in result:
+        lines += ["| stage | seconds |", "|---|---:|"]
+        lines += [f"| {k} | {v} |" for k, v in result["stage_seconds"].items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path

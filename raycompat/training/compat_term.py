@@ -1,0 +1,90 @@
+"""Build each method's compatibility term from stored old features.
+
+- ``independent``: no term.
+- ``l2``: squared distance of the (compatible slice of the) normalised new
+  feature to the item's normalised old feature.
+- ``bct``: influence loss through the *real* old classifier (rows for the old
+  classes; class means of old features for new classes).
+- ``nifcl``: influence loss through a pseudo classifier built from old features
+  of the new training data only (mean prototypes or a linear head), optionally
+  refined by a random walk, with hard labels or random-walk soft labels.
+
+Inputs are the old features of the training items in training order, so the
+term is looked up per batch by item position.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+import torch
+
+from raycompat.compat.losses.influence import InfluenceLoss
+from raycompat.compat.losses.l2 import L2CompatLoss
+from raycompat.compat.pseudo_classifier import linear_pseudo_classifier, mean_prototypes, synthesize_bct_classifier
+from raycompat.compat.random_walk import refine
+from raycompat.config import NewConfig
+from raycompat.errors import DataError
+from raycompat.training.loop import CompatTerm
+
+log = logging.getLogger(__name__)
+
+
+def check_features(feats: np.ndarray, what: str) -> None:
+    """Refuse NaN/inf features, naming the first bad row."""
+    bad = ~np.isfinite(feats).all(axis=1)
+    if bad.any():
+        raise DataError(f"{what}: row {int(np.flatnonzero(bad)[0])} has NaN/inf ({int(bad.sum())} bad rows)")
+
+
+def build_compat_term(
+    cfg: NewConfig,
+    old_feats: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    device: torch.device,
+    old_classifier: Optional[tuple[torch.Tensor, list[int]]] = None,
+    seed: int = 0,
+) -> Optional[CompatTerm]:
+    """The per-batch compatibility loss ``term(new_feats, item_positions, labels)`` for ``cfg.method``."""
+    if cfg.method == "independent":
+        return None
+    check_features(old_feats, "old features of the training set")
+    d_old = old_feats.shape[1]
+    if d_old > cfg.model.embed_dim:
+        raise DataError(
+            f"old features have dim {d_old} > new model's embed_dim {cfg.model.embed_dim}: "
+            "the compatible slice needs new.model.embed_dim >= the old dim"
+        )
+    feats = torch.from_numpy(np.ascontiguousarray(old_feats, dtype=np.float32))
+    lab = torch.from_numpy(labels.astype(np.int64))
+    c = cfg.compat
+    if cfg.method == "l2":
+        loss = L2CompatLoss()
+        old_dev = feats.to(device)
+        return lambda new, idx, y: loss(new, old_dev[idx.to(device)])
+    if cfg.method == "bct":
+        if old_classifier is None:
+            raise DataError("method bct needs the real old classifier (classifier.pt of the old model)")
+        weight = synthesize_bct_classifier(old_classifier[0], old_classifier[1], feats, lab, num_classes)
+        influence = InfluenceLoss(weight, c.scale).to(device)
+        return lambda new, idx, y: influence(new, labels=y)
+    # nifcl
+    soft: Optional[torch.Tensor] = None
+    if c.random_walk.enabled:
+        refined = refine(feats, lab, num_classes, c.random_walk)
+        weight = refined.prototypes
+        if c.soft_targets:
+            soft = torch.as_tensor(refined.soft_labels, dtype=torch.float32).to(device)
+        if c.pseudo_classifier == "linear":
+            weight = linear_pseudo_classifier(refined.features, lab, num_classes, scale=c.scale, epochs=20, lr=0.05, seed=seed)
+    elif c.pseudo_classifier == "linear":
+        weight = linear_pseudo_classifier(feats, lab, num_classes, scale=c.scale, epochs=20, lr=0.05, seed=seed)
+    else:
+        weight = mean_prototypes(feats, lab, num_classes)
+    influence = InfluenceLoss(weight, c.scale).to(device)
+    if soft is not None:
+        return lambda new, idx, y: influence(new, soft_targets=soft[idx.to(device)])
+    return lambda new, idx, y: influence(new, labels=y)
