@@ -76,7 +76,11 @@ def _torchscript(path: Path, device: str) -> Callable[[np.ndarray], np.ndarray]:
 
     def run(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return module(torch.from_numpy(images).to(device)).float().cpu().numpy()
+            try:
+                return module(torch.from_numpy(images).to(device)).float().cpu().numpy()
+            except RuntimeError as exc:
+                lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+                raise DataError(f"{path}: model failed on a batch of shape {images.shape} ({lines[-1] if lines else exc})") from None
 
     return run
 

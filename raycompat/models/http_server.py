@@ -32,6 +32,10 @@ def make_server(extractor: Extractor, host: str = "127.0.0.1", port: int = 0) ->
             except RaycompatError as exc:
                 self._reply(400, str(exc).encode(), "text/plain")
                 return
+            except Exception as exc:  # noqa: BLE001 - a server answers 500 rather than dropping the connection
+                log.exception("extractor failed")
+                self._reply(500, f"{type(exc).__name__}: {exc}".encode(), "text/plain")
+                return
             self._reply(200, body, NPY_MEDIA_TYPE)
 
         def _reply(self, code: int, body: bytes, ctype: str) -> None:

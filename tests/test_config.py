@@ -1,0 +1,62 @@
+from pathlib import Path
+
+import pytest
+
+from raycompat.config import PipelineConfig, load_pipeline_config
+from raycompat.configio import dump_config, load_config
+from raycompat.errors import ConfigError
+
+DEMO = Path(__file__).resolve().parents[1] / "raycompat" / "configs" / "demo.yaml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_demo_config_loads_and_round_trips(tmp_path):
+    cfg = load_pipeline_config(DEMO)
+    assert cfg.protocol.old_classes == [0, 1, 2, 3, 4]
+    assert cfg.new.model.width == 32
+    dump_config(cfg, tmp_path / "again.yaml")
+    assert load_pipeline_config(tmp_path / "again.yaml") == cfg
+
+
+def test_lambda_key_maps_to_weight(tmp_path):
+    cfg = load_pipeline_config(write(tmp_path, "new:\n  method: nifcl\n  compat:\n    lambda: 2.5\n"))
+    assert cfg.new.compat.weight == 2.5
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("new:\n  optim:\n    epocs: 3\n", "unknown config key new.optim.epocs"),
+    ("new:\n  optim:\n    epochs: three\n", "new.optim.epochs: expected an integer"),
+    ("new:\n  method: magic\n", "new.method: 'magic' is not one of"),
+    ("protocol:\n  old_fraction: 1.5\n", "protocol.old_fraction: must be in (0, 1]"),
+    ("new:\n  compat:\n    random_walk:\n      alpha: 1.0\n", "new.compat.random_walk.alpha"),
+    ("new:\n  compat:\n    soft_targets: true\n", "new.compat.soft_targets: needs random_walk.enabled"),
+    ("data: [1, 2]\n", "data: expected a mapping"),
+    ("old: {model: {embed_dim: -1}}\n", "old.model.embed_dim: must be positive"),
+    ("seed: true\n", "seed: expected an integer"),
+])
+def test_bad_config_is_one_line_error_naming_the_key(tmp_path, text, fragment):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_pipeline_config(path)
+    msg = str(info.value)
+    assert fragment in msg
+    assert str(path) in msg
+    assert "\n" not in msg
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_pipeline_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"c.yaml:\d+: invalid YAML"):
+        load_pipeline_config(write(tmp_path, "data: {name: [\n"))
+
+
+def test_overrides_merge_into_sections(tmp_path):
+    cfg = load_config(write(tmp_path, "new: {optim: {epochs: 2}}\n"), PipelineConfig,
+                      {"new": {"optim": {"lr": 0.5}}, "output_dir": "x"})
+    assert (cfg.new.optim.epochs, cfg.new.optim.lr, cfg.output_dir) == (2, 0.5, "x")
