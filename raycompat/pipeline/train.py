@@ -125,6 +125,10 @@ def train_loop_per_worker(config: dict) -> None:
                 torch.save({"net": inner.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                             "classes": classes, "image_shape": ds.image_shape}, Path(tmp) / "state.pt")
                 checkpoint = Checkpoint.from_directory(tmp)
+                if epoch + 1 == optim.epochs:
+                    # Export from the worker: the driver may not see the checkpoint's files (local mode).
+                    export_model(inner.model, inner.classifier.weight, classes, ds.image_shape,
+                                 layout.model_dir(config["name"]), config["name"], config["version"])
             log.info("rank %d epoch %d: %s", rank, epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -165,7 +169,8 @@ def run_training(cfg: PipelineConfig, role: str, scaling: Optional[ScalingConfig
     log.info("training %s model %r: %d epochs, %d workers", role, name, epochs, scaling.num_workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"pipeline": to_dict(cfg), "role": role},
+        train_loop_config={"pipeline": to_dict(cfg), "role": role, "name": name,
+                           "version": cfg.old.version if role == "old" else cfg.new.version},
         scaling_config=scaling,
         run_config=RunConfig(
             name=f"train-{name}",
@@ -178,14 +183,8 @@ def run_training(cfg: PipelineConfig, role: str, scaling: Optional[ScalingConfig
     result = trainer.fit()
     if result.error:
         raise result.error
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / "state.pt", map_location="cpu")
-    ds_shape, mcfg = tuple(state["image_shape"]), (cfg.old if role == "old" else cfg.new).model
-    net = EmbeddingClassifier(EmbeddingModel(mcfg, ds_shape), CosineClassifier(mcfg.embed_dim, len(state["classes"]), 1.0))
-    net.load_state_dict(state["net"])
-    version = cfg.old.version if role == "old" else cfg.new.version
-    model_dir = export_model(net.model, net.classifier.weight, state["classes"], ds_shape,
-                             layout.model_dir(name), name, version)
+    model_dir = layout.model_dir(name)
     metrics = dict(result.metrics or {})
     log.info("%s model exported to %s; final metrics %s", name, model_dir, metrics)
-    return TrainResult(model_dir, metrics, int(metrics.get("epoch", epochs)), result.checkpoint.path)
+    return TrainResult(model_dir, metrics, int(metrics.get("epoch", epochs)),
+                       result.checkpoint.path if result.checkpoint else "")
