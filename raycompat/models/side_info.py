@@ -78,8 +78,11 @@ class SideInfoModel(nn.Module):
         """uint8 (N, C, H, W) -> float pixels in [0, 1], checking dtype and shape."""
         if images.dtype != torch.uint8:
             raise DataError(f"side-info model expects uint8 images, got {images.dtype}")
-        if images.dim() != 4 or images.shape[1] != self.in_channels or images.shape[2] != self.image_size \
-                or images.shape[3] != self.image_size:
+        # A trace cannot keep a shape check (it records one branch, with a warning); scripting can.
+        if not torch.jit.is_tracing() and (
+            images.dim() != 4 or images.shape[1] != self.in_channels or images.shape[2] != self.image_size
+            or images.shape[3] != self.image_size
+        ):
             raise DataError(
                 f"side-info model expects images (N, {self.in_channels}, {self.image_size}, {self.image_size}), "
                 f"got {list(images.shape)}"

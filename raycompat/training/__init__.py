@@ -1,0 +1,1 @@
+"""Training loops and per-method loss terms in plain torch (Ray Train wraps them)."""
