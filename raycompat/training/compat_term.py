@@ -26,17 +26,11 @@ from raycompat.compat.losses.l2 import L2CompatLoss
 from raycompat.compat.pseudo_classifier import linear_pseudo_classifier, mean_prototypes, synthesize_bct_classifier
 from raycompat.compat.random_walk import refine
 from raycompat.config import NewConfig
+from raycompat.compat.checks import check_features
 from raycompat.errors import DataError
 from raycompat.training.loop import CompatTerm
 
 log = logging.getLogger(__name__)
-
-
-def check_features(feats: np.ndarray, what: str) -> None:
-    """Refuse NaN/inf features, naming the first bad row."""
-    bad = ~np.isfinite(feats).all(axis=1)
-    if bad.any():
-        raise DataError(f"{what}: row {int(np.flatnonzero(bad)[0])} has NaN/inf ({int(bad.sum())} bad rows)")
 
 
 def build_compat_term(
@@ -51,14 +45,14 @@ def build_compat_term(
     """The per-batch compatibility loss ``term(new_feats, item_positions, labels)`` for ``cfg.method``."""
     if cfg.method == "independent":
         return None
-    check_features(old_feats, "old features of the training set")
-    d_old = old_feats.shape[1]
+    feats = torch.from_numpy(np.ascontiguousarray(old_feats, dtype=np.float32))
+    check_features(feats, "old features of the training set")
+    d_old = feats.shape[1]
     if d_old > cfg.model.embed_dim:
         raise DataError(
             f"old features have dim {d_old} > new model's embed_dim {cfg.model.embed_dim}: "
             "the compatible slice needs new.model.embed_dim >= the old dim"
         )
-    feats = torch.from_numpy(np.ascontiguousarray(old_feats, dtype=np.float32))
     lab = torch.from_numpy(labels.astype(np.int64))
     c = cfg.compat
     if cfg.method == "l2":
@@ -72,12 +66,10 @@ def build_compat_term(
         influence = InfluenceLoss(weight, c.scale).to(device)
         return lambda new, idx, y: influence(new, labels=y)
     # nifcl
-    soft: Optional[torch.Tensor] = None
+    refined = None
     if c.random_walk.enabled:
-        refined = refine(feats, lab, num_classes, c.random_walk)
+        refined = refine(feats, lab, num_classes, c.random_walk, soft_labels=c.soft_targets)
         weight = refined.prototypes
-        if c.soft_targets:
-            soft = torch.as_tensor(refined.soft_labels, dtype=torch.float32).to(device)
         if c.pseudo_classifier == "linear":
             weight = linear_pseudo_classifier(refined.features, lab, num_classes, scale=c.scale, epochs=20, lr=0.05, seed=seed)
     elif c.pseudo_classifier == "linear":
@@ -85,6 +77,6 @@ def build_compat_term(
     else:
         weight = mean_prototypes(feats, lab, num_classes)
     influence = InfluenceLoss(weight, c.scale).to(device)
-    if soft is not None:
-        return lambda new, idx, y: influence(new, soft_targets=soft[idx.to(device)])
+    if refined is not None and c.soft_targets:
+        return lambda new, idx, y: influence(new, soft_targets=refined.soft_targets(idx).to(device))
     return lambda new, idx, y: influence(new, labels=y)

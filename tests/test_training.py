@@ -1,0 +1,133 @@
+"""The training core (plain torch) and the Ray Train stage in local mode (in-process)."""
+
+import numpy as np
+import pytest
+import torch
+from ray.train import ScalingConfig
+
+from raycompat.config import DataConfig, NewConfig, PipelineConfig
+from raycompat.data.datasets import load_digits
+from raycompat.data.feature_store import FeatureStore, FeatureStoreWriter
+from raycompat.errors import DataError, FeatureStoreError
+from raycompat.layout import Layout
+from raycompat.models.extractor import load_extractor
+from raycompat.pipeline.train import run_training
+from raycompat.training.compat_term import build_compat_term
+
+
+def small_cfg(out, method="independent", **compat) -> PipelineConfig:
+    cfg = PipelineConfig(output_dir=str(out), data=DataConfig(name="digits"))
+    cfg.old.model.width = cfg.new.model.width = 8
+    cfg.old.model.embed_dim = 16
+    cfg.new.model.embed_dim = 24
+    cfg.old.optim.epochs = 2
+    cfg.new.optim.epochs = 2
+    cfg.new.method = method
+    for k, v in compat.items():
+        setattr(cfg.new.compat, k, v)
+    return cfg
+
+
+def features(n=60, d=8, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    centers = rng.normal(size=(classes, d))
+    return (centers[labels] + 0.1 * rng.normal(size=(n, d))).astype(np.float32), labels
+
+
+@pytest.mark.parametrize("method", ["l2", "bct", "nifcl"])
+def test_compat_terms_are_finite_and_fall_when_new_matches_old(method):
+    old, labels = features()
+    cfg = NewConfig(method=method)
+    cfg.model.embed_dim = 12
+    clf = (torch.randn(2, 8), [0, 1]) if method == "bct" else None
+    term = build_compat_term(cfg, old, labels, 3, torch.device("cpu"), clf)
+    idx = torch.arange(20)
+    y = torch.from_numpy(labels[:20])
+    aligned = torch.cat([torch.from_numpy(old[:20]), torch.randn(20, 4)], dim=1)
+    random = torch.randn(20, 12)
+    if method == "bct":
+        # The old classes' rows are random here; only the synthesised new-class row is the class mean.
+        keep = y == 2
+        idx, y, aligned, random = idx[keep], y[keep], aligned[keep], random[keep]
+    assert term(aligned, idx, y) < term(random, idx, y)
+
+
+def test_independent_has_no_term():
+    old, labels = features()
+    assert build_compat_term(NewConfig(method="independent"), old, labels, 3, torch.device("cpu")) is None
+
+
+def test_nifcl_with_random_walk_soft_targets():
+    old, labels = features()
+    cfg = NewConfig(method="nifcl")
+    cfg.compat.random_walk.enabled = True
+    cfg.compat.random_walk.graph = "global"
+    cfg.compat.random_walk.k = 5
+    cfg.compat.soft_targets = True
+    term = build_compat_term(cfg, old, labels, 3, torch.device("cpu"))
+    idx = torch.arange(10)
+    assert torch.isfinite(term(torch.randn(10, 64), idx, torch.from_numpy(labels[:10])))
+
+
+def test_bad_inputs_are_clear_errors():
+    old, labels = features()
+    cfg = NewConfig(method="nifcl")
+    bad = old.copy()
+    bad[7, 2] = np.nan
+    with pytest.raises(DataError, match="row 7 is not finite"):
+        build_compat_term(cfg, bad, labels, 3, torch.device("cpu"))
+    with pytest.raises(DataError, match="class 3"):
+        build_compat_term(cfg, old, labels, 4, torch.device("cpu"))
+    cfg.model.embed_dim = 4
+    with pytest.raises(DataError, match="dim 8 > new model's embed_dim 4"):
+        build_compat_term(cfg, old, labels, 3, torch.device("cpu"))
+    with pytest.raises(DataError, match="bct needs the real old classifier"):
+        build_compat_term(NewConfig(method="bct"), old, labels, 3, torch.device("cpu"))
+
+
+def write_store(layout, name, version, split, ids, labels, feats):
+    w = FeatureStoreWriter(layout.store(name, split), name, version, feats.shape[1])
+    w.write_part("part-00000", ids, labels, feats)
+    w.finalize()
+
+
+@pytest.fixture(scope="module")
+def trained_old(tmp_path_factory):
+    """An old model trained in local mode, and its features written to the stores a new run reads."""
+    cfg = small_cfg(tmp_path_factory.mktemp("run"))
+    result = run_training(cfg, "old", scaling=ScalingConfig(num_workers=0))
+    ds, layout = load_digits(), Layout.of(cfg.output_dir)
+    ex = load_extractor(str(result.model_dir), device="cpu")
+    for split in ("train", "test"):
+        s = getattr(ds, split)
+        write_store(layout, "old", "1", split, s.ids, s.labels, ex(s.images))
+    return cfg, result
+
+
+def test_old_model_trains_and_exports(trained_old):
+    cfg, result = trained_old
+    assert result.epochs == 2 and result.metrics["old/old/top1"] > 40
+    assert (result.model_dir / "extractor.pt").is_file()
+
+
+@pytest.mark.parametrize("method, rw", [("nifcl", True), ("bct", False)])
+def test_new_model_trains_compatible_in_local_mode(trained_old, method, rw):
+    base, old_result = trained_old
+    cfg = small_cfg(base.output_dir, method, weight=1.0)
+    cfg.new.compat.random_walk.enabled = rw
+    cfg.new.compat.random_walk.k = 5
+    result = run_training(cfg, "new", scaling=ScalingConfig(num_workers=0))
+    m = result.metrics
+    assert {"new/new/mAP", "new/old/mAP", "compat", "ce"} <= set(m)
+    assert m["compat"] > 0 and m["new/old/top1"] > 20
+    assert FeatureStore.open(Layout.of(cfg.output_dir).store("old", "test")).row_count == len(load_digits().test)
+    assert (result.model_dir / "model.json").is_file()
+
+
+def test_new_training_refuses_store_of_other_version(trained_old):
+    base, _ = trained_old
+    cfg = small_cfg(base.output_dir, "l2")
+    cfg.old.version = "2"
+    with pytest.raises(FeatureStoreError, match="expected version '2'"):
+        run_training(cfg, "new", scaling=ScalingConfig(num_workers=0))
