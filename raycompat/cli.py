@@ -165,8 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # Our own progress at INFO; other libraries (faiss's loader, Ray's internals) only when they warn.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("raycompat").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.fn(args)
     except RaycompatError as exc:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from raycompat.configio import check, join, load_config
+from raycompat.models.fct_config import SideInfoConfig, TransformationConfig
 
 DATASETS = ("fashion_mnist", "digits", "cifar100", "imagefolder", "parquet")
 
@@ -147,7 +148,8 @@ class NewConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     compat: CompatConfig = field(default_factory=CompatConfig)
-    name: str = "new"
+    # Model name in models/ and features/; null = "new-<method>".
+    name: Optional[str] = None
     version: str = "1"
 
 
@@ -194,6 +196,23 @@ class EvalConfig:
 
 
 @dataclass
+class SideConfig(SideInfoConfig):
+    """FCT side-info model psi (trained by ``train-side-info``), with the name/version its features carry.
+
+    A name + version identifies one trained psi: stores of its features are tagged with
+    both, so retraining with another config needs a new ``version``.
+    """
+
+    name: str = "side"
+    version: str = "1"
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
+        check(bool(self.name), join(key, "name"), "must not be empty")
+        check(bool(self.version), join(key, "version"), "must not be empty")
+
+
+@dataclass
 class PipelineConfig:
     output_dir: str = "runs/demo"
     seed: int = 0
@@ -204,6 +223,9 @@ class PipelineConfig:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    side: SideConfig = field(default_factory=SideConfig)
+    # FCT / FastFill transformation h; use_side_info and uncertainty are set per variant by train-fct.
+    fct: TransformationConfig = field(default_factory=TransformationConfig)
 
 
 def load_pipeline_config(path: str | Path, overrides: dict | None = None) -> PipelineConfig:

@@ -25,12 +25,12 @@ def evaluate_stores(old_store: str | Path, new_store: str | Path, chunk_size: in
     """Cross-model matrix old/old, new/new, new/old (+ negative flips) of two test-split stores."""
     old = FeatureStore.open(old_store)
     new = FeatureStore.open(new_store)
-    ids_old, labels, f_old = old.to_numpy()
-    ids_new, _, f_new = new.to_numpy()
-    order = np.argsort(ids_old, kind="stable")
-    ids_old, labels, f_old = ids_old[order], labels[order], f_old[order]
-    if len(ids_new) != len(ids_old):
-        raise DataError(f"{new_store} holds {len(ids_new)} items but {old_store} holds {len(ids_old)}")
+    cols = old.to_numpy(["id", "label", "feature"])
+    # Sort by id so results do not depend on the order shards were committed in.
+    order = np.argsort(cols["id"], kind="stable")
+    ids_old, labels, f_old = cols["id"][order], cols["label"][order], cols["feature"][order]
+    if new.row_count != len(ids_old):
+        raise DataError(f"{new_store} holds {new.row_count} items but {old_store} holds {len(ids_old)}")
     f_new = new.lookup(ids_old)
     d_old = f_old.shape[1]
     if d_old > f_new.shape[1]:

@@ -30,6 +30,7 @@ from ray.train.torch import TorchTrainer
 
 from raycompat.config import PipelineConfig
 from raycompat.configio import from_dict, to_dict
+from raycompat.errors import DataError
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStore
 from raycompat.data.protocols import old_training_set
@@ -57,7 +58,7 @@ def old_model_name(cfg: PipelineConfig) -> str:
 
 
 def new_model_name(cfg: PipelineConfig) -> str:
-    return f"{cfg.new.name}-{cfg.new.method}"
+    return cfg.new.name or f"new-{cfg.new.method}"
 
 
 def flatten_metrics(matrix: dict[str, dict]) -> dict[str, float]:
@@ -117,7 +118,8 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             loader.generator.manual_seed(cfg.seed + epoch)
         stats = train_epoch(ddp, loader, optimizer, device, compat, cfg.new.compat.weight)
-        metrics = {"epoch": epoch + 1, **stats}
+        # resumed_from: the epoch this worker group started at (0 unless restored from a checkpoint).
+        metrics = {"epoch": epoch + 1, "resumed_from": start_epoch, **stats}
         checkpoint = None
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
@@ -128,7 +130,8 @@ def train_loop_per_worker(config: dict) -> None:
                 if epoch + 1 == optim.epochs:
                     # Export from the worker: the driver may not see the checkpoint's files (local mode).
                     export_model(inner.model, inner.classifier.weight, classes, ds.image_shape,
-                                 layout.model_dir(config["name"]), config["name"], config["version"])
+                                 Path(config.get("model_dir") or layout.model_dir(config["name"])),
+                                 config["name"], config["version"])
             log.info("rank %d epoch %d: %s", rank, epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -146,6 +149,18 @@ def _validate(model: EmbeddingModel, test, gallery_old: Optional[np.ndarray], ro
     return flatten_metrics(matrix)
 
 
+def _preflight_new(cfg: PipelineConfig, layout: Layout) -> None:
+    """Refuse bad inputs on the driver, as one-line errors, before any worker starts."""
+    for split in ("train", "test"):
+        store = FeatureStore.open(layout.store(old_model_name(cfg), split), expect_model=cfg.old.name,
+                                  expect_version=cfg.old.version)
+        if cfg.new.method != "independent" and store.dim > cfg.new.model.embed_dim:
+            raise DataError(f"old features have dim {store.dim} > new.model.embed_dim {cfg.new.model.embed_dim}: "
+                            "the compatible slice needs the new dim >= the old dim")
+    if cfg.new.method == "bct":
+        load_classifier(layout.model_dir(old_model_name(cfg)))
+
+
 def scaling_config(cfg: PipelineConfig) -> ScalingConfig:
     """Workers from config, or as many as the cluster's CPUs allow (GPUs when present)."""
     cpus, gpus = cluster_cpus_gpus()
@@ -159,32 +174,52 @@ def scaling_config(cfg: PipelineConfig) -> ScalingConfig:
     return ScalingConfig(num_workers=n, use_gpu=use_gpu, resources_per_worker=resources)
 
 
-def run_training(cfg: PipelineConfig, role: str, scaling: Optional[ScalingConfig] = None,
-                 callbacks: Optional[list] = None) -> TrainResult:
-    """Train ``role`` ("old" or "new") with a TorchTrainer and export the result as a black box."""
+def build_trainer(cfg: PipelineConfig, role: str, scaling: Optional[ScalingConfig] = None,
+                  callbacks: Optional[list] = None, run_name: Optional[str] = None,
+                  storage_path: Optional[str | Path] = None, model_dir: Optional[str | Path] = None) -> TorchTrainer:
+    """The TorchTrainer of ``role`` ("old" or "new"), not yet fitted.
+
+    Defaults: run ``train-<model name>`` under ``<output_dir>/ray``, export to
+    ``models/<model name>``. Ray Tune trials override all three so that trials
+    neither share a run (and its checkpoints) nor overwrite each other's model.
+    """
     layout = Layout.of(cfg.output_dir)
     name = old_model_name(cfg) if role == "old" else new_model_name(cfg)
+    if role == "new":
+        _preflight_new(cfg, layout)
     scaling = scaling or scaling_config(cfg)
     epochs = (cfg.old if role == "old" else cfg.new).optim.epochs
     log.info("training %s model %r: %d epochs, %d workers", role, name, epochs, scaling.num_workers)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"pipeline": to_dict(cfg), "role": role, "name": name,
-                           "version": cfg.old.version if role == "old" else cfg.new.version},
+                           "version": cfg.old.version if role == "old" else cfg.new.version,
+                           "model_dir": str(model_dir or layout.model_dir(name))},
         scaling_config=scaling,
         run_config=RunConfig(
-            name=f"train-{name}",
-            storage_path=str(layout.ray_storage),
+            name=run_name or f"train-{name}",
+            storage_path=str(storage_path or layout.ray_storage),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
         ),
     )
+
+
+def run_training(cfg: PipelineConfig, role: str, scaling: Optional[ScalingConfig] = None,
+                 callbacks: Optional[list] = None, run_name: Optional[str] = None,
+                 storage_path: Optional[str | Path] = None, model_dir: Optional[str | Path] = None) -> TrainResult:
+    """Train ``role`` ("old" or "new") with a TorchTrainer and export the result as a black box.
+
+    ``run_name``, ``storage_path`` and ``model_dir`` override the defaults (see :func:`build_trainer`).
+    """
+    trainer = build_trainer(cfg, role, scaling, callbacks, run_name, storage_path, model_dir)
     result = trainer.fit()
     if result.error:
         raise result.error
-    model_dir = layout.model_dir(name)
+    model_dir = Path(trainer.train_loop_config["model_dir"])
+    epochs = (cfg.old if role == "old" else cfg.new).optim.epochs
     metrics = dict(result.metrics or {})
-    log.info("%s model exported to %s; final metrics %s", name, model_dir, metrics)
+    log.info("%s model exported to %s; final metrics %s", trainer.train_loop_config["name"], model_dir, metrics)
     return TrainResult(model_dir, metrics, int(metrics.get("epoch", epochs)),
                        result.checkpoint.path if result.checkpoint else "")

@@ -1,0 +1,85 @@
+"""Ray Train on a real local Ray runtime: 2 DDP workers, and a worker killed mid-run."""
+
+import threading
+import time
+
+import psutil
+import pytest
+import ray
+from ray.train import ScalingConfig
+
+from test_training import small_cfg, write_store
+from raycompat.data.datasets import load_digits
+from raycompat.layout import Layout
+from raycompat.models.extractor import load_extractor
+from raycompat.pipeline.train import run_training
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 1024**2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def old_stores(tmp_path_factory, ray_session):
+    cfg = small_cfg(tmp_path_factory.mktemp("run"))
+    result = run_training(cfg, "old", scaling=ScalingConfig(num_workers=0))
+    ds, layout = load_digits(), Layout.of(cfg.output_dir)
+    ex = load_extractor(str(result.model_dir), device="cpu")
+    for split in ("train", "test"):
+        s = getattr(ds, split)
+        write_store(layout, "old", "1", split, s.ids, s.labels, ex(s.images))
+    return cfg
+
+
+def two_workers() -> ScalingConfig:
+    return ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5})
+
+
+def train_worker_pids() -> list[int]:
+    """Ray Train worker processes, found the way an operator would: by process title."""
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+
+
+def test_two_worker_ddp_nifcl(old_stores):
+    cfg = small_cfg(old_stores.output_dir, "nifcl")
+    result = run_training(cfg, "new", scaling=two_workers())
+    assert result.epochs == 2
+    # Learned something in 2 short epochs on 2 workers: well above chance (10%) on both.
+    assert result.metrics["new/new/top1"] > 40 and result.metrics["new/old/top1"] > 12
+    assert result.metrics["compat"] > 0
+
+
+def test_killed_worker_resumes_from_checkpoint(old_stores):
+    cfg = small_cfg(old_stores.output_dir, "l2")
+    cfg.new.optim.epochs = 6
+    cfg.ray.max_failures = 2
+    storage = Layout.of(cfg.output_dir).ray_storage / "train-new-l2"
+    killed: list[int] = []
+
+    def kill_after_first_checkpoint() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            if any(storage.glob("checkpoint_*")):
+                pids = train_worker_pids()
+                if pids:
+                    psutil.Process(pids[-1]).kill()
+                    killed.append(pids[-1])
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    result = run_training(cfg, "new", scaling=two_workers())
+    killer.join(timeout=1)
+    assert killed, "no worker was killed: the test did not exercise a failure"
+    assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
+    assert result.epochs == 6
+    assert result.metrics["epoch"] == 6
+    # The replacement worker group continued from a checkpoint instead of starting over.
+    assert result.metrics["resumed_from"] >= 1
