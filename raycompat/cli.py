@@ -104,6 +104,100 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+@_with_ray
+def cmd_train_side_info(cfg, args) -> int:
+    from raycompat.pipeline.side_info import train_side_info_stage
+
+    print(f"side-info model exported under {train_side_info_stage(cfg)}")
+    return 0
+
+
+@_with_ray
+def cmd_train_fct(cfg, args) -> int:
+    from raycompat.pipeline.fct_train import train_transformation_stage
+    from raycompat.pipeline.train import new_model_name
+
+    side, unc = {"fct": (False, False), "fct+side": (True, False), "fastfill": (True, True)}[args.variant]
+    target = args.target or new_model_name(cfg)
+    print(f"transformation saved under {train_transformation_stage(cfg, side, unc, target)}")
+    return 0
+
+
+@_with_ray
+def cmd_transform(cfg, args) -> int:
+    from raycompat.pipeline.transform import run_transform
+
+    print(f"transformed features: {run_transform(cfg, args.transformation, args.split)}")
+    return 0
+
+
+@_with_ray
+def cmd_bench_quality(cfg, args) -> int:
+    from raycompat.pipeline.bench_quality import run_bench_quality
+
+    bar = _stage_bar(0, "bench quality")
+
+    def progress(stage: str) -> None:
+        bar.update(1)
+        bar.set_postfix_str(stage)
+
+    path = run_bench_quality(cfg, args.out_dir, progress)
+    bar.close()
+    print((path.parent / "quality.md").read_text())
+    print(f"results: {path}, {path.parent / 'quality.md'}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from raycompat.pipeline.tune import run_tune
+
+    out = run_tune(args.config, output_dir=args.out)
+    print(f"search results under {out} (best config: {out / 'best_config.yaml'}); "
+          f"TensorBoard: tensorboard --logdir {out}")
+    return 0
+
+
+def cmd_backfill_report(args: argparse.Namespace) -> int:
+    from raycompat.backfill.report import run_backfill_report
+
+    html = run_backfill_report(args.config, args.out_dir)
+    print(f"report: {html}\n        {html.parent / 'report.md'}\n        {html.parent / 'report.json'}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from raycompat.pipeline import jobs
+
+    if args.action == "submit":
+        client, job_id = jobs.submit(args.address, args.stage, args.args, args.working_dir)
+        print(f"submitted job {job_id} to {client.get_address()} (dashboard: {client.get_address()}/#/jobs/{job_id})")
+        if args.no_wait:
+            return 0
+        status = jobs.follow(client, job_id, lambda text: print(text, end="", flush=True))
+    else:
+        from ray.job_submission import JobSubmissionClient
+
+        client = JobSubmissionClient(args.address)
+        if args.action == "stop":
+            client.stop_job(args.job_id)
+        elif args.action == "logs":
+            print(client.get_job_logs(args.job_id), end="")
+        status = client.get_job_status(args.job_id)
+        job_id = args.job_id
+    print(f"job {job_id}: {status.value}")
+    return 0 if status.value in ("SUCCEEDED", "RUNNING", "PENDING", "STOPPED") else 1
+
+
+def _submit_dispatch(args: argparse.Namespace) -> int:
+    if args.stage in ("status", "logs", "stop"):
+        if not args.job_id:
+            raise RaycompatError(f"submit {args.stage} needs --job-id")
+        args.action = args.stage
+    else:
+        args.action = "submit"
+    return cmd_submit(args)
+
+
 def cmd_serve_extractor(args: argparse.Namespace) -> int:
     from raycompat.models.extractor import load_extractor
     from raycompat.models.http_server import make_server
@@ -153,6 +247,51 @@ def build_parser() -> argparse.ArgumentParser:
         "using stored old features; exports models/new-<method>/.")
     add("eval", cmd_eval, "Evaluate old/old, new/new, new/old (top-1, top-5, mAP, negative flips) "
         "from the feature stores; writes eval/metrics.json and eval/report.md.")
+    add("train-side-info", cmd_train_side_info, "FCT: train the side-information model (no labels) on the old "
+        "training images and export it (models/side/); extract it together with the old model.")
+    fct = add("train-fct", cmd_train_fct, "FCT: train the transformation h(old, side) -> new with Ray Train on "
+              "cached features only; saves models/<variant>/.")
+    fct.add_argument("--variant", choices=["fct", "fct+side", "fastfill"], default="fct+side",
+                     help="without side-info, with it, or with it plus FastFill's uncertainty head")
+    fct.add_argument("--target", help="new model whose features h maps to (default: new-<new.method>)")
+    tr = add("transform", cmd_transform, "FCT: transform the stored old (+ side) features of a split with a trained "
+             "transformation (Ray Data), writing a new feature store (with sigma for FastFill).")
+    tr.add_argument("--transformation", required=True, help="models/<variant> directory written by train-fct")
+    tr.add_argument("--split", choices=["train", "test"], default="test")
+    bench = sub.add_parser("bench", help="Benchmarks (quality).", description="Benchmarks.")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    bq = bench_sub.add_parser("quality", help="Train old and new models for every method of bench.methods (plus FCT "
+                              "and FastFill) and write quality.json / quality.md.",
+                              description="Quality benchmark: every strategy on one protocol, measured the same way.")
+    bq.add_argument("--config", required=True, help="pipeline config with a bench section")
+    bq.add_argument("--out", help="override output_dir (the working storage) from the config")
+    bq.add_argument("--out-dir", required=True, help="where quality.json / quality.md / the curve plot go")
+    bq.set_defaults(fn=cmd_bench_quality)
+    tn = sub.add_parser("tune", help="Ray Tune search over the compatibility-loss weights.",
+                        description="Ray Tune search (ASHA) over loss weights; resumes an interrupted search.")
+    tn.add_argument("--config", required=True, help="search config YAML (see raycompat/configs/tune_*.yaml)")
+    tn.add_argument("--out", help="override the pipeline output_dir")
+    tn.set_defaults(fn=cmd_tune)
+    br = sub.add_parser("backfill-report", help="Cost/quality report of every upgrade strategy at your gallery size.",
+                        description="Simulate the backfill of each strategy on your cluster from measured "
+                        "throughputs and quality curves; writes report.html, report.md, report.json.")
+    br.add_argument("--config", required=True, help="backfill config YAML (see configs/backfill_example_1e9.yaml)")
+    br.add_argument("--out-dir", required=True, help="report folder")
+    br.set_defaults(fn=cmd_backfill_report)
+    from raycompat.pipeline.jobs import STAGES
+
+    job = sub.add_parser("submit", help="Submit a stage as a Ray job to a cluster, follow it, check or stop it.",
+                         description="Ray Jobs API wrapper. `raycompat submit train --config C` uploads this "
+                         "checkout and runs jobs/train.py on the cluster, streaming its logs until it ends.")
+    job.add_argument("stage", choices=[*STAGES, "status", "logs", "stop"],
+                     help="a stage to submit, or status/logs/stop of --job-id")
+    job.add_argument("args", nargs=argparse.REMAINDER, help="the stage's own arguments, e.g. --config C")
+    job.add_argument("--address", help="the cluster's dashboard address, e.g. http://127.0.0.1:8265 "
+                     "(default: $RAY_ADDRESS / $RAY_API_SERVER_ADDRESS)")
+    job.add_argument("--working-dir", default=".", help="uploaded as the job's working_dir (default: .)")
+    job.add_argument("--job-id", help="for status/logs/stop")
+    job.add_argument("--no-wait", action="store_true", help="submit and return without following the logs")
+    job.set_defaults(fn=_submit_dispatch)
     srv = sub.add_parser("serve-extractor", help="Serve a model as a black-box HTTP extractor.",
                          description="Serve a TorchScript file, model dir or module:callable over HTTP "
                          "(POST .npy uint8 images, get .npy float32 features).")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from raycompat.configio import check, join, load_config
 from raycompat.models.fct_config import SideInfoConfig, TransformationConfig
@@ -213,6 +213,24 @@ class SideConfig(SideInfoConfig):
 
 
 @dataclass
+class BenchConfig:
+    """What ``raycompat bench quality`` compares (see raycompat/configs/bench_fashion_mnist.yaml)."""
+
+    # Method label -> overrides of this config for that method's new model,
+    # e.g. {"nifcl+rw": {"new": {"method": "nifcl", "compat": {"random_walk": {"enabled": true}}}}}.
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # FCT variants to train (fct: no side-info; fct+side: with it), toward this method's new model.
+    fct_variants: list[Literal["fct", "fct+side"]] = field(default_factory=list)
+    fct_target: str = "independent"
+    # FastFill orders of the partial backfill of the transformed gallery (needs fct_variants).
+    fastfill_orders: list[Literal["random", "sigma", "oracle"]] = field(default_factory=list)
+
+    def validate(self, key: str) -> None:
+        check(not self.fastfill_orders or bool(self.fct_variants), join(key, "fastfill_orders"),
+              "needs fct_variants (FastFill orders the backfill of a transformed gallery)")
+
+
+@dataclass
 class PipelineConfig:
     output_dir: str = "runs/demo"
     seed: int = 0
@@ -226,6 +244,7 @@ class PipelineConfig:
     side: SideConfig = field(default_factory=SideConfig)
     # FCT / FastFill transformation h; use_side_info and uncertainty are set per variant by train-fct.
     fct: TransformationConfig = field(default_factory=TransformationConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
 
 def load_pipeline_config(path: str | Path, overrides: dict | None = None) -> PipelineConfig:
