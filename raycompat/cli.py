@@ -188,7 +188,37 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0 if status.value in ("SUCCEEDED", "RUNNING", "PENDING", "STOPPED") else 1
 
 
+def _submit_options() -> argparse.ArgumentParser:
+    """``submit``'s own options, also accepted after the stage (no abbreviations: they would eat stage options)."""
+    p = argparse.ArgumentParser(prog="raycompat submit", add_help=False, allow_abbrev=False)
+    p.add_argument("--address", help="the cluster's dashboard address, e.g. http://127.0.0.1:8265 "
+                   "(default: $RAY_ADDRESS / $RAY_API_SERVER_ADDRESS)")
+    p.add_argument("--working-dir", default=".", help="uploaded as the job's working_dir (default: .)")
+    p.add_argument("--job-id", help="for status/logs/stop")
+    p.add_argument("--no-wait", action="store_true", help="submit and return without following the logs")
+    return p
+
+
+def _split_submit_args(args: argparse.Namespace) -> None:
+    """Move ``submit``'s options out of ``args.args`` (everything after the stage), keeping the stage's.
+
+    ``raycompat submit train --address URL -- --config C``: before ``--`` are submit's options
+    (unknown ones stay the stage's), after it the stage's arguments, verbatim.
+    """
+    rest = list(args.args)
+    cut = rest.index("--") if "--" in rest else len(rest)
+    own, stage_args = _submit_options().parse_known_args(rest[:cut])
+    for name in ("address", "job_id"):
+        if getattr(own, name) is not None:
+            setattr(args, name, getattr(own, name))
+    if own.working_dir != ".":
+        args.working_dir = own.working_dir
+    args.no_wait = args.no_wait or own.no_wait
+    args.args = stage_args + rest[cut + 1:]
+
+
 def _submit_dispatch(args: argparse.Namespace) -> int:
+    _split_submit_args(args)
     if args.stage in ("status", "logs", "stop"):
         if not args.job_id:
             raise RaycompatError(f"submit {args.stage} needs --job-id")
@@ -280,17 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
     br.set_defaults(fn=cmd_backfill_report)
     from raycompat.pipeline.jobs import STAGES
 
-    job = sub.add_parser("submit", help="Submit a stage as a Ray job to a cluster, follow it, check or stop it.",
-                         description="Ray Jobs API wrapper. `raycompat submit train --config C` uploads this "
-                         "checkout and runs jobs/train.py on the cluster, streaming its logs until it ends.")
+    job = sub.add_parser("submit", parents=[_submit_options()],
+                         help="Submit a stage as a Ray job to a cluster, follow it, check or stop it.",
+                         description="Ray Jobs API wrapper. `raycompat submit train --address URL -- --config C` "
+                         "uploads this checkout and runs jobs/train.py --config C on the cluster, streaming its "
+                         "logs until it ends.")
     job.add_argument("stage", choices=[*STAGES, "status", "logs", "stop"],
                      help="a stage to submit, or status/logs/stop of --job-id")
-    job.add_argument("args", nargs=argparse.REMAINDER, help="the stage's own arguments, e.g. --config C")
-    job.add_argument("--address", help="the cluster's dashboard address, e.g. http://127.0.0.1:8265 "
-                     "(default: $RAY_ADDRESS / $RAY_API_SERVER_ADDRESS)")
-    job.add_argument("--working-dir", default=".", help="uploaded as the job's working_dir (default: .)")
-    job.add_argument("--job-id", help="for status/logs/stop")
-    job.add_argument("--no-wait", action="store_true", help="submit and return without following the logs")
+    job.add_argument("args", nargs=argparse.REMAINDER,
+                     help="the stage's own arguments after `--`, e.g. -- --config C")
     job.set_defaults(fn=_submit_dispatch)
     srv = sub.add_parser("serve-extractor", help="Serve a model as a black-box HTTP extractor.",
                          description="Serve a TorchScript file, model dir or module:callable over HTTP "

@@ -179,10 +179,17 @@ class RayConfig:
     cpus_per_worker: float = 1.0
     use_gpu: Optional[bool] = None
     max_failures: int = 2
+    # Custom resources each Train worker also requests, e.g. {trainer: 1} to place training on
+    # nodes that declare a "trainer" resource (CPU/GPU come from cpus_per_worker / use_gpu).
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
 
     def validate(self, key: str) -> None:
         check(self.num_workers is None or self.num_workers >= 0, join(key, "num_workers"), "must be >= 0")
         check(self.cpus_per_worker > 0, join(key, "cpus_per_worker"), "must be positive")
+        for name, amount in self.resources_per_worker.items():
+            where = join(join(key, "resources_per_worker"), name)
+            check(name not in ("CPU", "GPU"), where, "is built in: use cpus_per_worker / use_gpu")
+            check(amount > 0, where, f"must be positive, got {amount}")
         check(self.max_failures >= -1, join(key, "max_failures"), "must be >= -1 (-1 = unlimited)")
 
 

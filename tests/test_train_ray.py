@@ -12,7 +12,7 @@ from test_training import small_cfg, write_store
 from raycompat.data.datasets import load_digits
 from raycompat.layout import Layout
 from raycompat.models.extractor import load_extractor
-from raycompat.pipeline.train import run_training
+from raycompat.pipeline.train import default_run_name, run_training
 
 pytestmark = pytest.mark.ray
 
@@ -59,7 +59,7 @@ def test_killed_worker_resumes_from_checkpoint(old_stores):
     cfg = small_cfg(old_stores.output_dir, "l2")
     cfg.new.optim.epochs = 6
     cfg.ray.max_failures = 2
-    storage = Layout.of(cfg.output_dir).ray_storage / "train-new-l2"
+    storage = Layout.of(cfg.output_dir).ray_storage / default_run_name(cfg, "new")
     killed: list[int] = []
 
     def kill_after_first_checkpoint() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,10 +29,10 @@ from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import ConfigError
 from raycompat.evaluation import evaluate_stores
 from raycompat.layout import Layout
-from raycompat.pipeline.extract import ExtractorSpec, run_extraction
+from raycompat.pipeline.extract import run_extraction
 from raycompat.pipeline.fct_train import train_transformation_stage, transformation_name
 from raycompat.pipeline.ray_session import init_ray
-from raycompat.pipeline.run import old_extractor_spec
+from raycompat.pipeline.run import new_extractor_spec, old_extractor_spec
 from raycompat.pipeline.side_info import side_extractor, train_side_info_stage
 from raycompat.pipeline.train import new_model_name, run_training
 from raycompat.pipeline.transform import SIGMA_COLUMN, run_transform
@@ -75,6 +76,16 @@ def _store_arrays(path: str | Path, ids: np.ndarray, extra: Optional[str] = None
     return feats, (store.lookup(ids, column=extra) if extra else None)
 
 
+def _drop_stale_store(path: Path, version: str) -> None:
+    """Remove the benchmark's own store of an earlier model version (it retrained), so extraction redoes it."""
+    manifest = path / "_manifest.json"
+    parts = sorted((path / "_parts").glob("*.json")) if (path / "_parts").is_dir() else []
+    record = manifest if manifest.is_file() else (parts[0] if parts else None)
+    if record is not None and json.loads(record.read_text()).get("version") != version:
+        log.info("bench: %s holds an earlier model version; re-extracting", path)
+        shutil.rmtree(path)
+
+
 def run_bench_quality(cfg: PipelineConfig, out_dir: str | Path, progress: Optional[Callable[[str], None]] = None) -> Path:
     """Run the benchmark of ``cfg.bench`` and write its results into ``out_dir``; returns quality.json."""
     started = time.perf_counter()
@@ -106,7 +117,8 @@ def run_bench_quality(cfg: PipelineConfig, out_dir: str | Path, progress: Option
     for label, mcfg in methods.items():
         timed(f"train {label}", run_training, mcfg, "new")
         name = new_model_name(mcfg)
-        spec = ExtractorSpec(name, mcfg.new.version, str(layout.model_dir(name)))
+        spec = new_extractor_spec(mcfg)
+        _drop_stale_store(layout.store(name, "test"), spec.version)
         timed(f"extract {label}", run_extraction, mcfg, "test", [spec])
         ev = evaluate_stores(layout.store(cfg.old.name, "test"), layout.store(name, "test"), cfg.eval.chunk_size)
         results[label] = {pair: _pct(m) for pair, m in ev["matrix"].items()}
@@ -140,10 +152,12 @@ def _fct(cfg: PipelineConfig, target: PipelineConfig, results: dict, timed: Call
     """FCT variants toward the target model, then FastFill backfill curves; returns the curves."""
     layout = Layout.of(cfg.output_dir)
     target_name = new_model_name(target)
-    spec = ExtractorSpec(target_name, target.new.version, str(layout.model_dir(target_name)))
+    spec = new_extractor_spec(target)
+    _drop_stale_store(layout.store(target_name, "train"), spec.version)
     timed("extract FCT target (train)", run_extraction, target, "train", [spec])
-    test_ids = np.sort(FeatureStore.open(layout.store(cfg.old.name, "test")).to_numpy(["id"])["id"])
-    labels = FeatureStore.open(layout.store(cfg.old.name, "test")).lookup(test_ids, column="label")
+    cols = FeatureStore.open(layout.store(cfg.old.name, "test")).to_numpy(["id", "label"])
+    order = np.argsort(cols["id"], kind="stable")
+    test_ids, labels = cols["id"][order], cols["label"][order]
     new_feats, _ = _store_arrays(layout.store(target_name, "test"), test_ids)
     ref = results[cfg.bench.fct_target]
     variants = {label: FCT_VARIANTS[label] for label in cfg.bench.fct_variants}

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 from raycompat.config import PipelineConfig
 from raycompat.evaluation import evaluate_stores
 from raycompat.layout import Layout
+from raycompat.models.export import load_model_meta
 from raycompat.pipeline.extract import ExtractorSpec, run_extraction
 from raycompat.pipeline.ray_session import init_ray
 from raycompat.pipeline.train import new_model_name, old_model_name, run_training
@@ -37,6 +38,17 @@ def old_extractor_spec(cfg: PipelineConfig) -> ExtractorSpec:
     return ExtractorSpec(cfg.old.name, cfg.old.version, spec)
 
 
+def new_extractor_spec(cfg: PipelineConfig) -> ExtractorSpec:
+    """The exported new model as an extractor; its version carries the export's checksum.
+
+    A retrained model (same name, new weights) thus never resumes into the store of
+    the previous one: the store's version no longer matches.
+    """
+    model_dir = Layout.of(cfg.output_dir).model_dir(new_model_name(cfg))
+    sha = load_model_meta(model_dir)["sha256"][:8]
+    return ExtractorSpec(new_model_name(cfg), f"{cfg.new.version}-{sha}", str(model_dir))
+
+
 def stage_train_old(cfg: PipelineConfig) -> dict:
     return run_training(cfg, "old").metrics
 
@@ -51,10 +63,7 @@ def stage_train_new(cfg: PipelineConfig) -> dict:
 
 
 def stage_extract_new(cfg: PipelineConfig) -> dict:
-    layout = Layout.of(cfg.output_dir)
-    name = new_model_name(cfg)
-    spec = ExtractorSpec(name, cfg.new.version, str(layout.model_dir(name) / "extractor.pt"))
-    return {k: str(v) for k, v in run_extraction(cfg, "test", [spec]).items()}
+    return {k: str(v) for k, v in run_extraction(cfg, "test", [new_extractor_spec(cfg)]).items()}
 
 
 def stage_evaluate(cfg: PipelineConfig, timings: Optional[dict] = None) -> Path:

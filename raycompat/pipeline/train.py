@@ -16,6 +16,8 @@ re-running with the same ``output_dir`` resumes the run (stable run names).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -25,17 +27,27 @@ from typing import Optional
 import numpy as np
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchTrainer
 
 from raycompat.config import PipelineConfig
 from raycompat.configio import from_dict, to_dict
-from raycompat.errors import DataError
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStore
 from raycompat.data.protocols import old_training_set
+from raycompat.errors import DataError
 from raycompat.layout import Layout
-from raycompat.models.backbones import CosineClassifier, EmbeddingClassifier, EmbeddingModel
+from raycompat.models.backbones import (
+    CosineClassifier,
+    EmbeddingClassifier,
+    EmbeddingModel,
+)
 from raycompat.models.export import export_model, load_classifier
 from raycompat.pipeline.ray_session import cluster_cpus_gpus
 from raycompat.retrieval.evaluate import cross_model_matrix
@@ -43,6 +55,9 @@ from raycompat.training.compat_term import build_compat_term
 from raycompat.training.loop import embed, make_loader, seed_everything, train_epoch
 
 log = logging.getLogger(__name__)
+
+# Written by run_training into the model directory: the training run's final metrics.
+TRAIN_METRICS = "train_metrics.json"
 
 
 @dataclass
@@ -149,6 +164,26 @@ def _validate(model: EmbeddingModel, test, gallery_old: Optional[np.ndarray], ro
     return flatten_metrics(matrix)
 
 
+def default_run_name(cfg: PipelineConfig, role: str) -> str:
+    """``train-<model name>-<config fingerprint>``: where the run's state lives under ``<output_dir>/ray``."""
+    name = old_model_name(cfg) if role == "old" else new_model_name(cfg)
+    return f"train-{name}-{config_fingerprint(cfg, role)}"
+
+
+def config_fingerprint(cfg: PipelineConfig, role: str) -> str:
+    """A short hash of everything a training run depends on.
+
+    Part of the run name: re-running the same config resumes its run (Ray Train
+    driver restoration), while a changed config starts a new run instead of
+    silently resuming a finished one.
+    """
+    doc = {"role": role, "seed": cfg.seed, "data": to_dict(cfg.data), "protocol": to_dict(cfg.protocol),
+           "model": to_dict(cfg.old if role == "old" else cfg.new)}
+    if role == "new":
+        doc["old"] = {"name": cfg.old.name, "version": cfg.old.version}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def _preflight_new(cfg: PipelineConfig, layout: Layout) -> None:
     """Refuse bad inputs on the driver, as one-line errors, before any worker starts."""
     for split in ("train", "test"):
@@ -170,7 +205,7 @@ def scaling_config(cfg: PipelineConfig) -> ScalingConfig:
     else:
         # Leave one CPU for the train controller; at least one worker.
         n = int(gpus) if use_gpu else max(1, int((cpus - 1) // cfg.ray.cpus_per_worker))
-    resources = {"CPU": cfg.ray.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
+    resources = {"CPU": cfg.ray.cpus_per_worker} | ({"GPU": 1} if use_gpu else {}) | cfg.ray.resources_per_worker
     return ScalingConfig(num_workers=n, use_gpu=use_gpu, resources_per_worker=resources)
 
 
@@ -197,7 +232,7 @@ def build_trainer(cfg: PipelineConfig, role: str, scaling: Optional[ScalingConfi
                            "model_dir": str(model_dir or layout.model_dir(name))},
         scaling_config=scaling,
         run_config=RunConfig(
-            name=run_name or f"train-{name}",
+            name=run_name or default_run_name(cfg, role),
             storage_path=str(storage_path or layout.ray_storage),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -220,6 +255,10 @@ def run_training(cfg: PipelineConfig, role: str, scaling: Optional[ScalingConfig
     model_dir = Path(trainer.train_loop_config["model_dir"])
     epochs = (cfg.old if role == "old" else cfg.new).optim.epochs
     metrics = dict(result.metrics or {})
+    # The run's final metrics beside the exported model: epoch, resumed_from (> 0 when a restarted
+    # worker group continued from a checkpoint), loss and the validation retrieval metrics.
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / TRAIN_METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     log.info("%s model exported to %s; final metrics %s", trainer.train_loop_config["name"], model_dir, metrics)
     return TrainResult(model_dir, metrics, int(metrics.get("epoch", epochs)),
                        result.checkpoint.path if result.checkpoint else "")

@@ -1,0 +1,15 @@
+"""Losses for compatible training, one per module.
+
+- :mod:`classification`: the new model's own cosine-softmax loss;
+- :mod:`influence`: the compatibility loss against a frozen old-space classifier
+  (NIFCL's pseudo classifier, or BCT's real old classifier);
+- :mod:`l2`: the L2 feature-regression baseline;
+- :mod:`compatible_slice`: the first d_old dims of a new feature.
+"""
+
+from raycompat.compat.losses.classification import cosine_logits, cosine_softmax_loss
+from raycompat.compat.losses.compatible_slice import compatible_slice
+from raycompat.compat.losses.influence import InfluenceLoss
+from raycompat.compat.losses.l2 import L2CompatLoss
+
+__all__ = ["InfluenceLoss", "L2CompatLoss", "compatible_slice", "cosine_logits", "cosine_softmax_loss"]

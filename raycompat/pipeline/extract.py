@@ -1,0 +1,342 @@
+"""Gallery extraction with Ray Data: shards -> black-box extractors -> Parquet feature stores.
+
+The pipeline (one pass, however many extractors)::
+
+    shards -> read tasks -> repartition -> map_batches(_ExtractBatch, actor pool) -> driver
+       (id, image, label, path)          decode per record, run every extractor    commit one
+                                         once per batch; emit features, not images part per shard
+
+Resume unit = a shard (one Parquet file; see :mod:`raycompat.pipeline.sources`). The
+driver buffers each shard's feature rows until all of them arrived (row counts come
+from Parquet footers), then commits the shard as one part in every target store; a
+re-run skips shards committed in all stores and ``write_part`` skips parts a store
+already has, so every id ends up exactly once and a committed part is never rewritten.
+Stores are finalized (validated, manifest complete) only when every shard is in.
+
+Corrupt records (undecodable or wrong-sized images) come back from the actors as
+error rows: with ``extract.on_error: fail`` the first one stops the job with its id
+and shard; with ``quarantine`` they are written with their reason to each store's
+quarantine table before the shard's part is committed, and the rest completes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray.data
+import torch
+
+from raycompat.config import ExtractConfig, PipelineConfig
+from raycompat.data.feature_store import FeatureStoreWriter, QuarantineWriter
+from raycompat.errors import ConfigError, DataError
+from raycompat.layout import Layout
+from raycompat.models.extractor import load_extractor
+from raycompat.pipeline.ray_session import cluster_cpus_gpus, init_ray
+from raycompat.pipeline.sources import (
+    GallerySource,
+    ImageCodec,
+    Shard,
+    decode_images,
+    gallery_source,
+    raycompat_errors_from_ray,
+    read_shards,
+)
+
+log = logging.getLogger(__name__)
+
+# CPUs each shard-read task reserves. Reads are light (I/O and a memcpy); a small
+# reservation lets several run beside the actor pool.
+READ_CPUS = 0.25
+# CPUs CPU actors leave free. The block-splitting task (Dataset.repartition) always asks
+# for 1 CPU: if the actor pool holds more than (CPUs - 1), upstream tasks starve and the
+# job hangs (ray#44687; seen here with read_parquet's 1-CPU listing task).
+READ_RESERVE_CPUS = 1.0
+_PROBE_ROWS = 64
+# Batches per block sent to an actor: few enough to balance, enough to amortise a task.
+BATCHES_PER_BLOCK = 4
+
+
+@dataclass(frozen=True)
+class ExtractorSpec:
+    """One model to run: its store is ``features/<name>-<split>``, tagged ``name``/``version``.
+
+    ``spec`` is what :func:`raycompat.models.extractor.load_extractor` accepts.
+    """
+
+    name: str
+    version: str
+    spec: str
+
+
+class ProgressHook(Protocol):
+    """What :func:`run_extraction` reports progress to; a ``tqdm`` bar fits as is."""
+
+    total: float | None
+
+    def update(self, n: int) -> object:
+        """Count ``n`` more records done (featurised or quarantined)."""
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """The extraction actor pool: actors, resources per actor, torch threads per actor."""
+
+    size: int
+    num_cpus: float
+    num_gpus: float
+    threads: int
+
+
+def old_extractor(cfg: PipelineConfig) -> ExtractorSpec:
+    """The configured old model: ``old.extractor``, else the model train-old exported."""
+    spec = cfg.old.extractor or str(Layout.of(cfg.output_dir).model_dir(cfg.old.name))
+    return ExtractorSpec(cfg.old.name, cfg.old.version, spec)
+
+
+def plan_pool(cfg: ExtractConfig, cpus: float, gpus: float) -> PoolPlan:
+    """Size the actor pool for a cluster with ``cpus`` CPUs and ``gpus`` GPUs.
+
+    GPU actors (``num_gpus`` per actor, default 1 when GPUs exist) get one CPU each to
+    decode and feed their GPU. CPU actors share all CPUs but ``READ_RESERVE_CPUS``; by
+    default one actor per CPU with one torch thread each, because independent batches
+    on separate cores scale better than intra-op threads of one model.
+    """
+    num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1.0 if gpus > 0 else 0.0)
+    if num_gpus > 0:
+        if num_gpus > gpus:
+            raise ConfigError(f"extract.num_gpus: {num_gpus} per actor, but the cluster has {gpus} GPUs")
+        size = cfg.concurrency or max(1, int(gpus // num_gpus))
+        return PoolPlan(size, 1.0, num_gpus, 1)
+    usable = cpus - READ_RESERVE_CPUS
+    if usable <= 0:
+        raise ConfigError(f"extraction needs more than {READ_RESERVE_CPUS} CPU, the cluster has {cpus}")
+    size = cfg.concurrency or max(1, int(cpus))
+    # Resources are logical: threads follow the real cores per actor, not the reservation.
+    return PoolPlan(size, usable / size, 0.0, max(1, int(cpus // size)))
+
+
+class _ExtractBatch:
+    """Ray Data callable class: decode a batch of shard rows and run every extractor on it.
+
+    Each actor loads the extractors once. Output per row: id, label, source (the shard
+    path), error (null, or why the record could not be featurised) and ``feature_<i>``
+    per extractor (zeros on error rows). Images never leave the actor.
+    """
+
+    def __init__(self, specs: list[str], dims: list[int], codec: ImageCodec, has_label: bool,
+                 threads: int, device: str) -> None:
+        torch.set_num_threads(threads)
+        self._extractors = [load_extractor(spec, device=device) for spec in specs]
+        self._dims = dims
+        self._codec = codec
+        self._has_label = has_label
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        ids = batch.column("id").cast(pa.string())
+        if ids.null_count:
+            # Without an id a record can be neither stored nor quarantined: a table defect.
+            source = batch.column("path")[int(pc.index(ids.is_null(), True).as_py())].as_py()
+            raise DataError(f"{source}: a record has a null id")
+        ok, pixels, errors = decode_images(batch.column("image"), self._codec)
+        columns = {
+            "id": ids,
+            "label": batch.column("label").cast(pa.int64()) if self._has_label else pa.nulls(n, pa.int64()),
+            "source": batch.column("path"),
+            "error": pa.array([errors.get(i) for i in range(n)], pa.string()),
+        }
+        for index, (extract, dim) in enumerate(zip(self._extractors, self._dims)):
+            out = np.zeros((n, dim), np.float32)
+            if len(ok):
+                feats = extract(pixels)
+                if feats.shape[1] != dim:
+                    raise DataError(f"extractor {extract.spec}: returned dim {feats.shape[1]}, the probe saw {dim}")
+                out[ok] = feats
+            columns[f"feature_{index}"] = pa.FixedSizeListArray.from_arrays(pa.array(out.reshape(-1)), dim)
+        return pa.table(columns)
+
+
+def _features(column: pa.ChunkedArray, dim: int) -> np.ndarray:
+    """A fixed-size-list float column as (n, dim) float32."""
+    return column.combine_chunks().flatten().to_numpy().reshape(-1, dim)
+
+
+class _ShardCommitter:
+    """Driver side: gather each shard's rows; commit the shard in every store once all arrived."""
+
+    def __init__(self, shards: list[Shard], writers: list[FeatureStoreWriter], dims: list[int],
+                 quarantines: list[QuarantineWriter] | None, progress: ProgressHook | None) -> None:
+        """``quarantines`` None means on_error: fail (the first error row raises)."""
+        self._pending = {s.path: s for s in shards}
+        self._buffers: dict[str, list[pa.Table]] = {}
+        self._received: dict[str, int] = {}
+        self._writers = writers
+        self._dims = dims
+        self._quarantines = quarantines
+        self._progress = progress
+        self.featurised = 0
+        self.quarantined = 0
+        for shard in shards:
+            if shard.rows == 0:
+                self._commit(shard, pa.table({"id": pa.array([], pa.string())}))
+
+    @property
+    def reports_progress(self) -> bool:
+        """Whether a progress hook is attached."""
+        return self._progress is not None
+
+    def add(self, batch: pa.Table) -> None:
+        """Take one output batch of the actor pool (rows of one or more shards)."""
+        sources = batch.column("source")
+        paths = pc.unique(sources).to_pylist()
+        for path in paths:
+            self._add(path, batch if len(paths) == 1 else batch.filter(pc.equal(sources, path)))
+        if self._progress is not None:
+            self._progress.update(batch.num_rows)
+
+    def _add(self, path: str, rows: pa.Table) -> None:
+        shard = self._pending.get(path)
+        if shard is None:
+            raise DataError(f"extraction returned rows of {path}, which is not a pending shard")
+        if self._quarantines is None and rows.column("error").null_count < rows.num_rows:
+            bad = rows.filter(pc.is_valid(rows.column("error"))).slice(0, 1).to_pylist()[0]
+            raise DataError(f"{path}: record {bad['id']}: {bad['error']} "
+                            "(extract.on_error: quarantine skips such records)")
+        self._buffers.setdefault(path, []).append(rows)
+        received = self._received.get(path, 0) + rows.num_rows
+        self._received[path] = received
+        if received > shard.rows:
+            raise DataError(f"{path}: extraction returned {received} rows, its footer says {shard.rows}")
+        if received == shard.rows:
+            self._commit(shard, pa.concat_tables(self._buffers.pop(path)))
+
+    def _commit(self, shard: Shard, table: pa.Table) -> None:
+        if table.num_rows and self._quarantines is not None:
+            failed = table.filter(pc.is_valid(table.column("error")))
+            for quarantine in self._quarantines:
+                for row in failed.select(["id", "error"]).to_pylist():
+                    quarantine.add(row["id"], shard.path, row["error"])
+                # Before the part: a crash in between re-quarantines the shard's rows on
+                # resume rather than losing them.
+                quarantine.flush()
+            self.quarantined += failed.num_rows
+            table = table.filter(pc.is_null(table.column("error")))
+        ids = table.column("id").combine_chunks()
+        labels = pc.fill_null(table.column("label"), -1).to_numpy() if table.num_rows else np.zeros(0, np.int64)
+        for index, (writer, dim) in enumerate(zip(self._writers, self._dims)):
+            feats = _features(table.column(f"feature_{index}"), dim) if table.num_rows else np.zeros((0, dim), np.float32)
+            writer.write_part(shard.part, ids, labels, feats, sources=[shard.path])
+        self.featurised += table.num_rows
+        del self._pending[shard.path]
+        self._received.pop(shard.path, None)
+
+    def check_complete(self) -> None:
+        """Raise DataError when a shard did not get all its rows (the source changed under us)."""
+        if self._pending:
+            path, shard = next(iter(self._pending.items()))
+            raise DataError(f"{len(self._pending)} shard(s) incomplete, e.g. {path}: "
+                            f"{self._received.get(path, 0)} of {shard.rows} rows came back")
+
+
+def _probe_dims(source: GallerySource, specs: list[str], max_shards: int = 8) -> list[int]:
+    """Feature dim of each extractor, from one image of the first shards; fails fast on a bad spec."""
+    for shard in [s for s in source.shards if s.rows][:max_shards]:
+        with source.filesystem.open_input_file(shard.path) as f:
+            batch = next(pq.ParquetFile(f).iter_batches(batch_size=_PROBE_ROWS, columns=["image"]))
+        ok, pixels, _ = decode_images(batch.column("image"), source.codec)
+        if len(ok):
+            return [load_extractor(spec, device="cpu")(pixels[:1]).shape[1] for spec in specs]
+    raise DataError(f"gallery source {source.uri}: no decodable image in the first rows of its first shards")
+
+
+def _stream(cfg: ExtractConfig, source: GallerySource, pending: list[Shard], extractors: list[ExtractorSpec],
+            dims: list[int], committer: _ShardCommitter) -> None:
+    """Run the Ray Data pipeline over ``pending`` shards, feeding every output batch to ``committer``."""
+    plan = plan_pool(cfg, *cluster_cpus_gpus())
+    log.info("extraction pool: %d actors x (%.2f CPU, %.2f GPU, %d threads), batch %d",
+             plan.size, plan.num_cpus, plan.num_gpus, plan.threads, cfg.batch_size)
+    columns = ["id", "image", "label"] if source.has_label else ["id", "image"]
+    block_rows = cfg.batch_size * BATCHES_PER_BLOCK
+    # Shards are listed and sized already (their footers), so read them by name instead
+    # of through read_parquet: in ray 2.60 that adds a 1-CPU listing task and footer-reader
+    # actors (~7 s before the first block on 2 cores) and bin-packs all shards into 128 MiB
+    # blocks, which left one actor doing all the work.
+    shards = ray.data.from_items([{"path": s.path} for s in pending], override_num_blocks=len(pending))
+    rows = shards.map_batches(
+        read_shards, fn_kwargs={"filesystem": source.filesystem, "columns": columns, "rows_per_block": block_rows},
+        batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
+    )
+    # Ray merges what one read task yields into blocks of up to 128 MiB, and a block
+    # goes to one actor: split them so every actor gets work and features reach the
+    # driver (and commit) steadily.
+    rows = rows.repartition(target_num_rows_per_block=block_rows)
+    features = rows.map_batches(
+        _ExtractBatch,
+        fn_constructor_kwargs={
+            "specs": [e.spec for e in extractors], "dims": dims, "codec": source.codec,
+            "has_label": source.has_label, "threads": plan.threads,
+            "device": "cuda" if plan.num_gpus > 0 else "cpu",
+        },
+        batch_size=cfg.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=plan.size),
+        num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
+    )
+    if committer.reports_progress:
+        # The caller draws its own bar; Ray Data's would interleave with it.
+        features.context.enable_progress_bars = False
+    with raycompat_errors_from_ray():
+        for batch in features.iter_batches(batch_size=None, batch_format="pyarrow"):
+            committer.add(batch)
+
+
+def run_extraction(
+    cfg: PipelineConfig,
+    split: str,
+    extractors: list[ExtractorSpec],
+    source_uri: str | None = None,
+    progress: ProgressHook | None = None,
+) -> dict[str, str]:
+    """Extract features of a gallery with every extractor in one pass; return ``{name: store path}``.
+
+    Stores go to ``Layout.of(cfg.output_dir).store(name, split)``. ``source_uri`` is a
+    Parquet file or directory of shards; None means the configured dataset's ``split``
+    (see :func:`raycompat.pipeline.sources.gallery_source`). Resumable: re-running after
+    a crash extracts only the shards not yet committed in every store. ``progress``
+    gets ``total`` (records to do in this run) and ``update(n)`` per output batch.
+    Raises DataError on a corrupt record (with ``on_error: fail``) or a bad source.
+    """
+    names = [e.name for e in extractors]
+    if not extractors or len(set(names)) != len(names):
+        raise ConfigError(f"extractors must be non-empty with unique names, got {names}")
+    init_ray(cfg.ray)
+    source = gallery_source(cfg, split, source_uri)
+    dims = _probe_dims(source, [e.spec for e in extractors])
+    layout = Layout.of(cfg.output_dir)
+    paths = {e.name: str(layout.store(e.name, split)) for e in extractors}
+    writers = [FeatureStoreWriter(paths[e.name], e.name, e.version, dim) for e, dim in zip(extractors, dims)]
+    done = set.intersection(*(w.completed_parts() for w in writers))
+    pending = [s for s in source.shards if s.part not in done]
+    todo = sum(s.rows for s in pending)
+    log.info("extracting %s for %s: %d of %d shards to do (%d records), %d already committed",
+             ", ".join(names), source.uri, len(pending), len(source.shards), todo, len(source.shards) - len(pending))
+    if progress is not None:
+        progress.total = todo
+    quarantines = [QuarantineWriter(p) for p in paths.values()] if cfg.extract.on_error == "quarantine" else None
+    committer = _ShardCommitter(pending, writers, dims, quarantines, progress)
+    start = time.perf_counter()
+    if any(s.rows for s in pending):
+        _stream(cfg.extract, source, pending, extractors, dims, committer)
+    committer.check_complete()
+    seconds = time.perf_counter() - start
+    log.info("extracted %d records (%d quarantined) in %.1f s (%.0f records/s)", committer.featurised,
+             committer.quarantined, seconds, (committer.featurised + committer.quarantined) / max(seconds, 1e-9))
+    for writer in writers:
+        writer.finalize()
+    return paths

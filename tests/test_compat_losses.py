@@ -1,0 +1,118 @@
+"""Losses vs hand-written formulas on small tensors."""
+
+import math
+
+import pytest
+import torch
+
+from raycompat.compat.losses import (InfluenceLoss, L2CompatLoss, compatible_slice, cosine_logits,
+                                     cosine_softmax_loss)
+from raycompat.errors import ConfigError, DataError
+
+
+def _unit(v):
+    norm = math.sqrt(sum(a * a for a in v))
+    return [a / norm for a in v]
+
+
+def _hand_logits(feat, weight, scale):
+    return [[scale * sum(a * b for a, b in zip(_unit(f), _unit(w))) for w in weight] for f in feat]
+
+
+def _hand_ce(logits, labels):
+    total = 0.0
+    for row, y in zip(logits, labels):
+        total += -row[y] + math.log(sum(math.exp(v) for v in row))
+    return total / len(labels)
+
+
+@pytest.fixture
+def small():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(5, 6, generator=g, dtype=torch.float64),
+            torch.randn(3, 4, generator=g, dtype=torch.float64),
+            torch.tensor([0, 2, 1, 2, 0]))
+
+
+def test_cosine_logits_and_loss_match_hand_formula(small):
+    feat, _, labels = small
+    weight = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    hand = _hand_logits(feat.tolist(), weight.tolist(), 16.0)
+    torch.testing.assert_close(cosine_logits(feat, weight, 16.0), torch.tensor(hand, dtype=torch.float64))
+    weight.requires_grad_()
+    loss = cosine_softmax_loss(feat, weight, labels, 16.0)
+    assert loss.item() == pytest.approx(_hand_ce(hand, labels.tolist()), rel=1e-10)
+    loss.backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+def test_compatible_slice_takes_first_dims_and_rejects_wider_old():
+    x = torch.arange(12.0).reshape(2, 6)
+    torch.testing.assert_close(compatible_slice(x, 4), x[:, :4])
+    assert compatible_slice(x, 6).data_ptr() == x.data_ptr()  # a view, not a copy
+    with pytest.raises(ConfigError, match="6 dims, fewer than the old features' 8"):
+        compatible_slice(x, 8)
+    with pytest.raises(ConfigError):
+        compatible_slice(x, 0)
+
+
+def test_influence_ce_slices_new_features(small):
+    feat, weight, labels = small  # d_new = 6 > d_old = 4
+    loss = InfluenceLoss(weight, scale=20.0)(feat, labels=labels)
+    hand = _hand_ce(_hand_logits(feat[:, :4].tolist(), weight.tolist(), 20.0), labels.tolist())
+    assert loss.item() == pytest.approx(hand, rel=1e-5)
+
+
+def test_influence_kl_to_soft_targets(small):
+    feat, weight, _ = small
+    soft = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.0, 1.0], [0.2, 0.5, 0.3], [1 / 3, 1 / 3, 1 / 3], [0.0, 0.9, 0.1]])
+    loss = InfluenceLoss(weight, scale=10.0)(feat, soft_targets=soft)
+    logits = _hand_logits(feat[:, :4].tolist(), weight.tolist(), 10.0)
+    hand = 0.0
+    for row, p in zip(logits, soft.tolist()):
+        logz = math.log(sum(math.exp(v) for v in row))
+        hand += sum(pi * (math.log(pi) - (v - logz)) for pi, v in zip(p, row) if pi > 0)
+    assert loss.item() == pytest.approx(hand / len(logits), rel=1e-5)
+
+
+def test_influence_weight_is_frozen_and_feature_gets_gradient(small):
+    feat, weight, labels = small
+    loss_fn = InfluenceLoss(weight, scale=16.0)
+    assert list(loss_fn.parameters()) == [] and "weight" in loss_fn.state_dict()
+    feat = feat.clone().requires_grad_()
+    loss_fn(feat, labels=labels).backward()
+    assert loss_fn.weight.grad is None
+    assert feat.grad[:, :4].abs().sum() > 0 and feat.grad[:, 4:].abs().sum() == 0
+
+
+def test_influence_errors(small):
+    feat, weight, labels = small
+    loss_fn = InfluenceLoss(weight, scale=16.0)
+    with pytest.raises(ConfigError, match="exactly one"):
+        loss_fn(feat)
+    with pytest.raises(ConfigError, match="exactly one"):
+        loss_fn(feat, labels=labels, soft_targets=torch.ones(5, 3) / 3)
+    with pytest.raises(DataError, match="soft_targets must have shape"):
+        loss_fn(feat, soft_targets=torch.ones(5, 4) / 4)
+    with pytest.raises(ConfigError, match="fewer than the old"):
+        loss_fn(feat[:, :3], labels=labels)
+    with pytest.raises(ConfigError):
+        InfluenceLoss(weight, scale=0.0)
+    with pytest.raises(DataError):
+        InfluenceLoss(torch.full((2, 4), float("nan")), scale=1.0)
+
+
+def test_l2_loss_matches_hand_formula(small):
+    feat, _, _ = small
+    old = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    hand = 0.0
+    for f, o in zip(feat[:, :4].tolist(), old.tolist()):
+        hand += sum((a - b) ** 2 for a, b in zip(_unit(f), _unit(o)))
+    assert L2CompatLoss()(feat, old).item() == pytest.approx(hand / 5, rel=1e-10)
+    # Zero when the first d_old dims point where the old feature points, whatever the rest.
+    same = torch.cat([3.0 * old, torch.randn(5, 2, dtype=torch.float64)], dim=1)
+    assert L2CompatLoss()(same, old).item() == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ConfigError):
+        L2CompatLoss()(feat[:, :3], old)
+    with pytest.raises(DataError):
+        L2CompatLoss()(feat, old[:4])

@@ -1,0 +1,293 @@
+"""Gallery extraction: sources and decoding (no Ray), then the Ray Data pipeline end to end.
+
+The Ray tests share one local Ray session. Two extractors run in every pass: ``old``, a
+tiny TorchScript CNN traced here, and ``slow``, a ``module:callable`` written here that
+sleeps per batch, so an extraction lasts long enough to be killed midway.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from raycompat.config import DataConfig, ExtractConfig, ModelConfig, PipelineConfig
+from raycompat.data.datasets import load_dataset
+from raycompat.data.feature_store import FeatureStore, read_quarantine
+from raycompat.errors import ConfigError, DataError, FeatureStoreError
+from raycompat.models.backbones import EmbeddingModel
+from raycompat.pipeline.extract import ExtractorSpec, plan_pool
+from raycompat.pipeline.sources import IMAGE_SHAPE_KEY, ImageCodec, decode_images, open_source, prepare_gallery
+
+SLOW_MODULE = '''
+"""Test extractor: 16 pixels of every image as features, 50 ms per batch."""
+import time
+
+import numpy as np
+
+
+def pixels(images):
+    time.sleep(0.05)
+    return images.reshape(len(images), -1)[:, ::4].astype(np.float32)
+'''
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --- no Ray ------------------------------------------------------------------------------
+
+
+def test_decode_raw_list_and_encoded_report_bad_records():
+    good = np.arange(12, dtype=np.uint8).reshape(1, 3, 4)
+    raw = pa.array([good.tobytes(), b"\x00" * 5, None, good.tobytes()], pa.binary())
+    ok, pixels, errors = decode_images(raw, ImageCodec("raw", (1, 3, 4)))
+    assert ok.tolist() == [0, 3] and pixels.flags.writeable
+    np.testing.assert_array_equal(pixels, np.stack([good, good]))
+    assert errors == {1: "image has 5 bytes, expected 12 (1x3x4)", 2: "image is null"}
+
+    lists = pa.array([good.ravel().tolist(), [1, 2]], pa.list_(pa.uint8()))
+    ok, pixels, errors = decode_images(lists, ImageCodec("list", (1, 3, 4)))
+    assert ok.tolist() == [0] and errors == {1: "image has 2 values, expected 12 (1x3x4)"}
+
+    image = np.full((6, 6), 200, np.uint8)
+    encoded = pa.array([png(image), b"not an image", png(image)[:20]], pa.binary())
+    ok, pixels, errors = decode_images(encoded, ImageCodec("encoded", (1, 3, 3)))
+    assert ok.tolist() == [0] and pixels.shape == (1, 1, 3, 3) and (pixels == 200).all()
+    assert set(errors) == {1, 2} and all(e.startswith("cannot decode image") for e in errors.values())
+
+
+def test_prepare_gallery_shards_and_source_listing(tmp_path):
+    split = load_dataset(DataConfig(name="digits")).test
+    uri = prepare_gallery(split, str(tmp_path / "g"), 200)
+    source = open_source(uri, image_size=32, channels=3)
+    assert [s.rows for s in source.shards] == [200, 200, len(split) - 400]
+    assert [s.part for s in source.shards] == ["shard-00000", "shard-00001", "shard-00002"]
+    assert source.codec == ImageCodec("raw", (1, 8, 8)) and source.has_label
+    table = pq.read_table(source.shards[1].path)
+    assert table.schema.metadata[IMAGE_SHAPE_KEY] == b"[1, 8, 8]"
+    np.testing.assert_array_equal(np.frombuffer(table["image"][0].as_py(), np.uint8).reshape(1, 8, 8),
+                                  split.images[200])
+    # Reused when the same split comes again; refused for other data.
+    mtime = Path(source.shards[0].path).stat().st_mtime_ns
+    prepare_gallery(split, uri, 200)
+    assert Path(source.shards[0].path).stat().st_mtime_ns == mtime
+    with pytest.raises(DataError, match="prepared from other data"):
+        prepare_gallery(split.subset(np.arange(10)), uri, 200)
+
+
+def test_source_rejects_mixed_shards(tmp_path):
+    pq.write_table(pa.table({"id": ["a"], "image": [b"x"]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"id": ["b"], "image": [[1, 2]]}, pa.schema([("id", pa.string()),
+                   ("image", pa.list_(pa.uint8()))])), tmp_path / "b.parquet")
+    with pytest.raises(DataError, match="b.parquet: image column or label presence differs"):
+        open_source(str(tmp_path), 8, 1)
+    with pytest.raises(DataError, match="missing column"):
+        pq.write_table(pa.table({"id": ["c"]}), tmp_path / "c.parquet")
+        open_source(str(tmp_path / "c.parquet"), 8, 1)
+
+
+def test_pool_plan_leaves_a_cpu_for_reads_and_uses_gpus():
+    cpu = plan_pool(ExtractConfig(), cpus=2, gpus=0)
+    assert (cpu.size, cpu.num_cpus, cpu.num_gpus, cpu.threads) == (2, 0.5, 0.0, 1)
+    one = plan_pool(ExtractConfig(concurrency=1), cpus=2, gpus=0)
+    assert (one.size, one.num_cpus, one.threads) == (1, 1.0, 2)
+    gpu = plan_pool(ExtractConfig(), cpus=16, gpus=4)
+    assert (gpu.size, gpu.num_gpus) == (4, 1.0)
+    with pytest.raises(ConfigError, match="num_gpus"):
+        plan_pool(ExtractConfig(num_gpus=1), cpus=8, gpus=0)
+    with pytest.raises(ConfigError, match="more than"):
+        plan_pool(ExtractConfig(), cpus=1, gpus=0)
+
+
+# --- Ray ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict:
+    """The TorchScript model and the slow callable's module directory (on workers' PYTHONPATH)."""
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    net = EmbeddingModel(ModelConfig(width=4, embed_dim=8), (1, 8, 8)).eval()
+    with torch.no_grad():
+        torch.jit.trace(net, torch.zeros((2, 1, 8, 8), dtype=torch.uint8)).save(str(root / "old.pt"))
+    (root / "slow_extractor.py").write_text(SLOW_MODULE)
+    return {"old": str(root / "old.pt"), "dir": str(root), "net": net}
+
+
+@pytest.fixture(scope="module")
+def ray_address(models):
+    import ray
+    from ray.data import DataContext
+
+    saved = os.environ.get("PYTHONPATH")
+    # Workers inherit the raylet's environment: this makes the callable importable there,
+    # and in the subprocess driver below.
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (models["dir"], saved) if p)
+    sys.path.insert(0, models["dir"])
+    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20)
+    DataContext.get_current().enable_progress_bars = False
+    yield ctx.address_info["gcs_address"]
+    ray.shutdown()
+    sys.path.remove(models["dir"])
+    if saved is None:
+        os.environ.pop("PYTHONPATH")
+    else:
+        os.environ["PYTHONPATH"] = saved
+
+
+def specs(models: dict) -> list[ExtractorSpec]:
+    return [ExtractorSpec("old", "1", models["old"]), ExtractorSpec("slow", "2", "slow_extractor:pixels")]
+
+
+def digits_config(output_dir: Path) -> PipelineConfig:
+    # 27 shards of 20 rows, 8-row batches: many commits, ~1 s of sleeping per actor.
+    return PipelineConfig(output_dir=str(output_dir), data=DataConfig(name="digits"),
+                          extract=ExtractConfig(batch_size=8, rows_per_file=20))
+
+
+def read_store(path: str) -> dict[str, np.ndarray]:
+    data = FeatureStore.open(path).to_numpy()
+    order = np.argsort(data["id"])
+    return {k: v[order] for k, v in data.items()}
+
+
+class Progress:
+    total: float | None = None
+    done = 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+
+
+@pytest.fixture(scope="module")
+def clean_run(ray_address, models, tmp_path_factory) -> dict:
+    from raycompat.pipeline.extract import run_extraction
+
+    progress = Progress()
+    paths = run_extraction(digits_config(tmp_path_factory.mktemp("clean")), "test", specs(models), progress=progress)
+    return {"stores": {name: read_store(path) for name, path in paths.items()}, "progress": progress}
+
+
+@pytest.mark.ray
+def test_clean_run_has_every_id_once_with_the_models_features(clean_run, models):
+    split = load_dataset(DataConfig(name="digits")).test
+    order = np.argsort(split.ids.astype(str))
+    old, slow = clean_run["stores"]["old"], clean_run["stores"]["slow"]
+    for store in (old, slow):
+        assert store["id"].tolist() == split.ids.astype(str)[order].tolist()
+        np.testing.assert_array_equal(store["label"], split.labels[order])
+    with torch.inference_mode():
+        expected = models["net"](torch.from_numpy(split.images[order])).numpy()
+    np.testing.assert_allclose(old["feature"], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(slow["feature"], split.images[order].reshape(len(split), -1)[:, ::4])
+    assert clean_run["progress"].total == len(split) == clean_run["progress"].done
+
+
+@pytest.mark.ray
+def test_killed_driver_resumes_to_the_clean_result(ray_address, models, clean_run, tmp_path):
+    from raycompat.pipeline.extract import run_extraction
+
+    cfg = digits_config(tmp_path / "run")
+    script = textwrap.dedent(f"""
+        import logging
+        from raycompat.config import DataConfig, ExtractConfig, PipelineConfig, RayConfig
+        from raycompat.pipeline.extract import ExtractorSpec, run_extraction
+        logging.basicConfig(level=logging.INFO)
+        cfg = PipelineConfig(output_dir={cfg.output_dir!r}, data=DataConfig(name="digits"),
+                             extract=ExtractConfig(batch_size=8, rows_per_file=20),
+                             ray=RayConfig(address={ray_address!r}))
+        run_extraction(cfg, "test", [ExtractorSpec("old", "1", {models['old']!r}),
+                                     ExtractorSpec("slow", "2", "slow_extractor:pixels")])
+    """)
+    log = (tmp_path / "driver.log").open("w")
+    driver = subprocess.Popen([sys.executable, "-c", script], stdout=log, stderr=subprocess.STDOUT)
+    parts = [tmp_path / "run" / "features" / f"{name}-test" / "_parts" for name in ("old", "slow")]
+    deadline = time.monotonic() + 120
+    while not any(p.is_dir() and any(p.glob("*.json")) for p in parts):
+        assert driver.poll() is None, f"driver exited early: {(tmp_path / 'driver.log').read_text()[-2000:]}"
+        assert time.monotonic() < deadline, "no part committed within 120 s"
+        time.sleep(0.05)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    committed = {p.parent.name: sorted(x.name for x in p.glob("*.json")) for p in parts}
+    # Killed midway: some parts in, not all (a shard may be in one store and not yet the other).
+    assert 0 < sum(map(len, committed.values())) < 2 * 27, committed
+    files = {f: f.read_bytes() for p in parts for f in p.parent.glob("part-*.parquet")}
+    with pytest.raises(FeatureStoreError, match="incomplete"):
+        FeatureStore.open(str(parts[0].parent))
+
+    paths = run_extraction(cfg, "test", specs(models))
+    for name, path in paths.items():
+        resumed, clean = read_store(path), clean_run["stores"][name]
+        assert len(set(resumed["id"])) == len(resumed["id"]) == len(clean["id"])
+        np.testing.assert_array_equal(resumed["id"], clean["id"])
+        np.testing.assert_allclose(resumed["feature"], clean["feature"], rtol=1e-5, atol=1e-6)
+    for path, data in files.items():  # parts committed before the kill were not rewritten
+        assert path.read_bytes() == data
+
+
+@pytest.fixture()
+def corrupt_folder(tmp_path) -> tuple[Path, set[str]]:
+    """An image folder of 24 8x8 PNGs per split, three of the test ones corrupt."""
+    rng = np.random.default_rng(0)
+    bad = {"test/b/003.png", "test/a/010.png", "test/b/011.png"}
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / "images" / split / cls).mkdir(parents=True)
+            for i in range(12):
+                rel = f"{split}/{cls}/{i:03d}.png"
+                data = png(rng.integers(0, 255, (8, 8), dtype=np.uint8))
+                (tmp_path / "images" / rel).write_bytes(data[:30] if rel in bad else data)
+    return tmp_path / "images", bad
+
+
+@pytest.mark.ray
+def test_corrupt_records_fail_by_default_and_quarantine_on_request(ray_address, models, corrupt_folder, tmp_path):
+    from raycompat.pipeline.extract import run_extraction
+
+    root, bad = corrupt_folder
+    cfg = PipelineConfig(output_dir=str(tmp_path / "run"),
+                         data=DataConfig(name="imagefolder", root=str(root), image_size=8, channels=1),
+                         extract=ExtractConfig(batch_size=4, rows_per_file=6))
+    with pytest.raises(DataError, match=r"gallery/test/.*\.parquet: record test/[ab]/0\d\d\.png: cannot decode image"):
+        run_extraction(cfg, "test", specs(models))
+
+    cfg.extract.on_error = "quarantine"
+    paths = run_extraction(cfg, "test", specs(models))
+    for path in paths.values():
+        store = read_store(path)
+        expected = sorted(f"test/{c}/{i:03d}.png" for c in "ab" for i in range(12))
+        assert store["id"].tolist() == sorted(set(expected) - bad)
+        assert store["label"].tolist() == [0 if i.startswith("test/a") else 1 for i in store["id"]]
+        quarantine = read_quarantine(path).to_pylist()
+        assert sorted(r["id"] for r in quarantine) == sorted(bad)
+        assert all(r["reason"].startswith("cannot decode image") and "/gallery/test/" in r["source"]
+                   for r in quarantine)
+    slow = read_store(paths["slow"])
+    pixels = np.stack([np.asarray(Image.open(root / i))[None] for i in slow["id"]])
+    np.testing.assert_array_equal(slow["feature"], pixels.reshape(len(pixels), -1)[:, ::4])
+
+    # An error raised inside an actor reaches the caller as the same one-line error.
+    (tmp_path / "nullids").mkdir()
+    image = png(np.zeros((8, 8), np.uint8))
+    pq.write_table(pa.table({"id": ["x", None], "image": [image, image]}), tmp_path / "nullids" / "s.parquet")
+    with pytest.raises(DataError) as info:
+        run_extraction(cfg, "nullids", specs(models), source_uri=str(tmp_path / "nullids"))
+    assert type(info.value) is DataError and "\n" not in str(info.value)
+    assert str(info.value) == f"{tmp_path / 'nullids' / 's.parquet'}: a record has a null id"
