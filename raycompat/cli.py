@@ -33,10 +33,10 @@ def _stage_bar(total: int, desc: str):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from raycompat.pipeline.run import STAGES, run_pipeline
+    from raycompat.pipeline.run import run_pipeline, stage_names
 
     cfg = _load(args)
-    bar = _stage_bar(len(STAGES) + 1, "demo")
+    bar = _stage_bar(len(stage_names(cfg)), "demo")
     seen: list[str] = []
 
     def progress(stage: str) -> None:
@@ -50,7 +50,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     bar.close()
     print(report.read_text())
     print(f"outputs under {Path(cfg.output_dir).absolute()}:\n  report   {report}\n"
-          f"  metrics  {report.parent / 'metrics.json'}\n  models   {Path(cfg.output_dir).absolute() / 'models'}\n"
+          f"  metrics  {report.parent / 'metrics.json'}\n"
+          + (f"  backfill {report.parent / 'backfill' / 'report.html'}\n" if cfg.backfill.enabled else "") +
+          f"  models   {Path(cfg.output_dir).absolute() / 'models'}\n"
           f"  features {Path(cfg.output_dir).absolute() / 'features'}")
     return 0
 
@@ -77,10 +79,21 @@ def cmd_train_old(cfg, args) -> int:
 
 @_with_ray
 def cmd_extract(cfg, args) -> int:
-    from raycompat.pipeline.run import stage_extract_new, stage_extract_old
+    from tqdm import tqdm
 
-    out = stage_extract_new(cfg) if args.model == "new" else stage_extract_old(cfg, tuple(args.split))
-    print(f"feature stores: {out}")
+    from raycompat.pipeline.extract import run_extraction
+    from raycompat.pipeline.run import new_extractor_spec, old_extractor_spec
+
+    spec = new_extractor_spec(cfg) if args.model == "new" else old_extractor_spec(cfg)
+    splits = ["test"] if args.model == "new" else args.split
+    out = {}
+    for split in splits:
+        # tqdm shows rows done and rows/s; total is set by run_extraction (what is left to do).
+        with tqdm(desc=f"extract {spec.name}-{split}", unit="img", unit_scale=True, file=sys.stderr,
+                  dynamic_ncols=True) as bar:
+            out.update({f"{name}-{split}": path for name, path in run_extraction(cfg, split, [spec],
+                                                                                  progress=bar).items()})
+    print("feature stores:\n" + "\n".join(f"  {k}  {v}" for k, v in out.items()))
     return 0
 
 
@@ -96,9 +109,13 @@ def cmd_train(cfg, args) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from raycompat.layout import Layout
     from raycompat.pipeline.run import stage_evaluate
+    from raycompat.report import write_eval_report
 
-    report = stage_evaluate(_load(args))
+    cfg = _load(args)
+    result = stage_evaluate(cfg)
+    report = write_eval_report(result, cfg, Layout.of(cfg.output_dir).eval_dir / "report.md")
     print(report.read_text())
     print(f"report: {report}")
     return 0
@@ -128,6 +145,18 @@ def cmd_transform(cfg, args) -> int:
     from raycompat.pipeline.transform import run_transform
 
     print(f"transformed features: {run_transform(cfg, args.transformation, args.split)}")
+    return 0
+
+
+@_with_ray
+def cmd_measure_costs(cfg, args) -> int:
+    from raycompat.pipeline.measure import measure_costs, write_cost_inputs
+
+    measured = measure_costs(cfg, backbone=args.backbone, transformation=args.transformation,
+                             read_bandwidth=args.read_bandwidth, dollars_per_hour=args.dollars_per_hour)
+    path = write_cost_inputs(measured, args.write)
+    print(path.read_text())
+    print(f"cost inputs: {path} (paste cluster and costs into a backfill config)")
     return 0
 
 
@@ -288,6 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
              "transformation (Ray Data), writing a new feature store (with sigma for FastFill).")
     tr.add_argument("--transformation", required=True, help="models/<variant> directory written by train-fct")
     tr.add_argument("--split", choices=["train", "test"], default="test")
+    mc = add("measure-costs", cmd_measure_costs, "Measure backbone images/s and transformation vectors/s on one "
+             "unit of the current Ray cluster (a GPU if any, else a node) and write the cluster and costs "
+             "sections of a backfill config.")
+    mc.add_argument("--write", required=True, help="YAML file to write")
+    mc.add_argument("--backbone", help="extractor spec to time (default: the config's exported new model)")
+    mc.add_argument("--transformation", help="trained transformation dir (default: the config's, if trained)")
+    mc.add_argument("--read-bandwidth", default="500 MB/s", help="storage read rate per unit (not measured)")
+    mc.add_argument("--dollars-per-hour", type=float, default=0.0, help="price of one unit (not measured)")
     bench = sub.add_parser("bench", help="Benchmarks (quality).", description="Benchmarks.")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     bq = bench_sub.add_parser("quality", help="Train old and new models for every method of bench.methods (plus FCT "

@@ -6,10 +6,13 @@ which every stage writes (see :mod:`raycompat.layout`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from raycompat.backfill.units import parse_bandwidth
 from raycompat.configio import check, join, load_config
 from raycompat.models.fct_config import SideInfoConfig, TransformationConfig
 
@@ -97,7 +100,8 @@ class RandomWalkConfig:
     k: int = 20
     tau: float = 0.05
     alpha: float = 0.9
-    iterations: int = 50
+    # A cap: the walk stops once its error bound is below 1e-5 (about 130 steps at alpha 0.9).
+    iterations: int = 200
     # intra_class keeps only kNN edges between items of the same class.
     graph: Literal["intra_class", "global"] = "intra_class"
 
@@ -238,6 +242,27 @@ class BenchConfig:
 
 
 @dataclass
+class BackfillSectionConfig:
+    """The pipeline report's backfill section (raycompat.pipeline.backfill_stage)."""
+
+    enabled: bool = True
+    # Items in the gallery to cost; null = the test split this run evaluated.
+    gallery_size: Optional[int] = None
+    # Not measurable from here: the price of one measured unit, and its storage read rate.
+    dollars_per_hour: float = 0.10
+    read_bandwidth: str = "500 MB/s"
+    # Partial-backfill fractions to cost.
+    fractions: list[float] = field(default_factory=lambda: [0.25, 0.5])
+
+    def validate(self, key: str) -> None:
+        check(self.gallery_size is None or self.gallery_size > 0, join(key, "gallery_size"),
+              f"must be positive, got {self.gallery_size}")
+        check(self.dollars_per_hour >= 0, join(key, "dollars_per_hour"), f"must be >= 0, got {self.dollars_per_hour}")
+        check(all(0 < f <= 1 for f in self.fractions), join(key, "fractions"), f"must be in (0, 1], got {self.fractions}")
+        parse_bandwidth(self.read_bandwidth, join(key, "read_bandwidth"))
+
+
+@dataclass
 class PipelineConfig:
     output_dir: str = "runs/demo"
     seed: int = 0
@@ -252,6 +277,23 @@ class PipelineConfig:
     # FCT / FastFill transformation h; use_side_info and uncertainty are set per variant by train-fct.
     fct: TransformationConfig = field(default_factory=TransformationConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    backfill: BackfillSectionConfig = field(default_factory=BackfillSectionConfig)
+
+    def validate(self, key: str) -> None:
+        # Models and Train checkpoints are written with file APIs: a URI would become a local folder.
+        check("://" not in self.output_dir, join(key, "output_dir"),
+              f"{self.output_dir!r}: object-store URIs are not supported yet; use a path every node mounts")
+
+
+def with_absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` with ``output_dir`` and ``data.root`` made absolute against this process's directory.
+
+    Ray Train and Tune run workers in their own working directories, where a relative
+    path would point somewhere else: configs are resolved on the driver before shipping.
+    """
+    root = cfg.data.root
+    return replace(cfg, output_dir=os.path.abspath(cfg.output_dir),
+                   data=replace(cfg.data, root=None if root is None else os.path.abspath(root)))
 
 
 def load_pipeline_config(path: str | Path, overrides: dict | None = None) -> PipelineConfig:

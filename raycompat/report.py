@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Optional
 
 from raycompat.config import PipelineConfig
 
@@ -19,8 +21,27 @@ def metrics_table(matrix: dict[str, dict], pairs=PAIRS) -> str:
     return "\n".join(rows)
 
 
-def write_eval_report(result: dict, cfg: PipelineConfig, path: Path) -> Path:
-    """Write ``report.md`` for one evaluated upgrade; returns its path."""
+def backfill_summary(report_html: Path) -> list[str]:
+    """Markdown lines summarising a backfill report (its report.json beside ``report_html``)."""
+    data = json.loads((report_html.parent / "report.json").read_text())
+    rel = report_html.parent.name
+    lines = [
+        "## Backfill: what upgrading this gallery costs",
+        "",
+        f"{data['title']}. Full report: [{rel}/report.html]({rel}/report.html) "
+        f"(also [{rel}/report.md]({rel}/report.md)); costs: {data['inputs']['provenance']['costs']}.",
+        "",
+        "| strategy | wall time (s) | $ | items re-embedded | final top-1 | final mAP |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for s in data["strategies"]:
+        lines.append(f"| {s['name']} | {s['seconds']:.3g} | {s['dollars']:.3g} | {s['items_reembedded']:,.0f} | "
+                     f"{s['final']['top1']:.2f} | {s['final']['mAP']:.2f} |")
+    return lines + [""]
+
+
+def write_eval_report(result: dict, cfg: PipelineConfig, path: Path, backfill: Optional[Path] = None) -> Path:
+    """Write ``report.md`` for one evaluated upgrade (with the backfill report's summary, if given)."""
     m = result["matrix"]
     compatible = {k: m["new/old"][k] > m["old/old"][k] for k in ("top1", "mAP")}
     verdict = "meets" if all(compatible.values()) else "does not meet"
@@ -43,5 +64,7 @@ def write_eval_report(result: dict, cfg: PipelineConfig, path: Path) -> Path:
         lines += ["| stage | seconds |", "|---|---:|"]
         lines += [f"| {k} | {v} |" for k, v in result["stage_seconds"].items()]
         lines.append("")
+    if backfill is not None:
+        lines += backfill_summary(backfill)
     path.write_text("\n".join(lines))
     return path

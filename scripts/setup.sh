@@ -19,11 +19,15 @@ if [ ${#apt_pkgs[@]} -gt 0 ]; then
 fi
 
 PYTHON=${PYTHON:-python3}
-# Skip pip when the installed package already matches this checkout (fast re-runs).
+# Skip pip when this checkout is already installed (editable) and its
+# dependencies resolve (fast re-runs); `import raycompat` alone would succeed
+# from the checkout directory even on a fresh machine.
 if ! "$PYTHON" - <<'PY' 2>/dev/null
-import importlib.metadata as md, pathlib, sys
-import raycompat
-sys.exit(0 if pathlib.Path(raycompat.__file__).resolve().parents[1] == pathlib.Path.cwd().resolve() else 1)
+import importlib.metadata as md, json, pathlib, sys
+here = pathlib.Path.cwd().resolve().as_uri()
+urls = {json.loads(d.read_text("direct_url.json") or "{}").get("url") for d in md.distributions(name="raycompat")}
+import faiss, pyarrow, ray, torch, torchvision, pytest  # noqa: F401
+sys.exit(0 if here in urls else 1)
 PY
 then
   echo "setup: pip install -e .[test]"

@@ -448,3 +448,20 @@ def test_screenshot_script_usage_error(tmp_path):
     res = subprocess.run([str(REPO / "scripts" / "screenshot_report.sh"), str(tmp_path / "none.html")],
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 2 and "usage:" in res.stderr
+
+
+def test_pipeline_report_summarises_the_backfill_report(tmp_path, qpath):
+    from raycompat.config import PipelineConfig
+    from raycompat.report import write_eval_report
+
+    html = run_backfill_report(write_config(tmp_path, config_data(qpath)), tmp_path / "eval" / "backfill")
+    m = {"top1": 50.0, "top5": 70.0, "mAP": 40.0}
+    result = {"matrix": {"old/old": m, "new/new": m, "new/old": m}, "n_items": 10, "negative_flips": {"new/new": 0.0}}
+    md = write_eval_report(result, PipelineConfig(), tmp_path / "eval" / "report.md", html).read_text()
+    report = json.loads((html.parent / "report.json").read_text())
+    assert "[backfill/report.html](backfill/report.html)" in md
+    for s in report["strategies"]:
+        row = next(line for line in md.splitlines() if line.startswith(f"| {s['name']} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[2]) == pytest.approx(s["dollars"], rel=1e-2)
+        assert float(cells[-1]) == pytest.approx(s["final"]["mAP"], abs=0.01)

@@ -16,7 +16,8 @@ import pytest
 import ray
 import yaml
 
-CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
 LAUNCHER_CONFIGS = ["aws.yaml", "gcp.yaml"]
 SCHEMA_PATH = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
 CUSTOM_RESOURCE = "transform"
@@ -227,8 +228,9 @@ def check_rayjob(doc: dict[str, Any]) -> str:
     _require(bool(doc.get("metadata", {}).get("name")), "RayJob: no metadata.name")
     spec = doc.get("spec", {})
     entrypoint = spec.get("entrypoint", "")
+    config = re.fullmatch(r"python jobs/pipeline\.py --config (\S+\.yaml)", entrypoint)
     _require(
-        entrypoint.startswith("python jobs/pipeline.py --config configs/"),
+        config is not None and (REPO / config.group(1)).is_file(),
         "RayJob: entrypoint must run jobs/pipeline.py with a config",
     )
     _require("rayClusterSpec" in spec, "RayJob: no rayClusterSpec")

@@ -188,15 +188,23 @@ def wait_for_job(cluster: LocalCluster, job_id: str, timeout_s: float = JOB_TIME
     return status.value, logs
 
 
-def check_outputs(out: Path) -> dict:
-    """Outputs of one pipeline run: metrics, report, models, stores with every test id once."""
+def check_outputs(out: Path, cpu_nodes: int) -> dict:
+    """Outputs of one pipeline run: metrics, report (backfill costed on ``cpu_nodes`` nodes), models, stores."""
     cfg = load_pipeline_config(CONFIG, {"output_dir": str(out)})
     layout = Layout.of(out)
     metrics = json.loads((layout.eval_dir / "metrics.json").read_text())["matrix"]
     for pair in ("old/old", "new/new", "new/old"):
         assert {"top1", "top5", "mAP"} <= set(metrics[pair]), metrics
         assert all(0 <= metrics[pair][k] <= 100 for k in ("top1", "top5", "mAP"))
-    assert (layout.eval_dir / "report.md").read_text().strip()
+    report = (layout.eval_dir / "report.md").read_text()
+    # The backfill section: measured on this cluster's live nodes, costed per strategy.
+    backfill = json.loads((layout.eval_dir / "backfill" / "report.json").read_text())
+    assert backfill["inputs"]["config"]["cluster"][0]["count"] == cpu_nodes, backfill["inputs"]["config"]["cluster"]
+    kinds = {s["kind"] for s in backfill["strategies"]}
+    assert {"full_backfill", "partial_backfill"} <= kinds, kinds
+    full = next(s for s in backfill["strategies"] if s["kind"] == "full_backfill")
+    assert full["final"] == {k: metrics["new/new"][k] for k in ("top1", "top5", "mAP")}
+    assert "backfill/report.html" in report
     for name in (cfg.old.name, new_model_name(cfg)):
         missing = [f for f in MODEL_FILES if not (layout.model_dir(name) / f).is_file()]
         assert not missing, f"models/{name} lacks {missing}"
@@ -232,7 +240,7 @@ def test_pipeline_job_on_multi_node_cluster(cluster: LocalCluster, reference: di
     )  # fmt: skip
     assert wrapper.returncode == 0 and f"job {reference['job_id']}: SUCCEEDED" in wrapper.stdout, wrapper
     print(f"undisturbed pipeline job: {reference['seconds']:.0f}s")
-    metrics = check_outputs(reference["out"])
+    metrics = check_outputs(reference["out"], cpu_nodes=3)
     # Both models learned something (chance is 10% on digits).
     assert metrics["old/old"]["top1"] > 30 and metrics["new/new"]["top1"] > 30, metrics
     cfg = load_pipeline_config(CONFIG)
@@ -301,7 +309,7 @@ def test_lost_worker_node_during_training(cluster: LocalCluster, reference: dict
     assert status == "SUCCEEDED", logs[-5000:]
     assert cli_job_status(cluster, job_id) == "SUCCEEDED"
     print(f"disturbed pipeline job: {time.monotonic() - began:.0f}s")
-    metrics = check_outputs(tmp_path)
+    metrics = check_outputs(tmp_path, cpu_nodes=2)
     trained = json.loads((Layout.of(tmp_path).model_dir(new_name) / TRAIN_METRICS).read_text())
     # Training continued from its checkpoint on the surviving worker node (only worker nodes
     # have "trainer", and the killed one is dead), and finished every epoch.

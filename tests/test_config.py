@@ -38,6 +38,10 @@ def test_lambda_key_maps_to_weight(tmp_path):
     ("data: [1, 2]\n", "data: expected a mapping"),
     ("old: {model: {embed_dim: -1}}\n", "old.model.embed_dim: must be positive"),
     ("seed: true\n", "seed: expected an integer"),
+    ("output_dir: s3://bucket/x\n", "output_dir: 's3://bucket/x': object-store URIs are not supported"),
+    ("backfill: {gallery_size: 0}\n", "backfill.gallery_size: must be positive"),
+    ("backfill: {read_bandwidth: 3 parsecs}\n", "backfill.read_bandwidth"),
+    ("backfill: {fractions: [0.5, 1.5]}\n", "backfill.fractions: must be in (0, 1]"),
 ])
 def test_bad_config_is_one_line_error_naming_the_key(tmp_path, text, fragment):
     path = write(tmp_path, text)

@@ -46,7 +46,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
-from raycompat.config import PipelineConfig
+from raycompat.config import PipelineConfig, with_absolute_paths
 from raycompat.configio import from_dict, to_dict
 from raycompat.data.feature_store import MISSING_LABEL, FeatureStore
 from raycompat.errors import DataError, FeatureStoreError
@@ -315,7 +315,7 @@ def train_transformation_stage(cfg: PipelineConfig, use_side_info: bool, uncerta
              cfg.fct.epochs, scaling.num_workers, run_name)
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"pipeline": to_dict(cfg), "name": name, "stores": refs, "run_name": run_name,
+        train_loop_config={"pipeline": to_dict(with_absolute_paths(cfg)), "name": name, "stores": refs, "run_name": run_name,
                            "classifier": None if classifier is None else str(classifier),
                            "model_dir": str(model_dir)},
         scaling_config=scaling,

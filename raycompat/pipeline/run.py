@@ -5,6 +5,7 @@
     train      -> models/new-<method>   (Ray Train, compatibility term from stored old features)
     extract    -> features/new-<method>-test
     evaluate   -> eval/metrics.json, eval/report.md
+    backfill   -> eval/backfill/report.{html,md,json}  (cost of upgrading this gallery, per strategy)
 
 Each stage is a function of the pipeline config; they share ``output_dir`` and
 skip nothing implicitly except what their own resume logic skips.
@@ -22,6 +23,7 @@ from raycompat.config import PipelineConfig
 from raycompat.evaluation import evaluate_stores
 from raycompat.layout import Layout
 from raycompat.models.export import load_model_meta
+from raycompat.pipeline.backfill_stage import stage_backfill_report
 from raycompat.pipeline.extract import ExtractorSpec, run_extraction
 from raycompat.pipeline.ray_session import init_ray
 from raycompat.pipeline.train import new_model_name, old_model_name, run_training
@@ -66,18 +68,16 @@ def stage_extract_new(cfg: PipelineConfig) -> dict:
     return {k: str(v) for k, v in run_extraction(cfg, "test", [new_extractor_spec(cfg)]).items()}
 
 
-def stage_evaluate(cfg: PipelineConfig, timings: Optional[dict] = None) -> Path:
-    """Evaluate the test-split stores and write ``eval/metrics.json`` and ``eval/report.md``."""
+def stage_evaluate(cfg: PipelineConfig) -> dict:
+    """Evaluate the test-split stores; write ``eval/metrics.json`` and return its content."""
     layout = Layout.of(cfg.output_dir)
     result = evaluate_stores(layout.store(old_model_name(cfg), "test"), layout.store(new_model_name(cfg), "test"),
                              cfg.eval.chunk_size)
     result["method"] = cfg.new.method
     result["dataset"] = cfg.data.name
-    if timings:
-        result["stage_seconds"] = timings
     layout.eval_dir.mkdir(parents=True, exist_ok=True)
     (layout.eval_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-    return write_eval_report(result, cfg, layout.eval_dir / "report.md")
+    return result
 
 
 STAGES: list[tuple[str, Callable[[PipelineConfig], object]]] = [
@@ -85,20 +85,34 @@ STAGES: list[tuple[str, Callable[[PipelineConfig], object]]] = [
     ("extract old features", stage_extract_old),
     ("train new model", stage_train_new),
     ("extract new features", stage_extract_new),
+    ("evaluate", stage_evaluate),
 ]
+
+
+def stage_names(cfg: PipelineConfig) -> list[str]:
+    """The stages ``run_pipeline`` reports progress for, in order."""
+    return [name for name, _ in STAGES] + (["backfill report"] if cfg.backfill.enabled else [])
 
 
 def run_pipeline(cfg: PipelineConfig, progress: Optional[Progress] = None) -> Path:
     """Run every stage end to end on the configured cluster; returns the report path."""
     init_ray(cfg.ray)
-    timings = {}
+    step = progress or (lambda name: None)
+    timings: dict[str, float] = {}
+    result: dict = {}
     for name, stage in STAGES:
-        if progress:
-            progress(name)
+        step(name)
         t0 = time.perf_counter()
-        stage(cfg)
+        result = stage(cfg)
         timings[name] = round(time.perf_counter() - t0, 1)
         log.info("stage %r done in %.1f s", name, timings[name])
-    if progress:
-        progress("evaluate")
-    return stage_evaluate(cfg, timings)
+    backfill = None
+    if cfg.backfill.enabled:
+        step("backfill report")
+        t0 = time.perf_counter()
+        backfill = stage_backfill_report(cfg, result["matrix"], result["n_items"])
+        timings["backfill report"] = round(time.perf_counter() - t0, 1)
+    result["stage_seconds"] = timings
+    layout = Layout.of(cfg.output_dir)
+    (layout.eval_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    return write_eval_report(result, cfg, layout.eval_dir / "report.md", backfill)

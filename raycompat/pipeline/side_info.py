@@ -31,7 +31,7 @@ from typing import Any
 import ray
 import torch
 
-from raycompat.config import PipelineConfig
+from raycompat.config import PipelineConfig, with_absolute_paths
 from raycompat.configio import from_dict, to_dict
 from raycompat.data.datasets import load_dataset
 from raycompat.data.protocols import old_training_set
@@ -136,7 +136,7 @@ def train_side_info_stage(cfg: PipelineConfig) -> Path:
                                            max_retries=cfg.ray.max_failures)
     log.info("training side model %s v%s (dim %d) on the old training images", cfg.side.name, cfg.side.version,
              cfg.side.dim)
-    out = ray.get(task.remote(to_dict(cfg), max(1, int(cpus)), "cuda" if use_gpu else "cpu"))
+    out = ray.get(task.remote(to_dict(with_absolute_paths(cfg)), max(1, int(cpus)), "cuda" if use_gpu else "cpu"))
     channels, size, _ = out["image_shape"]
     model = build_side_info_model(cfg.side, channels, size, cfg.seed)
     model.load_state_dict(out["state"])

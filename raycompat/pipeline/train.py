@@ -36,7 +36,7 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 
-from raycompat.config import PipelineConfig
+from raycompat.config import PipelineConfig, with_absolute_paths
 from raycompat.configio import from_dict, to_dict
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStore
@@ -227,7 +227,7 @@ def build_trainer(cfg: PipelineConfig, role: str, scaling: Optional[ScalingConfi
     log.info("training %s model %r: %d epochs, %d workers", role, name, epochs, scaling.num_workers)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"pipeline": to_dict(cfg), "role": role, "name": name,
+        train_loop_config={"pipeline": to_dict(with_absolute_paths(cfg)), "role": role, "name": name,
                            "version": cfg.old.version if role == "old" else cfg.new.version,
                            "model_dir": str(model_dir or layout.model_dir(name))},
         scaling_config=scaling,

@@ -45,7 +45,7 @@ from ray import tune
 from ray.train import ScalingConfig, UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from raycompat.config import PipelineConfig, RayConfig
+from raycompat.config import PipelineConfig, RayConfig, with_absolute_paths
 from raycompat.configio import dump_config, from_dict, to_dict
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import ConfigError, RaycompatError
@@ -225,10 +225,7 @@ def measure_reference(search: SearchConfig, root: Path) -> dict[int, float]:
 
 def _absolute(search: SearchConfig) -> SearchConfig:
     # Tune and Train run trials in their own working directories: relative paths would move.
-    pipe = search.pipeline
-    pipe.output_dir = str(Path(pipe.output_dir).absolute())
-    if pipe.data.root is not None:
-        pipe.data.root = str(Path(pipe.data.root).absolute())
+    search.pipeline = with_absolute_paths(search.pipeline)
     return search
 
 

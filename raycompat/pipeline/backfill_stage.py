@@ -1,0 +1,97 @@
+"""The pipeline's backfill section: what upgrading *this* gallery costs, from this run's own numbers.
+
+After evaluation, for the pipeline's test gallery (or ``backfill.gallery_size``
+items like it):
+
+1. quality: the evaluated matrix plus a measured partial-backfill curve (new
+   queries; gallery items move from old to new features in random order), written
+   as ``eval/backfill/quality.json`` in the quality benchmark's format;
+2. costs: backbone and transformation throughput measured on the current Ray
+   cluster (``raycompat.pipeline.measure``); price and read bandwidth as configured;
+3. the backfill report (``raycompat.backfill.report``) over every strategy these
+   numbers support, in ``eval/backfill/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from raycompat.backfill.config import QualityConfig
+from raycompat.backfill.presets import default_strategies
+from raycompat.backfill.quality import load_quality
+from raycompat.backfill.report import run_backfill_report
+from raycompat.backfill_order import order_random
+from raycompat.config import PipelineConfig
+from raycompat.configio import from_dict
+from raycompat.data.feature_store import FeatureStore
+from raycompat.errors import DataError
+from raycompat.layout import Layout
+from raycompat.pipeline.measure import measure_costs
+from raycompat.pipeline.train import new_model_name, old_model_name
+from raycompat.retrieval.backfill_curve import backfill_curve
+
+log = logging.getLogger(__name__)
+
+METRICS = ("top1", "top5", "mAP")
+
+
+def measured_quality(cfg: PipelineConfig, matrix: dict[str, dict]) -> dict[str, Any]:
+    """The evaluated matrix of this run's method and its random-order partial-backfill curve."""
+    layout = Layout.of(cfg.output_dir)
+    old = FeatureStore.open(layout.store(old_model_name(cfg), "test"))
+    cols = old.to_numpy(["id", "label", "feature"])
+    order = np.argsort(cols["id"], kind="stable")
+    ids, labels, f_old = cols["id"][order], cols["label"][order], cols["feature"][order]
+    f_new = FeatureStore.open(layout.store(new_model_name(cfg), "test")).lookup(ids)
+    if f_new.shape[1] != f_old.shape[1]:
+        raise DataError(f"backfill curve: new features have dim {f_new.shape[1]}, old {f_old.shape[1]}; "
+                        "a gallery mixing both needs equal dims")
+    curve = backfill_curve(f_new, labels, f_old, f_new, labels, order_random(len(ids), cfg.seed),
+                           query_ids=ids, gallery_ids=ids, chunk_size=cfg.eval.chunk_size)
+    method = cfg.new.method
+    return {
+        method: {pair: {k: float(matrix[pair][k]) for k in METRICS} for pair in ("old/old", "new/new", "new/old")},
+        "backfill_curves": {"random": {"fractions": curve["fractions"], **{k: curve[k] for k in METRICS},
+                                       "gallery": "old"}},
+        "backfill_auc": {"random": curve["auc"]},
+    }
+
+
+def stage_backfill_report(cfg: PipelineConfig, matrix: dict[str, dict], n_items: int) -> Path:
+    """Write ``eval/backfill/{quality.json, config.yaml, report.*}``; return report.html's path."""
+    out = Layout.of(cfg.output_dir).eval_dir / "backfill"
+    out.mkdir(parents=True, exist_ok=True)
+    quality_path = out / "quality.json"
+    quality_path.write_text(json.dumps(measured_quality(cfg, matrix), indent=1))
+    b = cfg.backfill
+    measured = measure_costs(cfg, read_bandwidth=b.read_bandwidth, dollars_per_hour=b.dollars_per_hour)
+    size = b.gallery_size or n_items
+    quality_cfg = {"path": str(quality_path.resolve()), "tolerance": 0.5}
+    quality = load_quality(from_dict(QualityConfig, quality_cfg, "quality"), str(quality_path))
+    method = cfg.new.method
+    doc = {
+        "title": f"Upgrading this run's gallery ({size:,} items, method {method})",
+        "notes": [f"Quality: this run's test split ({n_items} items), evaluated by the pipeline; the backfill curve "
+                  "moves gallery items from old to new features in random order.",
+                  f"Gallery size {size:,} " + ("(the test split)." if not b.gallery_size else "(backfill.gallery_size)."),
+                  f"Price ${b.dollars_per_hour}/h per unit and read bandwidth {b.read_bandwidth}: assumed "
+                  "(backfill.dollars_per_hour, backfill.read_bandwidth), not measured."],
+        "gallery": {"size": size, "bytes_per_image": f"{measured['bytes_per_image']} B",
+                    "bytes_per_vector": f"{measured['bytes_per_vector']} B"},
+        "cluster": measured["cluster"],
+        "costs": measured["costs"],
+        "quality": quality_cfg,
+        # An independent model is not compatible: no "compatible model" strategy for it.
+        "strategies": default_strategies(quality, compatible_method="" if method == "independent" else method,
+                                         new_method=method, fct_method=method,
+                                         fractions=b.fractions, tolerance=0.5),
+    }
+    config_path = out / "config.yaml"
+    config_path.write_text(yaml.safe_dump(doc, sort_keys=False, width=120))
+    return run_backfill_report(config_path, out)
