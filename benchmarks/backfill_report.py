@@ -22,7 +22,6 @@ import os
 import platform
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -41,24 +40,13 @@ from raycompat.models.fct_config import SideInfoConfig, TransformationConfig
 logger = logging.getLogger("backfill_report")
 
 
-def measure_transform(d_old: int, d_side: int, d_new: int, batch: int = 8192, min_seconds: float = 2.0) -> float:
+def measure_transform(d_old: int, d_side: int, d_new: int) -> float:
     """Vectors/s of raycompat's FCT transformation h (default widths, with FastFill's sigma head) here."""
-    # Imported here: with --transform-vectors-per-s the script needs no torch.
-    import torch
+    from raycompat.pipeline.measure import transformation_vectors_per_s
+    from raycompat.training.fct import build_transformation
 
-    from raycompat.models.transformation import Transformation
-
-    cfg = TransformationConfig()
-    h = Transformation(d_old, d_side, d_new, hidden=cfg.hidden, uncertainty=True,
-                       old_width=cfg.old_width, side_width=cfg.side_width).eval()
-    old, side = torch.randn(batch, d_old), torch.randn(batch, d_side) if d_side else None
-    with torch.inference_mode():
-        h(old, side)  # warm-up
-        done, start = 0, time.perf_counter()
-        while time.perf_counter() - start < min_seconds:
-            h(old, side)
-            done += batch
-        return done / (time.perf_counter() - start)
+    h = build_transformation(TransformationConfig(uncertainty=True), d_old, d_side, d_new, seed=0)
+    return transformation_vectors_per_s(h, d_old, d_side)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Callable
@@ -170,10 +171,12 @@ def cmd_bench_quality(cfg, args) -> int:
         bar.update(1)
         bar.set_postfix_str(stage)
 
-    path = run_bench_quality(cfg, args.out_dir, progress)
+    command = shlex.join(["raycompat", *sys.argv[1:]])
+    path = run_bench_quality(cfg, args.out_dir, progress, name=args.name, command=command)
     bar.close()
-    print((path.parent / "quality.md").read_text())
-    print(f"results: {path}, {path.parent / 'quality.md'}")
+    md = path.with_suffix(".md")
+    print(md.read_text())
+    print(f"results: {path}, {md}")
     return 0
 
 
@@ -291,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    demo = add("demo", cmd_demo, "Run the whole pipeline end to end (train old, extract, train new, evaluate) "
-               "and write a report.", config_required=False)
+    demo = add("demo", cmd_demo, "Run the whole pipeline end to end (train old, extract, train new, evaluate, "
+               "backfill cost section) and write a report.", config_required=False)
     demo.add_argument("--config", default=str(DEFAULT_DEMO_CONFIG),
                       help="pipeline config YAML (default: the bundled Fashion-MNIST demo)")
     add("train-old", cmd_train_old, "Train an old model for the config's protocol and export it as a "
@@ -328,11 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="Benchmarks (quality).", description="Benchmarks.")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     bq = bench_sub.add_parser("quality", help="Train old and new models for every method of bench.methods (plus FCT "
-                              "and FastFill) and write quality.json / quality.md.",
+                              "and FastFill) and write <name>.json / <name>.md.",
                               description="Quality benchmark: every strategy on one protocol, measured the same way.")
     bq.add_argument("--config", required=True, help="pipeline config with a bench section")
     bq.add_argument("--out", help="override output_dir (the working storage) from the config")
-    bq.add_argument("--out-dir", required=True, help="where quality.json / quality.md / the curve plot go")
+    bq.add_argument("--out-dir", required=True, help="where the results go")
+    bq.add_argument("--name", default="quality", help="results are <out-dir>/<name>.json, <name>.md, <name>_curves.png")
     bq.set_defaults(fn=cmd_bench_quality)
     tn = sub.add_parser("tune", help="Ray Tune search over the compatibility-loss weights.",
                         description="Ray Tune search (ASHA) over loss weights; resumes an interrupted search.")

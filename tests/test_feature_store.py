@@ -354,6 +354,20 @@ def test_quarantine_round_trip(tmp_path):
         QuarantineWriter(tmp_path / "s").add("d", "x", "")
 
 
+def test_requarantined_records_after_a_resume_appear_once(tmp_path):
+    # A crash between quarantining a shard's records and committing the shard: the resumed run
+    # quarantines the same records again.
+    for attempt in ("first run", "resumed run"):
+        with QuarantineWriter(tmp_path / "s") as quarantine:
+            quarantine.add("a", "shard-0.parquet", f"image does not decode ({attempt})")
+            if attempt == "resumed run":
+                quarantine.add("b", "shard-1.parquet", "NaN feature")
+    assert read_quarantine(tmp_path / "s").to_pylist() == [
+        {"id": "a", "source": "shard-0.parquet", "reason": "image does not decode (resumed run)"},
+        {"id": "b", "source": "shard-1.parquet", "reason": "NaN feature"},
+    ]
+
+
 def test_storage_helpers(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fs, path = storage.resolve("rel/dir")

@@ -804,7 +804,11 @@ class QuarantineWriter:
 
 
 def read_quarantine(uri: str | os.PathLike[str]) -> pa.Table:
-    """All quarantine rows under ``uri`` (schema ``QUARANTINE_SCHEMA``), oldest file first."""
+    """Quarantine rows under ``uri`` (schema ``QUARANTINE_SCHEMA``), one per id, oldest file first.
+
+    A run that crashed after quarantining a shard's records but before committing the
+    shard quarantines them again when resumed: only the newest row of an id is kept.
+    """
     fs, root = storage.resolve(uri)
     directory = storage.join(root, QUARANTINE_DIR)
     tables = []
@@ -820,4 +824,11 @@ def read_quarantine(uri: str | os.PathLike[str]) -> pa.Table:
         if not table.schema.equals(QUARANTINE_SCHEMA):
             raise DataError(f"quarantine file {path} has schema {table.schema}, expected {QUARANTINE_SCHEMA}")
         tables.append(table)
-    return pa.concat_tables(tables) if tables else QUARANTINE_SCHEMA.empty_table()
+    if not tables:
+        return QUARANTINE_SCHEMA.empty_table()
+    table = pa.concat_tables(tables)
+    ids = table.column("id").to_pylist()
+    last = {record_id: i for i, record_id in enumerate(ids)}
+    if len(last) == len(ids):
+        return table
+    return table.take(pa.array(sorted(last.values()), type=pa.int64()))

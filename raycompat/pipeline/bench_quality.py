@@ -5,14 +5,17 @@ then each compatible-training method trains a new model (Ray Train), its test
 features are extracted (Ray Data) and evaluated old/old, new/new, new/old. FCT
 variants map stored old (+ side) features to the FCT target model's features
 (``bench.fct_target``, an unconstrained new model), and FastFill orders the
-partial backfill of the transformed gallery. Writes ``quality.json``,
-``quality.md`` and ``backfill_curves.png`` (DESIGN.md section 7).
+partial backfill of the transformed gallery. Writes ``<name>.json``,
+``<name>.md`` (starting with the command, machine and date) and
+``<name>_curves.png`` (DESIGN.md section 7); the summary ends with each
+acceptance criterion of the issues, checked against the measured numbers.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import shutil
 import time
@@ -86,8 +89,18 @@ def _drop_stale_store(path: Path, version: str) -> None:
         shutil.rmtree(path)
 
 
-def run_bench_quality(cfg: PipelineConfig, out_dir: str | Path, progress: Optional[Callable[[str], None]] = None) -> Path:
-    """Run the benchmark of ``cfg.bench`` and write its results into ``out_dir``; returns quality.json."""
+def machine() -> dict:
+    """Where the numbers were measured."""
+    import torch
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count(),
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            "torch": torch.__version__}
+
+
+def run_bench_quality(cfg: PipelineConfig, out_dir: str | Path, progress: Optional[Callable[[str], None]] = None,
+                      name: str = "quality", command: str = "") -> Path:
+    """Run the benchmark of ``cfg.bench``; write ``<name>.json/.md`` into ``out_dir`` and return the JSON path."""
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,10 +110,10 @@ def run_bench_quality(cfg: PipelineConfig, out_dir: str | Path, progress: Option
     init_ray(cfg.ray)
     timings: dict[str, float] = {}
 
-    def timed(name: str, fn: Callable, *args):
+    def timed(name: str, fn: Callable, *args, **kwargs):
         step(name)
         t0 = time.perf_counter()
-        value = fn(*args)
+        value = fn(*args, **kwargs)
         timings[name] = round(time.perf_counter() - t0, 1)
         log.info("bench: %s took %.1f s", name, timings[name])
         return value
@@ -116,11 +129,11 @@ def run_bench_quality(cfg: PipelineConfig, out_dir: str | Path, progress: Option
     results: dict[str, dict] = {}
     for label, mcfg in methods.items():
         timed(f"train {label}", run_training, mcfg, "new")
-        name = new_model_name(mcfg)
+        model_name = new_model_name(mcfg)
         spec = new_extractor_spec(mcfg)
-        _drop_stale_store(layout.store(name, "test"), spec.version)
+        _drop_stale_store(layout.store(model_name, "test"), spec.version)
         timed(f"extract {label}", run_extraction, mcfg, "test", [spec])
-        ev = evaluate_stores(layout.store(cfg.old.name, "test"), layout.store(name, "test"), cfg.eval.chunk_size)
+        ev = evaluate_stores(layout.store(cfg.old.name, "test"), layout.store(model_name, "test"), cfg.eval.chunk_size)
         results[label] = {pair: _pct(m) for pair, m in ev["matrix"].items()}
         results[label]["negative_flips"] = {k: round(v, 2) for k, v in ev["negative_flips"].items()}
         log.info("bench: %s %s", label, results[label])
@@ -135,17 +148,18 @@ def run_bench_quality(cfg: PipelineConfig, out_dir: str | Path, progress: Option
         "backfill_curves": {order: {"fractions": c["fractions"], **{k: c[k] for k in METRICS}, "gallery": c["gallery"]}
                             for order, c in curves.items()},
         "config": to_dict(cfg),
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "command": command,
+        "machine": machine(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "stage_seconds": timings,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
-    (out / "quality.json").write_text(json.dumps(quality, indent=2))
+    (out / f"{name}.json").write_text(json.dumps(quality, indent=2))
     if curves:
-        plot_curves(curves, out / "backfill_curves.png", metric="mAP")
-    (out / "quality.md").write_text(render_markdown(quality))
-    log.info("bench: wrote %s in %.0f s", out / "quality.json", quality["total_seconds"])
-    return out / "quality.json"
+        plot_curves(curves, out / f"{name}_curves.png", metric="mAP")
+    (out / f"{name}.md").write_text(render_markdown(quality, f"{name}_curves.png"))
+    log.info("bench: wrote %s in %.0f s", out / f"{name}.json", quality["total_seconds"])
+    return out / f"{name}.json"
 
 
 def _fct(cfg: PipelineConfig, target: PipelineConfig, results: dict, timed: Callable) -> dict[str, dict]:
@@ -186,15 +200,55 @@ def _fct(cfg: PipelineConfig, target: PipelineConfig, results: dict, timed: Call
     return curves
 
 
-def render_markdown(q: dict) -> str:
-    """The human summary of ``quality.json``."""
-    cfg = q["config"]
+def criteria(q: dict) -> list[tuple[str, Optional[bool], str]]:
+    """The issues' acceptance criteria, checked on the measured numbers: (criterion, met or None if n/a, figures)."""
+    out: list[tuple[str, Optional[bool], str]] = []
+    rw, bct, ind = q.get("nifcl+rw"), q.get("bct"), q.get("independent")
+    if rw:
+        for k in ("top1", "mAP"):
+            a, b = rw["new/old"][k], rw["old/old"][k]
+            out.append((f"nifcl+rw new/old {k} > old/old", a > b, f"{a:.2f} vs {b:.2f}"))
+        if bct:
+            a, b = rw["new/old"]["mAP"], bct["new/old"]["mAP"]
+            out.append(("nifcl+rw new/old mAP >= bct's - 1", a >= b - 1, f"{a:.2f} vs {b:.2f}"))
+        if ind:
+            for k in ("top1", "mAP"):
+                a, b = rw["new/new"][k], ind["new/new"][k]
+                out.append((f"nifcl+rw new/new {k} >= independent's - 2", a >= b - 2, f"{a:.2f} vs {b:.2f}"))
+    for label in ("fct", "fct+side", "fastfill"):
+        r = q.get(label)
+        if r and "new/h(old)" in r:
+            lo, hi, h = r["old/old"]["top1"], r["new/new"]["top1"], r["new/h(old)"]["top1"]
+            closed = 100 * (h - lo) / (hi - lo) if hi != lo else float("nan")
+            out.append((f"{label}: new/h(old) top-1 closes >= 75% of the old/old -> new/new gap", closed >= 75,
+                        f"{closed:.0f}% (old/old {lo:.2f}, new/h(old) {h:.2f}, new/new {hi:.2f})"))
+    if "fct" in q and "fct+side" in q:
+        a, b = q["fct+side"]["new/h(old)"], q["fct"]["new/h(old)"]
+        met = a["top1"] >= b["top1"] and a["mAP"] >= b["mAP"]
+        out.append(("fct+side >= fct (new/h(old) top-1 and mAP)", met,
+                    f"top-1 {a['top1']:.2f} vs {b['top1']:.2f}, mAP {a['mAP']:.2f} vs {b['mAP']:.2f}"))
+    auc = q.get("backfill_auc", {})
+    if "sigma" in auc and "random" in auc:
+        a, b = auc["sigma"]["mAP"], auc["random"]["mAP"]
+        out.append(("sigma-order backfill AUC > random-order AUC (mAP)", a > b, f"{a:.2f} vs {b:.2f}"))
+    return out
+
+
+def render_markdown(q: dict, curves_png: str = "quality_curves.png") -> str:
+    """The human summary of the benchmark's JSON: command, machine, date, tables, criteria."""
+    cfg, m = q["config"], q["machine"]
+    gpus = ", ".join(m.get("gpus") or []) or "no GPU"
     lines = [
         "# Quality benchmark",
         "",
-        f"Dataset {cfg['data']['name']}, protocol {cfg['protocol']['kind']} "
-        f"(old classes {cfg['protocol'].get('old_classes')}); {q['date']}; {q['machine']['platform']}; "
-        f"total {q['total_seconds']:.0f} s. Metrics in percent; query = gallery = test split, leave-one-out.",
+        f"`{q.get('command') or '(run from Python)'}`",
+        "",
+        f"- machine: {m.get('cores')} cores, {gpus}; {m['platform']}; Python {m['python']}, torch {m.get('torch')}",
+        f"- date: {q['date']}; wall time {q['total_seconds']:.0f} s",
+        f"- dataset {cfg['data']['name']} ({cfg['data'].get('max_train') or 'all'} train / "
+        f"{cfg['data'].get('max_test') or 'all'} test images at most), protocol {cfg['protocol']['kind']} "
+        f"(old classes {cfg['protocol'].get('old_classes')})",
+        "- metrics in percent; query = gallery = test split, leave-one-out; cosine, exact faiss search",
         "",
         "| method | pair | top-1 | top-5 | mAP |",
         "|---|---|---:|---:|---:|",
@@ -204,13 +258,17 @@ def render_markdown(q: dict) -> str:
             continue
         for pair in ("old/old", "new/new", "new/old", "new/h(old)"):
             if pair in res:
-                m = res[pair]
-                lines.append(f"| {method} | {pair} | {m['top1']:.2f} | {m['top5']:.2f} | {m['mAP']:.2f} |")
+                r = res[pair]
+                lines.append(f"| {method} | {pair} | {r['top1']:.2f} | {r['top5']:.2f} | {r['mAP']:.2f} |")
     if q["backfill_auc"]:
         lines += ["", "FastFill partial backfill of the transformed gallery (21 points, AUC in percent):", "",
                   "| order | top-1 AUC | top-5 AUC | mAP AUC |", "|---|---:|---:|---:|"]
         lines += [f"| {o} | {a['top1']:.2f} | {a['top5']:.2f} | {a['mAP']:.2f} |" for o, a in q["backfill_auc"].items()]
-        lines += ["", "![backfill curves](backfill_curves.png)"]
+        lines += ["", f"![backfill curves]({curves_png})"]
+    checks = criteria(q)
+    if checks:
+        lines += ["", "## Acceptance criteria, checked on these numbers", "", "| criterion | met | figures |",
+                  "|---|---|---|"]
+        lines += [f"| {c} | {'yes' if ok else 'no'} | {fig} |" for c, ok, fig in checks]
     lines += ["", "| stage | seconds |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in q["stage_seconds"].items()]
     return "\n".join(lines) + "\n"
-

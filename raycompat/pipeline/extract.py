@@ -94,12 +94,6 @@ class PoolPlan:
     threads: int
 
 
-def old_extractor(cfg: PipelineConfig) -> ExtractorSpec:
-    """The configured old model: ``old.extractor``, else the model train-old exported."""
-    spec = cfg.old.extractor or str(Layout.of(cfg.output_dir).model_dir(cfg.old.name))
-    return ExtractorSpec(cfg.old.name, cfg.old.version, spec)
-
-
 def plan_pool(cfg: ExtractConfig, cpus: float, gpus: float) -> PoolPlan:
     """Size the actor pool for a cluster with ``cpus`` CPUs and ``gpus`` GPUs.
 

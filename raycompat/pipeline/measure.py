@@ -17,6 +17,7 @@ the unit's count set to how many such units the current cluster has.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -63,14 +64,32 @@ def cluster_unit(cpus_per_worker: float) -> Unit:
     return Unit("cpu-node", "cpu", cpus[0], 0, len(cpus))
 
 
-def _rate(step, items_per_step: int, min_seconds: float) -> float:
-    """Items/s of ``step()`` over at least ``min_seconds``, after one warm-up call."""
-    step()
+def _rate(step, min_seconds: float) -> float:
+    """Items/s of ``step()`` (which returns how many items it processed) over at least ``min_seconds``."""
+    step()  # warm-up: first-call allocations, lazy initialisation
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < min_seconds:
-        step()
-        done += items_per_step
+        done += step()
     return done / (time.perf_counter() - start)
+
+
+def transformation_vectors_per_s(h, d_old: int, d_side: int, device: str = "cpu", min_seconds: float = MIN_SECONDS,
+                                 batch: int = 8192) -> float:
+    """Vectors/s of the transformation ``h`` (a torch module) on random inputs of the given dims."""
+    import torch
+
+    h = h.to(device).eval()
+    old = torch.randn(batch, d_old, device=device)
+    side = torch.randn(batch, d_side, device=device) if d_side else None
+
+    def step() -> int:
+        with torch.inference_mode():
+            h(old, side)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return batch
+
+    return _rate(step, min_seconds)
 
 
 def _measure(backbone: str, images: np.ndarray, transformation_dir: Optional[str], fct: dict[str, Any],
@@ -87,13 +106,14 @@ def _measure(backbone: str, images: np.ndarray, transformation_dir: Optional[str
     torch.set_num_threads(max(1, threads))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     extractor = load_extractor(backbone, device)
-    starts = iter(range(0, 1 << 62, batch_size))
+    batches = itertools.cycle([images[i:i + batch_size] for i in range(0, len(images), batch_size)])
 
-    def backbone_step() -> None:
-        i = next(starts) % max(1, len(images) - batch_size + 1)
-        extractor(images[i:i + batch_size])
+    def backbone_step() -> int:
+        batch = next(batches)
+        extractor(batch)  # returns host arrays: a GPU model has finished when it returns
+        return len(batch)
 
-    images_per_s = _rate(backbone_step, batch_size, min_seconds)
+    images_per_s = _rate(backbone_step, min_seconds)
     if transformation_dir:
         h, meta = load_transformation(transformation_dir)
         d_old, d_side, d_new = meta["d_old"], meta["d_side"], meta["d_new"]
@@ -102,19 +122,9 @@ def _measure(backbone: str, images: np.ndarray, transformation_dir: Optional[str
         d_old, d_side, d_new = dims
         h = build_transformation(from_dict(TransformationConfig, fct), d_old, d_side, d_new, seed=0).eval()
         h_source = "transformation with the configured widths (untrained weights; same arithmetic)"
-    h = h.to(device)
-    old = torch.randn(8192, d_old, device=device)
-    side = torch.randn(8192, d_side, device=device) if d_side else None
-
-    def transform_step() -> None:
-        with torch.inference_mode():
-            h(old, side)
-        if device == "cuda":
-            torch.cuda.synchronize()
-
     return {
         "backbone_images_per_s": images_per_s,
-        "transform_vectors_per_s": _rate(transform_step, 8192, min_seconds),
+        "transform_vectors_per_s": transformation_vectors_per_s(h, d_old, d_side, device, min_seconds),
         "device": torch.cuda.get_device_name(0) if device == "cuda" else f"cpu x {torch.get_num_threads()} threads",
         "node": ray.get_runtime_context().get_node_id(),
         "transformation": h_source,

@@ -6,7 +6,7 @@ exported like the old model, a TorchScript ``extractor.pt`` (uint8 images in,
 features out) plus ``model.json``, under ``models/<side.name>``, so extraction
 computes old and side-info features of a gallery in one pass::
 
-    run_extraction(cfg, split, [old_extractor(cfg), side_extractor(cfg)])
+    run_extraction(cfg, split, [old_extractor_spec(cfg), side_extractor(cfg)])
 
 Training is plain torch in one Ray task, not a TorchTrainer: the autoencoder
 trains in seconds to a minute on one device (13 s for 30k Fashion-MNIST images
