@@ -57,17 +57,18 @@ def test_two_worker_ddp_nifcl(old_stores):
 
 def test_killed_worker_resumes_from_checkpoint(old_stores):
     cfg = small_cfg(old_stores.output_dir, "l2")
-    # Enough epochs that the kill (right after the first checkpoint) lands mid-run, not during the
-    # last epoch: a group restarted from the final checkpoint has nothing left to report.
+    # Enough epochs that the kill (right after the first registered checkpoint) lands mid-run.
     cfg.new.optim.epochs = 12
     cfg.ray.max_failures = 2
     storage = Layout.of(cfg.output_dir).ray_storage / default_run_name(cfg, "new")
     killed: list[int] = []
 
     def kill_after_first_checkpoint() -> None:
+        # A checkpoint directory exists before the controller registers it; only a registered one
+        # (recorded in this snapshot) is what a restarted worker group resumes from.
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
-            if any(storage.glob("checkpoint_*")):
+            if (storage / "checkpoint_manager_snapshot.json").is_file():
                 pids = train_worker_pids()
                 if pids:
                     psutil.Process(pids[-1]).kill()
