@@ -110,13 +110,10 @@ def cmd_train(cfg, args) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from raycompat.layout import Layout
-    from raycompat.pipeline.run import stage_evaluate
-    from raycompat.report import write_eval_report
+    from raycompat.pipeline.run import stage_evaluate, write_evaluation
 
     cfg = _load(args)
-    result = stage_evaluate(cfg)
-    report = write_eval_report(result, cfg, Layout.of(cfg.output_dir).eval_dir / "report.md")
+    report = write_evaluation(cfg, stage_evaluate(cfg))
     print(report.read_text())
     print(f"report: {report}")
     return 0

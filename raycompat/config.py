@@ -7,7 +7,6 @@ which every stage writes (see :mod:`raycompat.layout`).
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Optional

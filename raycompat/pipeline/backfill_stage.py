@@ -22,13 +22,11 @@ from typing import Any
 import numpy as np
 import yaml
 
-from raycompat.backfill.config import QualityConfig
 from raycompat.backfill.presets import default_strategies
-from raycompat.backfill.quality import load_quality
+from raycompat.backfill.quality import parse_quality
 from raycompat.backfill.report import run_backfill_report
 from raycompat.backfill_order import order_random
 from raycompat.config import PipelineConfig
-from raycompat.configio import from_dict
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import DataError
 from raycompat.layout import Layout
@@ -68,12 +66,13 @@ def stage_backfill_report(cfg: PipelineConfig, matrix: dict[str, dict], n_items:
     out = Layout.of(cfg.output_dir).eval_dir / "backfill"
     out.mkdir(parents=True, exist_ok=True)
     quality_path = out / "quality.json"
-    quality_path.write_text(json.dumps(measured_quality(cfg, matrix), indent=1))
+    measured_q = measured_quality(cfg, matrix)
+    quality_path.write_text(json.dumps(measured_q, indent=1))
+    quality = parse_quality(measured_q, str(quality_path))
     b = cfg.backfill
     measured = measure_costs(cfg, read_bandwidth=b.read_bandwidth, dollars_per_hour=b.dollars_per_hour)
     size = b.gallery_size or n_items
     quality_cfg = {"path": str(quality_path.resolve()), "tolerance": 0.5}
-    quality = load_quality(from_dict(QualityConfig, quality_cfg, "quality"), str(quality_path))
     method = cfg.new.method
     doc = {
         "title": f"Upgrading this run's gallery ({size:,} items, method {method})",

@@ -315,7 +315,8 @@ def train_transformation_stage(cfg: PipelineConfig, use_side_info: bool, uncerta
              cfg.fct.epochs, scaling.num_workers, run_name)
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"pipeline": to_dict(with_absolute_paths(cfg)), "name": name, "stores": refs, "run_name": run_name,
+        train_loop_config={"pipeline": to_dict(with_absolute_paths(cfg)), "name": name, "stores": refs,
+                           "run_name": run_name,
                            "classifier": None if classifier is None else str(classifier),
                            "model_dir": str(model_dir)},
         scaling_config=scaling,

@@ -100,8 +100,8 @@ def _measure(backbone: str, images: np.ndarray, transformation_dir: Optional[str
     from raycompat.configio import from_dict
     from raycompat.models.extractor import load_extractor
     from raycompat.models.fct_config import TransformationConfig
-    from raycompat.training.fct import build_transformation
     from raycompat.pipeline.fct_train import load_transformation
+    from raycompat.training.fct import build_transformation
 
     torch.set_num_threads(max(1, threads))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -157,8 +157,7 @@ def measure_costs(cfg: PipelineConfig, backbone: Optional[str] = None, transform
     transformation = transformation or _default_transformation(cfg)
     split = load_dataset(cfg.data, cfg.seed).test
     sample = split.images[:images]
-    d_new = cfg.new.model.embed_dim
-    dims = (cfg.old.model.embed_dim, cfg.side.dim, d_new)
+    dims = (cfg.old.model.embed_dim, cfg.side.dim, cfg.new.model.embed_dim)
     unit = cluster_unit(cfg.ray.cpus_per_worker)
     task = ray.remote(_measure).options(num_cpus=unit.num_cpus, num_gpus=unit.num_gpus)
     log.info("measuring %s and h on one %s (%g CPU, %g GPU)", backbone, unit.name, unit.num_cpus, unit.num_gpus)

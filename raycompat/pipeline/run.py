@@ -69,15 +69,21 @@ def stage_extract_new(cfg: PipelineConfig) -> dict:
 
 
 def stage_evaluate(cfg: PipelineConfig) -> dict:
-    """Evaluate the test-split stores; write ``eval/metrics.json`` and return its content."""
+    """Evaluate the test-split stores: the cross-model matrix, negative flips, item count."""
     layout = Layout.of(cfg.output_dir)
     result = evaluate_stores(layout.store(old_model_name(cfg), "test"), layout.store(new_model_name(cfg), "test"),
                              cfg.eval.chunk_size)
     result["method"] = cfg.new.method
     result["dataset"] = cfg.data.name
-    layout.eval_dir.mkdir(parents=True, exist_ok=True)
-    (layout.eval_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def write_evaluation(cfg: PipelineConfig, result: dict, backfill: Optional[Path] = None) -> Path:
+    """Write ``eval/metrics.json`` and ``eval/report.md`` (with the backfill summary, if given); return the report."""
+    eval_dir = Layout.of(cfg.output_dir).eval_dir
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    (eval_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    return write_eval_report(result, cfg, eval_dir / "report.md", backfill)
 
 
 STAGES: list[tuple[str, Callable[[PipelineConfig], object]]] = [
@@ -113,6 +119,4 @@ def run_pipeline(cfg: PipelineConfig, progress: Optional[Progress] = None) -> Pa
         backfill = stage_backfill_report(cfg, result["matrix"], result["n_items"])
         timings["backfill report"] = round(time.perf_counter() - t0, 1)
     result["stage_seconds"] = timings
-    layout = Layout.of(cfg.output_dir)
-    (layout.eval_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-    return write_eval_report(result, cfg, layout.eval_dir / "report.md", backfill)
+    return write_evaluation(cfg, result, backfill)
