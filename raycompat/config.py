@@ -122,9 +122,13 @@ class CompatConfig:
     # Use random-walk soft labels (KL) instead of hard labels (CE) in the influence loss.
     soft_targets: bool = False
     random_walk: RandomWalkConfig = field(default_factory=RandomWalkConfig)
+    # NIFCL only: weight of the prototype-alignment term inside the compatibility term,
+    # lambda * (L_influence + align * L_align) (raycompat.compat.losses.prototype_alignment).
+    align: float = 0.0
 
     def validate(self, key: str) -> None:
         check(self.weight >= 0, join(key, "lambda"), "must be >= 0")
+        check(self.align >= 0, join(key, "align"), "must be >= 0")
         check(self.scale > 0, join(key, "scale"), "must be positive")
         check(not self.soft_targets or self.random_walk.enabled, join(key, "soft_targets"),
               "needs random_walk.enabled: true (soft targets come from the walk)")
@@ -154,6 +158,10 @@ class NewConfig:
     # Model name in models/ and features/; null = "new-<method>".
     name: Optional[str] = None
     version: str = "1"
+
+    def validate(self, key: str) -> None:
+        check(self.compat.align == 0 or self.method == "nifcl", join(join(key, "compat"), "align"),
+              f"only method nifcl uses the prototype-alignment term (method is {self.method})")
 
 
 @dataclass

@@ -64,6 +64,7 @@ COMPAT_KEY_METHODS = {
     "pseudo_classifier": ("nifcl",),
     "soft_targets": ("nifcl",),
     "random_walk": ("nifcl",),
+    "align": ("nifcl",),
 }
 
 

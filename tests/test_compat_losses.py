@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from raycompat.compat.losses import (InfluenceLoss, L2CompatLoss, compatible_slice, cosine_logits,
-                                     cosine_softmax_loss)
+from raycompat.compat.losses import (InfluenceLoss, L2CompatLoss, PrototypeAlignmentLoss, compatible_slice,
+                                     cosine_logits, cosine_softmax_loss)
 from raycompat.errors import ConfigError, DataError
 
 
@@ -116,3 +116,41 @@ def test_l2_loss_matches_hand_formula(small):
         L2CompatLoss()(feat[:, :3], old)
     with pytest.raises(DataError):
         L2CompatLoss()(feat, old[:4])
+
+
+def test_prototype_alignment_matches_hand_formula(small):
+    feat, weight, labels = small
+    hand = sum(1 - sum(a * b for a, b in zip(_unit(f[:4]), _unit(weight[y].tolist())))
+               for f, y in zip(feat.tolist(), labels.tolist())) / 5
+    assert PrototypeAlignmentLoss(weight)(feat, labels=labels).item() == pytest.approx(hand, rel=1e-6)
+
+
+def test_prototype_alignment_soft_targets_mix_unit_prototypes(small):
+    feat, weight, labels = small
+    soft = torch.softmax(torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4)), dim=1)
+    units = [_unit(w) for w in weight.tolist()]
+    hand = 0.0
+    for f, q in zip(feat.tolist(), soft.tolist()):
+        target = [sum(q[c] * units[c][j] for c in range(3)) for j in range(4)]
+        hand += 1 - sum(a * b for a, b in zip(_unit(f[:4]), _unit(target)))
+    loss = PrototypeAlignmentLoss(weight)
+    assert loss(feat, soft_targets=soft).item() == pytest.approx(hand / 5, rel=1e-6)
+    # One-hot soft targets are the hard labels.
+    assert loss(feat, soft_targets=torch.nn.functional.one_hot(labels, 3).double()).item() == pytest.approx(
+        loss(feat, labels=labels).item(), rel=1e-6)
+
+
+def test_prototype_alignment_is_zero_on_the_prototype_and_frozen(small):
+    _, weight, labels = small
+    on_target = torch.cat([3.0 * weight[labels], torch.randn(5, 2, dtype=torch.float64)], dim=1).requires_grad_()
+    loss = PrototypeAlignmentLoss(weight)
+    value = loss(on_target, labels=labels)
+    assert value.item() == pytest.approx(0.0, abs=1e-6)
+    value.backward()
+    assert not loss.weight.requires_grad
+    with pytest.raises(ConfigError, match="exactly one"):
+        loss(on_target)
+    with pytest.raises(DataError, match="soft_targets must have shape"):
+        loss(on_target, soft_targets=torch.ones(5, 4) / 4)
+    with pytest.raises(DataError, match="NaN"):
+        PrototypeAlignmentLoss(torch.full((2, 4), float("nan")))

@@ -35,6 +35,8 @@ def test_lambda_key_maps_to_weight(tmp_path):
     ("protocol:\n  old_fraction: 1.5\n", "protocol.old_fraction: must be in (0, 1]"),
     ("new:\n  compat:\n    random_walk:\n      alpha: 1.0\n", "new.compat.random_walk.alpha"),
     ("new:\n  compat:\n    soft_targets: true\n", "new.compat.soft_targets: needs random_walk.enabled"),
+    ("new:\n  method: bct\n  compat:\n    align: 1.0\n", "new.compat.align: only method nifcl"),
+    ("new:\n  method: nifcl\n  compat:\n    align: -1\n", "new.compat.align: must be >= 0"),
     ("data: [1, 2]\n", "data: expected a mapping"),
     ("old: {model: {embed_dim: -1}}\n", "old.model.embed_dim: must be positive"),
     ("seed: true\n", "seed: expected an integer"),

@@ -70,6 +70,24 @@ def test_nifcl_with_random_walk_soft_targets():
     assert torch.isfinite(term(torch.randn(10, 64), idx, torch.from_numpy(labels[:10])))
 
 
+def test_nifcl_alignment_adds_the_weighted_prototype_term():
+    old, labels = features()
+    idx = torch.arange(12)
+    y = torch.from_numpy(labels[:12])
+    new = torch.randn(12, 12, generator=torch.Generator().manual_seed(5))
+    plain = NewConfig(method="nifcl")
+    plain.model.embed_dim = 12
+    aligned = NewConfig(method="nifcl")
+    aligned.model.embed_dim = 12
+    aligned.compat.align = 2.5
+    base = build_compat_term(plain, old, labels, 3, torch.device("cpu"))(new, idx, y)
+    with_align = build_compat_term(aligned, old, labels, 3, torch.device("cpu"))(new, idx, y)
+    unit = torch.nn.functional.normalize(torch.from_numpy(old), dim=1)
+    protos = torch.nn.functional.normalize(torch.stack([unit[labels == c].mean(0) for c in range(3)]), dim=1)
+    expected = (1 - (torch.nn.functional.normalize(new[:, :8], dim=1) * protos[y]).sum(1)).mean()
+    assert (with_align - base).item() == pytest.approx(2.5 * expected.item(), rel=1e-5)
+
+
 def test_bad_inputs_are_clear_errors():
     old, labels = features()
     cfg = NewConfig(method="nifcl")

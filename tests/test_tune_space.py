@@ -54,7 +54,7 @@ def test_apply_params_sets_the_yaml_key_and_takes_numpy_scalars():
 
 @pytest.mark.parametrize("space, fragment", [
     ({}, "space: is empty"),
-    ({"new.compat.lamda": {"grid": [1.0]}}, "space.new.compat.lamda: unknown pipeline key (known under new.compat: lambda"),
+    ({"new.compat.lamda": {"grid": [1.0]}}, "space.new.compat.lamda: unknown pipeline key (known under new.compat: align, lambda"),
     ({"new.compat": {"grid": [1.0]}}, "space.new.compat: is a section"),
     ({"new.optim.lr.x": {"grid": [1.0]}}, "new.optim.lr is not a section"),
     ({"old.optim.lr": {"grid": [0.1]}}, "space.old.optim.lr: trials train only the new model"),

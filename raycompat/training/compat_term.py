@@ -7,7 +7,8 @@
   classes; class means of old features for new classes).
 - ``nifcl``: influence loss through a pseudo classifier built from old features
   of the new training data only (mean prototypes or a linear head), optionally
-  refined by a random walk, with hard labels or random-walk soft labels.
+  refined by a random walk, with hard labels or random-walk soft labels, plus
+  ``align`` times the prototype-alignment term when ``compat.align > 0``.
 
 Inputs are the old features of the training items in training order, so the
 term is looked up per batch by item position.
@@ -23,6 +24,7 @@ import torch
 
 from raycompat.compat.losses.influence import InfluenceLoss
 from raycompat.compat.losses.l2 import L2CompatLoss
+from raycompat.compat.losses.prototype_alignment import PrototypeAlignmentLoss
 from raycompat.compat.pseudo_classifier import linear_pseudo_classifier, mean_prototypes, synthesize_bct_classifier
 from raycompat.compat.random_walk import refine
 from raycompat.config import NewConfig
@@ -77,6 +79,12 @@ def build_compat_term(
     else:
         weight = mean_prototypes(feats, lab, num_classes)
     influence = InfluenceLoss(weight, c.scale).to(device)
-    if refined is not None and c.soft_targets:
-        return lambda new, idx, y: influence(new, soft_targets=refined.soft_targets(idx).to(device))
-    return lambda new, idx, y: influence(new, labels=y)
+    align = PrototypeAlignmentLoss(weight).to(device) if c.align > 0 else None
+    soft = refined is not None and c.soft_targets
+
+    def term(new: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        target = {"soft_targets": refined.soft_targets(idx).to(device)} if soft else {"labels": y}
+        loss = influence(new, **target)
+        return loss + c.align * align(new, **target) if align is not None else loss
+
+    return term

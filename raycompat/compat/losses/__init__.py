@@ -4,6 +4,7 @@
 - :mod:`influence`: the compatibility loss against a frozen old-space classifier
   (NIFCL's pseudo classifier, or BCT's real old classifier);
 - :mod:`l2`: the L2 feature-regression baseline;
+- :mod:`prototype_alignment`: NIFCL's optional pull of new features onto their old-space prototype;
 - :mod:`compatible_slice`: the first d_old dims of a new feature.
 """
 
@@ -11,5 +12,6 @@ from raycompat.compat.losses.classification import cosine_logits, cosine_softmax
 from raycompat.compat.losses.compatible_slice import compatible_slice
 from raycompat.compat.losses.influence import InfluenceLoss
 from raycompat.compat.losses.l2 import L2CompatLoss
+from raycompat.compat.losses.prototype_alignment import PrototypeAlignmentLoss
 
-__all__ = ["InfluenceLoss", "L2CompatLoss", "compatible_slice", "cosine_logits", "cosine_softmax_loss"]
+__all__ = ["InfluenceLoss", "L2CompatLoss", "PrototypeAlignmentLoss", "compatible_slice", "cosine_logits", "cosine_softmax_loss"]
