@@ -36,7 +36,6 @@ from raycompat.retrieval.evaluate import cross_model_matrix
 from raycompat.tune_space import SearchConfig, load_search_config
 
 logger = logging.getLogger("benchmarks.tune")
-LAMBDA = "new.compat.lambda"
 
 
 def machine() -> str:
@@ -73,36 +72,53 @@ def fmt_config(config: dict) -> str:
                      for k, v in config.items())
 
 
+def metric_of(trial: dict, name: str) -> float:
+    """``trial["new/old"]["top1"]`` for ``name`` "new/old/top1"."""
+    pair, key = name.rsplit("/", 1)
+    return trial[pair][key]
+
+
+def label(name: str) -> str:
+    """ "new/old top-1" for "new/old/top1"."""
+    pair, key = name.rsplit("/", 1)
+    return f"{pair} {'top-1' if key == 'top1' else 'top-5' if key == 'top5' else key}"
+
+
 def why(res: dict) -> list[str]:
     """Which config won and why, in sentences read off the trials."""
     best, ref, thr, oo = res["best"], res["reference"], res["threshold"], res["old/old"]
+    objective = res["search"]["objective"]
+    goal, bound = objective["metric"], objective["constraint"]["metric"]
+    bar = oo[goal.rsplit("/", 1)[1]]
     done = [t for t in res["trials"] if t["status"] == "completed"]
+    above = metric_of(best, goal) > bar
     lines = [
-        f"**{fmt_config(best['config'])} won**: new/old mAP {best['new/old']['mAP']:.1f} "
-        f"({'above' if best['new/old']['mAP'] > oo['mAP'] else 'below'} old/old {oo['mAP']:.1f}: the compatibility "
-        f"criterion is {'met' if best['new/old']['mAP'] > oo['mAP'] else 'not met'}), with new/new mAP "
-        f"{best['new/new']['mAP']:.1f} against the independent model's {ref:.1f} (allowed down to {thr:.1f}).",
+        f"**{fmt_config(best['config'])} won**: {label(goal)} {metric_of(best, goal):.1f} "
+        f"({'above' if above else 'below'} old/old {bar:.1f}: the compatibility criterion on this metric is "
+        f"{'met' if above else 'not met'}), with {label(bound)} {metric_of(best, bound):.1f} against the "
+        f"independent model's {ref:.1f} (allowed down to {thr:.1f}).",
     ]
-    top = max(done, key=lambda t: t["new/old"]["mAP"])
+    top = max(done, key=lambda t: metric_of(t, goal))
     if top is not best and not top["feasible"]:
-        lines.append(f"The highest new/old mAP, {top['new/old']['mAP']:.1f} ({fmt_config(top['config'])}), cost "
-                     f"new/new mAP {top['new/new']['mAP']:.1f}, below the allowed {thr:.1f}: the penalty ruled it out.")
-    if LAMBDA in best["config"] and done:
-        low = min(done, key=lambda t: t["config"][LAMBDA])
-        high = max(done, key=lambda t: t["config"][LAMBDA])
-        d_old = high["new/old"]["mAP"] - low["new/old"]["mAP"]
-        d_new = high["new/new"]["mAP"] - low["new/new"]["mAP"]
-        effect = "traded new/new accuracy for it" if d_new < 0 else "cost no new/new accuracy here (it rose too)"
-        lines.append(f"From the smallest fully trained lambda ({low['config'][LAMBDA]:g}) to the largest "
-                     f"({high['config'][LAMBDA]:g}), new/old mAP moved {d_old:+.1f} and new/new mAP {d_new:+.1f}: "
-                     f"a larger weight bought compatibility and {effect}.")
-        searched = [v for t in res["trials"] for k, v in t["config"].items() if k == LAMBDA]
-        if best["config"][LAMBDA] == max(searched):
-            lines.append(f"The winner is the largest lambda searched ({max(searched):g}): the optimum may lie "
+        lines.append(f"The highest {label(goal)}, {metric_of(top, goal):.1f} ({fmt_config(top['config'])}), cost "
+                     f"{label(bound)} {metric_of(top, bound):.1f}, below the allowed {thr:.1f}: the penalty ruled it out.")
+    for key in best["config"]:
+        values = sorted({t["config"][key] for t in done if isinstance(t["config"][key], (int, float))})
+        if len(values) < 2:
+            continue
+        name = key.rsplit(".", 1)[-1]
+        for value in values:
+            group = [t for t in done if t["config"][key] == value]
+            lines.append(f"{name} {value:g} ({len(group)} trial(s)): best {label(goal)} "
+                         f"{max(metric_of(t, goal) for t in group):.1f}, best {label(bound)} "
+                         f"{max(metric_of(t, bound) for t in group):.1f}.")
+        searched = [t["config"][key] for t in res["trials"]]
+        if best["config"][key] == max(searched):
+            lines.append(f"The winner has the largest {name} searched ({max(searched):g}): the optimum may lie "
                          "beyond it, so a follow-up search should extend the range upwards.")
     feasible = sum(1 for t in done if t["feasible"])
     stopped = [t for t in res["trials"] if t["status"] == "stopped early"]
-    lines.append(f"{feasible} of {len(done)} fully trained trials met the new/new constraint; ASHA stopped "
+    lines.append(f"{feasible} of {len(done)} fully trained trials met the {label(bound)} constraint; ASHA stopped "
                  f"{len(stopped)} of {len(res['trials'])} trials early.")
     return lines
 
@@ -133,9 +149,9 @@ def write_markdown(path: Path, res: dict, png: str) -> None:
         f"independent - {s['objective']['constraint']['delta']:g} (penalty {s['objective']['constraint']['penalty']:g}"
         f" per point short, per epoch); ASHA grace {s['scheduler']['grace_period']}, reduction "
         f"{s['scheduler']['reduction_factor']:g}; {s['trial']['num_workers']} Train worker(s) per trial",
-        f"- reference (independent new model, lambda 0): new/new mAP {res['reference']:.2f}; "
-        f"old/old mAP {res['old/old']['mAP']:.2f}, top-1 {res['old/old']['top1']:.2f}", "",
-        "## Which lambda won and why", "",
+        f"- reference (independent new model, lambda 0): {label(s['objective']['constraint']['metric'])} "
+        f"{res['reference']:.2f}; old/old mAP {res['old/old']['mAP']:.2f}, top-1 {res['old/old']['top1']:.2f}", "",
+        "## Which config won and why", "",
         *(f"- {line}" for line in why(res)), "",
         f"![frontier]({png})", "",
         "## Trials (best first; metrics in %, at the last epoch each trial reached)", "",

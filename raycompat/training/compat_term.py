@@ -71,15 +71,16 @@ def build_compat_term(
     refined = None
     if c.random_walk.enabled:
         refined = refine(feats, lab, num_classes, c.random_walk, soft_labels=c.soft_targets)
-        weight = refined.prototypes
-        if c.pseudo_classifier == "linear":
-            weight = linear_pseudo_classifier(refined.features, lab, num_classes, scale=c.scale, epochs=20, lr=0.05, seed=seed)
-    elif c.pseudo_classifier == "linear":
-        weight = linear_pseudo_classifier(feats, lab, num_classes, scale=c.scale, epochs=20, lr=0.05, seed=seed)
+        prototypes, basis = refined.prototypes, refined.features
     else:
-        weight = mean_prototypes(feats, lab, num_classes)
+        prototypes, basis = mean_prototypes(feats, lab, num_classes), feats
+    weight = prototypes
+    if c.pseudo_classifier == "linear":
+        weight = linear_pseudo_classifier(basis, lab, num_classes, scale=c.scale, epochs=20, lr=0.05, seed=seed)
     influence = InfluenceLoss(weight, c.scale).to(device)
-    align = PrototypeAlignmentLoss(weight).to(device) if c.align > 0 else None
+    # Alignment targets the class prototypes whatever the classifier: a linear head's rows
+    # are discriminative directions, not places where old features lie.
+    align = PrototypeAlignmentLoss(prototypes).to(device) if c.align > 0 else None
     soft = refined is not None and c.soft_targets
 
     def term(new: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from raycompat.errors import ConfigError, DataError
 
 
 class PrototypeAlignmentLoss(nn.Module):
-    """Mean ``1 - cos(phi_new[:, :d_old], target prototype)`` for a frozen classifier ``W`` [C, d_old]."""
+    """Mean ``1 - cos(phi_new[:, :d_old], target prototype)`` for frozen class prototypes ``W`` [C, d_old]."""
 
     weight: torch.Tensor
 
