@@ -28,8 +28,9 @@ from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStore, read_quarantine
 from raycompat.errors import ConfigError, DataError, FeatureStoreError
 from raycompat.models.backbones import EmbeddingModel
-from raycompat.pipeline.extract import ExtractorSpec, plan_pool
-from raycompat.pipeline.sources import IMAGE_SHAPE_KEY, ImageCodec, decode_images, open_source, prepare_gallery
+from raycompat.pipeline.extract import ExtractorSpec, plan_pieces, plan_pool
+from raycompat.pipeline.sources import (IMAGE_SHAPE_KEY, ImageCodec, Shard, decode_images, open_source,
+                                        prepare_gallery)
 
 SLOW_MODULE = '''
 """Test extractor: 16 pixels of every image as features, 50 ms per batch."""
@@ -102,17 +103,35 @@ def test_source_rejects_mixed_shards(tmp_path):
         open_source(str(tmp_path / "c.parquet"), 8, 1)
 
 
-def test_pool_plan_leaves_a_cpu_for_reads_and_uses_gpus():
+def test_pool_plan_uses_every_cpu_and_gpus():
     cpu = plan_pool(ExtractConfig(), cpus=2, gpus=0)
-    assert (cpu.size, cpu.num_cpus, cpu.num_gpus, cpu.threads) == (2, 0.5, 0.0, 1)
+    assert (cpu.size, cpu.num_cpus, cpu.num_gpus, cpu.threads) == (2, 1.0, 0.0, 1)
     one = plan_pool(ExtractConfig(concurrency=1), cpus=2, gpus=0)
-    assert (one.size, one.num_cpus, one.threads) == (1, 1.0, 2)
+    assert (one.size, one.num_cpus, one.threads) == (1, 2.0, 2)
+    single = plan_pool(ExtractConfig(), cpus=1, gpus=0)
+    assert (single.size, single.num_cpus, single.threads) == (1, 1.0, 1)
     gpu = plan_pool(ExtractConfig(), cpus=16, gpus=4)
     assert (gpu.size, gpu.num_gpus) == (4, 1.0)
     with pytest.raises(ConfigError, match="num_gpus"):
         plan_pool(ExtractConfig(num_gpus=1), cpus=8, gpus=0)
-    with pytest.raises(ConfigError, match="more than"):
-        plan_pool(ExtractConfig(), cpus=1, gpus=0)
+    with pytest.raises(ConfigError, match="needs CPUs"):
+        plan_pool(ExtractConfig(), cpus=0, gpus=0)
+
+
+def _shard(path, groups):
+    return Shard(path, sum(groups), path, tuple(groups))
+
+
+def test_pieces_group_row_groups_of_one_shard_to_a_minimum():
+    pieces = plan_pieces([_shard("a", [300, 300, 300, 300, 100]), _shard("b", [5000]), _shard("c", []),
+                          _shard("d", [0, 10])], min_rows=512)
+    assert pieces == [{"path": "a", "first": 0, "count": 2}, {"path": "a", "first": 2, "count": 2},
+                      {"path": "a", "first": 4, "count": 1},
+                      {"path": "b", "first": 0, "count": 1}, {"path": "d", "first": 0, "count": 2}]
+    # Every row group of every shard is in exactly one piece.
+    for shard in (["a", 5], ["b", 1], ["d", 2]):
+        covered = [g for p in pieces if p["path"] == shard[0] for g in range(p["first"], p["first"] + p["count"])]
+        assert covered == list(range(shard[1]))
 
 
 # --- Ray ---------------------------------------------------------------------------------

@@ -2,9 +2,16 @@
 
 The pipeline (one pass, however many extractors)::
 
-    shards -> read tasks -> repartition -> map_batches(_ExtractBatch, actor pool) -> driver
-       (id, image, label, path)          decode per record, run every extractor    commit one
-                                         once per batch; emit features, not images part per shard
+    pieces of shards -> map_batches(_ExtractPieces, actor pool) -> driver
+    (path, row groups)   read the piece's row groups, decode per     commit one
+                         record, run every extractor once per batch;  part per shard
+                         emit features, not images
+
+A piece is a few consecutive row groups of one shard (at least ``4 x batch_size`` rows
+where row groups allow). Actors read their pieces themselves: images go from the file
+to the model inside one process, never through the object store, and no read tasks
+compete with the actors for CPUs (see benchmarks/results/extraction.md for what that
+bought on 2 cores).
 
 Resume unit = a shard (one Parquet file; see :mod:`raycompat.pipeline.sources`). The
 driver buffers each shard's feature rows until all of them arrived (row counts come
@@ -29,6 +36,7 @@ from typing import Protocol
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
 import torch
@@ -46,21 +54,14 @@ from raycompat.pipeline.sources import (
     decode_images,
     gallery_source,
     raycompat_errors_from_ray,
-    read_shards,
 )
 
 log = logging.getLogger(__name__)
 
-# CPUs each shard-read task reserves. Reads are light (I/O and a memcpy); a small
-# reservation lets several run beside the actor pool.
-READ_CPUS = 0.25
-# CPUs CPU actors leave free. The block-splitting task (Dataset.repartition) always asks
-# for 1 CPU: if the actor pool holds more than (CPUs - 1), upstream tasks starve and the
-# job hangs (ray#44687; seen here with read_parquet's 1-CPU listing task).
-READ_RESERVE_CPUS = 1.0
 _PROBE_ROWS = 64
-# Batches per block sent to an actor: few enough to balance, enough to amortise a task.
-BATCHES_PER_BLOCK = 4
+# Minimum rows of a piece, in batches: few enough to balance actors and commit steadily,
+# enough to amortise a task.
+BATCHES_PER_PIECE = 4
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,10 @@ def plan_pool(cfg: ExtractConfig, cpus: float, gpus: float) -> PoolPlan:
     """Size the actor pool for a cluster with ``cpus`` CPUs and ``gpus`` GPUs.
 
     GPU actors (``num_gpus`` per actor, default 1 when GPUs exist) get one CPU each to
-    decode and feed their GPU. CPU actors share all CPUs but ``READ_RESERVE_CPUS``; by
-    default one actor per CPU with one torch thread each, because independent batches
-    on separate cores scale better than intra-op threads of one model.
+    read, decode and feed their GPU. CPU actors share all CPUs (the actors read their
+    input themselves: no other tasks need CPUs); by default one actor per CPU with one
+    torch thread each, because independent batches on separate cores scale better than
+    intra-op threads of one model.
     """
     num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1.0 if gpus > 0 else 0.0)
     if num_gpus > 0:
@@ -108,42 +110,72 @@ def plan_pool(cfg: ExtractConfig, cpus: float, gpus: float) -> PoolPlan:
             raise ConfigError(f"extract.num_gpus: {num_gpus} per actor, but the cluster has {gpus} GPUs")
         size = cfg.concurrency or max(1, int(gpus // num_gpus))
         return PoolPlan(size, 1.0, num_gpus, 1)
-    usable = cpus - READ_RESERVE_CPUS
-    if usable <= 0:
-        raise ConfigError(f"extraction needs more than {READ_RESERVE_CPUS} CPU, the cluster has {cpus}")
+    if cpus <= 0:
+        raise ConfigError(f"extraction needs CPUs, the cluster has {cpus}")
     size = cfg.concurrency or max(1, int(cpus))
     # Resources are logical: threads follow the real cores per actor, not the reservation.
-    return PoolPlan(size, usable / size, 0.0, max(1, int(cpus // size)))
+    return PoolPlan(size, cpus / size, 0.0, max(1, int(cpus // size)))
 
 
-class _ExtractBatch:
-    """Ray Data callable class: decode a batch of shard rows and run every extractor on it.
+def plan_pieces(shards: list[Shard], min_rows: int) -> list[dict[str, object]]:
+    """Work items of the actor pool: consecutive row groups of one shard, >= ``min_rows`` rows each.
 
-    Each actor loads the extractors once. Output per row: id, label, source (the shard
+    Each item is ``{"path", "first", "count"}`` (row-group range); the last piece of a
+    shard may be smaller. Empty shards get none (the committer commits them directly).
+    """
+    pieces: list[dict[str, object]] = []
+    for shard in shards:
+        first, rows = 0, 0
+        for index, group_rows in enumerate(shard.row_groups):
+            rows += group_rows
+            if rows >= min_rows or index == len(shard.row_groups) - 1:
+                if rows:
+                    pieces.append({"path": shard.path, "first": first, "count": index + 1 - first})
+                first, rows = index + 1, 0
+    return pieces
+
+
+class _ExtractPieces:
+    """Ray Data callable class: read pieces of shards, decode, and run every extractor on them.
+
+    Each actor loads the extractors once. Output per record: id, label, source (the shard
     path), error (null, or why the record could not be featurised) and ``feature_<i>``
     per extractor (zeros on error rows). Images never leave the actor.
     """
 
     def __init__(self, specs: list[str], dims: list[int], codec: ImageCodec, has_label: bool,
-                 threads: int, device: str) -> None:
+                 filesystem: pafs.FileSystem, batch_size: int, threads: int, device: str) -> None:
         torch.set_num_threads(threads)
         self._extractors = [load_extractor(spec, device=device) for spec in specs]
         self._dims = dims
         self._codec = codec
         self._has_label = has_label
+        self._fs = filesystem
+        self._batch_size = batch_size
+        self._columns = ["id", "image", "label"] if has_label else ["id", "image"]
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, items: pa.Table) -> pa.Table:
+        out = []
+        for item in items.to_pylist():
+            path = item["path"]
+            groups = list(range(item["first"], item["first"] + item["count"]))
+            with self._fs.open_input_file(path) as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=self._batch_size, row_groups=groups,
+                                                            columns=self._columns):
+                    out.append(self._featurise(pa.Table.from_batches([batch]), path))
+        return pa.concat_tables(out)
+
+    def _featurise(self, batch: pa.Table, path: str) -> pa.Table:
         n = batch.num_rows
         ids = batch.column("id").cast(pa.string())
         if ids.null_count:
             # Without an id a record can be neither stored nor quarantined: a table defect.
-            source = batch.column("path")[int(pc.index(ids.is_null(), True).as_py())].as_py()
-            raise DataError(f"{source}: a record has a null id")
+            raise DataError(f"{path}: a record has a null id")
         ok, pixels, errors = decode_images(batch.column("image"), self._codec)
         columns = {
             "id": ids,
             "label": batch.column("label").cast(pa.int64()) if self._has_label else pa.nulls(n, pa.int64()),
-            "source": batch.column("path"),
+            "source": pa.repeat(path, n).cast(pa.string()),
             "error": pa.array([errors.get(i) for i in range(n)], pa.string()),
         }
         for index, (extract, dim) in enumerate(zip(self._extractors, self._dims)):
@@ -256,30 +288,20 @@ def _stream(cfg: ExtractConfig, source: GallerySource, pending: list[Shard], ext
     plan = plan_pool(cfg, *cluster_cpus_gpus())
     log.info("extraction pool: %d actors x (%.2f CPU, %.2f GPU, %d threads), batch %d",
              plan.size, plan.num_cpus, plan.num_gpus, plan.threads, cfg.batch_size)
-    columns = ["id", "image", "label"] if source.has_label else ["id", "image"]
-    block_rows = cfg.batch_size * BATCHES_PER_BLOCK
-    # Shards are listed and sized already (their footers), so read them by name instead
-    # of through read_parquet: in ray 2.60 that adds a 1-CPU listing task and footer-reader
-    # actors (~7 s before the first block on 2 cores) and bin-packs all shards into 128 MiB
-    # blocks, which left one actor doing all the work.
-    shards = ray.data.from_items([{"path": s.path} for s in pending], override_num_blocks=len(pending))
-    rows = shards.map_batches(
-        read_shards, fn_kwargs={"filesystem": source.filesystem, "columns": columns, "rows_per_block": block_rows},
-        batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
-    )
-    # Ray merges what one read task yields into blocks of up to 128 MiB, and a block
-    # goes to one actor: split them so every actor gets work and features reach the
-    # driver (and commit) steadily.
-    rows = rows.repartition(target_num_rows_per_block=block_rows)
-    features = rows.map_batches(
-        _ExtractBatch,
+    # Shards are listed and sized already (their footers), so pieces are planned from the
+    # footers instead of through read_parquet: in ray 2.60 that adds a 1-CPU listing task and
+    # footer-reader actors (~7 s before the first block on 2 cores) and bin-packs all shards
+    # into 128 MiB blocks, which left one actor doing all the work.
+    pieces = plan_pieces(pending, cfg.batch_size * BATCHES_PER_PIECE)
+    features = ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(
+        _ExtractPieces,
         fn_constructor_kwargs={
             "specs": [e.spec for e in extractors], "dims": dims, "codec": source.codec,
-            "has_label": source.has_label, "threads": plan.threads,
-            "device": "cuda" if plan.num_gpus > 0 else "cpu",
+            "has_label": source.has_label, "filesystem": source.filesystem, "batch_size": cfg.batch_size,
+            "threads": plan.threads, "device": "cuda" if plan.num_gpus > 0 else "cpu",
         },
-        batch_size=cfg.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=plan.size),
+        batch_size=1, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=min(plan.size, len(pieces))),
         num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
     )
     if committer.reports_progress:

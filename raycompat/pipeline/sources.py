@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 IMAGE_SHAPE_KEY = b"raycompat.image_shape"
 # Written last by prepare_gallery / pack_image_folder: its presence means every shard is complete.
 GALLERY_MARKER = "_gallery.json"
+# Row groups of the shards this module writes: extraction actors read a shard a few row
+# groups at a time, so row groups bound both the work unit and an actor's memory.
+GALLERY_ROW_GROUP_ROWS = 1024
 BUILTIN_DATASETS = ("fashion_mnist", "digits", "cifar100")
 _PART_NAME_BAD = re.compile(r"[^A-Za-z0-9_.-]")
 # Footers are tiny: reading them from object stores is latency-bound, so read several at once.
@@ -95,11 +98,13 @@ class ImageCodec:
 
 @dataclass(frozen=True)
 class Shard:
-    """One Parquet file of a source: its path on the source's filesystem, rows, and part name."""
+    """One Parquet file of a source: its path on the source's filesystem, rows, part name,
+    and the row count of each of its row groups (the unit extraction actors read)."""
 
     path: str
     rows: int
     part: str
+    row_groups: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -174,10 +179,11 @@ def open_source(uri: str, image_size: int, channels: int) -> GallerySource:
     fs, root = storage.resolve(uri)
     paths = _list_parquet(fs, root, uri)
 
-    def footer(path: str) -> tuple[int, pa.Schema]:
+    def footer(path: str) -> tuple[int, pa.Schema, tuple[int, ...]]:
         with fs.open_input_file(path) as f:
             meta = pq.ParquetFile(f).metadata
-            return meta.num_rows, meta.schema.to_arrow_schema()
+            groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+            return meta.num_rows, meta.schema.to_arrow_schema(), groups
 
     with ThreadPoolExecutor(_FOOTER_THREADS) as pool:
         footers = list(pool.map(footer, paths))
@@ -185,14 +191,14 @@ def open_source(uri: str, image_size: int, channels: int) -> GallerySource:
     has_label = "label" in footers[0][1].names
     shards, seen = [], {}
     base = root if len(paths) > 1 or paths[0] != root else str(Path(root).parent)
-    for path, (rows, schema) in zip(paths, footers):
+    for path, (rows, schema, groups) in zip(paths, footers):
         if _codec_for(schema, path, image_size, channels) != codec or ("label" in schema.names) != has_label:
             raise DataError(f"{path}: image column or label presence differs from {paths[0]}")
         name = part_name(path[len(base):].lstrip("/"))
         if name in seen:
             raise DataError(f"shards {seen[name]} and {path} map to the same part name {name!r}: rename one")
         seen[name] = path
-        shards.append(Shard(path, rows, name))
+        shards.append(Shard(path, rows, name, groups))
     log.info("gallery source %s: %d shards, %d records, images %s %s",
              uri, len(shards), sum(s.rows for s in shards), codec.kind, codec.shape)
     return GallerySource(uri, fs, tuple(shards), codec, has_label)
@@ -242,20 +248,6 @@ def _decode_encoded(images: pa.Array, codec: ImageCodec) -> tuple[np.ndarray, np
         ok.append(i)
     stacked = np.stack(pixels) if pixels else np.zeros((0, *codec.shape), np.uint8)
     return np.asarray(ok, dtype=np.int64), stacked, errors
-
-
-def read_shards(batch: pa.Table, filesystem: pafs.FileSystem, columns: list[str],
-                rows_per_block: int) -> Iterator[pa.Table]:
-    """Ray Data read function: stream the shards named in ``batch["path"]``, ``rows_per_block`` rows at a time.
-
-    Yields ``columns`` plus ``path`` (the shard), one row group at a time, so a task holds
-    at most a row group of images whatever the shard size.
-    """
-    for path in batch.column("path").to_pylist():
-        with filesystem.open_input_file(path) as f:
-            for chunk in pq.ParquetFile(f).iter_batches(batch_size=rows_per_block, columns=columns):
-                table = pa.Table.from_batches([chunk])
-                yield table.append_column("path", pa.repeat(path, table.num_rows).cast(pa.string()))
 
 
 def _fingerprint(split: ImageSet) -> str:
@@ -314,7 +306,8 @@ def prepare_gallery(split: ImageSet, out_uri: str, rows_per_file: int) -> str:
             schema=schema,
         )
         name = f"shard-{index:05d}.parquet"
-        storage.atomic_write(fs, storage.join(root, name), lambda sink, t=table: pq.write_table(t, sink))
+        storage.atomic_write(fs, storage.join(root, name),
+                             lambda sink, t=table: pq.write_table(t, sink, row_group_size=GALLERY_ROW_GROUP_ROWS))
         shards += 1
     doc = {"rows": n, "image_shape": shape, "fingerprint": fingerprint}
     storage.atomic_write_bytes(fs, storage.join(root, GALLERY_MARKER), json.dumps(doc, indent=2).encode())
