@@ -150,16 +150,19 @@ its two intra-op threads wait for each other, so a slowed core slows both); best
 ## Where the overhead goes
 
 - **Start-up ({r['ray_startup_seconds']:.1f} s, {startup_share:.0%} of Ray's time)**, from the call to the first
-  features at the driver: new worker processes for the read tasks and {r['pool']['size']} actor processes start,
-  import Ray Data, torch and raycompat, and load the model, then the first blocks are read and extracted. The plain
-  loop pays none of this. It is a fixed cost: it does not grow with the gallery.
+  features at the driver: {r['pool']['size']} actor processes start, import Ray Data, torch and raycompat (on 2
+  cores the imports of both actors and Ray Data's own stats actor share the cores: Ray's timeline showed most of
+  it in the actors' constructor-argument deserialisation, i.e. module imports), load the model, then read and
+  extract their first piece. The plain loop pays none of this. It is a fixed cost: it does not grow with the
+  gallery.
 - **Steady state ({r['steady_ratio']:.2f}x the plain loop's rate)**: the model runs as one single-threaded copy in
   each of {r['pool']['size']} actors instead of one copy on {r['plain_threads']} intra-op threads, the same cores
-  ({threads_note}). On top of the model, per block: a Parquet read, a split into {r['batch_size']}x4-row blocks,
-  object-store copies, Arrow output, and the driver's Parquet commit per shard; Ray's own processes (raylet, GCS,
+  ({threads_note}). On top of the model, per piece ({r['batch_size']}x4 rows, whole row groups): the actor's own
+  Parquet read (images never pass through the object store), Arrow output, and the driver's Parquet commit per
+  shard; Ray's own processes (raylet, GCS,
   the driver's streaming executor) share the same {r['machine']['cpus']} cores, so on 2 cores every such cost
   comes straight out of model time.
-- What Ray buys for it: streaming (memory bounded by blocks in flight, not by the gallery), a commit per shard
+- What Ray buys for it: streaming (memory bounded by pieces in flight, not by the gallery), a commit per shard
   that a re-run resumes from, per-record error handling, and any number of nodes.
 
 ## With more nodes
