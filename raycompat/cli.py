@@ -34,6 +34,8 @@ def _stage_bar(total: int, desc: str):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from raycompat.artifacts import child, read_text
+    from raycompat.layout import Layout
     from raycompat.pipeline.run import run_pipeline, stage_names
 
     cfg = _load(args)
@@ -49,12 +51,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     report = run_pipeline(cfg, progress)
     bar.update(1)
     bar.close()
-    print(report.read_text())
-    print(f"outputs under {Path(cfg.output_dir).absolute()}:\n  report   {report}\n"
-          f"  metrics  {report.parent / 'metrics.json'}\n"
-          + (f"  backfill {report.parent / 'backfill' / 'report.html'}\n" if cfg.backfill.enabled else "") +
-          f"  models   {Path(cfg.output_dir).absolute() / 'models'}\n"
-          f"  features {Path(cfg.output_dir).absolute() / 'features'}")
+    print(read_text(report))
+    layout = Layout.of(cfg.output_dir)
+    print(f"outputs under {layout.root}:\n  report   {report}\n"
+          f"  metrics  {child(layout.eval_dir, 'metrics.json')}\n"
+          + (f"  backfill {child(layout.eval_dir, 'backfill', 'report.html')}\n" if cfg.backfill.enabled else "") +
+          f"  models   {child(layout.root, 'models')}\n"
+          f"  features {child(layout.root, 'features')}")
     return 0
 
 
@@ -71,10 +74,11 @@ def _with_ray(fn: Callable) -> Callable:
 
 @_with_ray
 def cmd_train_old(cfg, args) -> int:
+    from raycompat.layout import Layout
     from raycompat.pipeline.run import stage_train_old
 
     metrics = stage_train_old(cfg)
-    print(f"old model exported under {Path(cfg.output_dir).absolute() / 'models' / cfg.old.name}; metrics {metrics}")
+    print(f"old model exported under {Layout.of(cfg.output_dir).model_dir(cfg.old.name)}; metrics {metrics}")
     return 0
 
 
@@ -100,21 +104,23 @@ def cmd_extract(cfg, args) -> int:
 
 @_with_ray
 def cmd_train(cfg, args) -> int:
+    from raycompat.layout import Layout
     from raycompat.pipeline.run import stage_train_new
     from raycompat.pipeline.train import new_model_name
 
     metrics = stage_train_new(cfg)
-    print(f"new model exported under {Path(cfg.output_dir).absolute() / 'models' / new_model_name(cfg)}; "
+    print(f"new model exported under {Layout.of(cfg.output_dir).model_dir(new_model_name(cfg))}; "
           f"final metrics {metrics}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from raycompat.artifacts import read_text
     from raycompat.pipeline.run import stage_evaluate, write_evaluation
 
     cfg = _load(args)
     report = write_evaluation(cfg, stage_evaluate(cfg))
-    print(report.read_text())
+    print(read_text(report))
     print(f"report: {report}")
     return 0
 
@@ -178,10 +184,11 @@ def cmd_bench_quality(cfg, args) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from raycompat.artifacts import child
     from raycompat.pipeline.tune import run_tune
 
     out = run_tune(args.config, output_dir=args.out)
-    print(f"search results under {out} (best config: {out / 'best_config.yaml'}); "
+    print(f"search results under {out} (best config: {child(out, 'best.yaml')}); "
           f"TensorBoard: tensorboard --logdir {out}")
     return 0
 

@@ -6,11 +6,11 @@ which every stage writes (see :mod:`raycompat.layout`).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from raycompat import storage
 from raycompat.backfill.units import parse_bandwidth
 from raycompat.configio import check, join, load_config
 from raycompat.models.fct_config import SideInfoConfig, TransformationConfig
@@ -286,21 +286,17 @@ class PipelineConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
     backfill: BackfillSectionConfig = field(default_factory=BackfillSectionConfig)
 
-    def validate(self, key: str) -> None:
-        # Models and Train checkpoints are written with file APIs: a URI would become a local folder.
-        check("://" not in self.output_dir, join(key, "output_dir"),
-              f"{self.output_dir!r}: object-store URIs are not supported yet; use a path every node mounts")
-
 
 def with_absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
     """``cfg`` with ``output_dir`` and ``data.root`` made absolute against this process's directory.
 
     Ray Train and Tune run workers in their own working directories, where a relative
     path would point somewhere else: configs are resolved on the driver before shipping.
+    URIs (``s3://...``) are absolute already and stay as they are.
     """
     root = cfg.data.root
-    return replace(cfg, output_dir=os.path.abspath(cfg.output_dir),
-                   data=replace(cfg.data, root=None if root is None else os.path.abspath(root)))
+    return replace(cfg, output_dir=storage.absolute(cfg.output_dir),
+                   data=replace(cfg.data, root=None if root is None else storage.absolute(root)))
 
 
 def load_pipeline_config(path: str | Path, overrides: dict | None = None) -> PipelineConfig:

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from raycompat import artifacts
+from raycompat.artifacts import Location
 from raycompat.config import PipelineConfig
 
 PAIRS = ("old/old", "new/new", "new/old")
@@ -21,10 +23,10 @@ def metrics_table(matrix: dict[str, dict], pairs=PAIRS) -> str:
     return "\n".join(rows)
 
 
-def backfill_summary(report_html: Path) -> list[str]:
-    """Markdown lines summarising a backfill report (its report.json beside ``report_html``)."""
-    data = json.loads((report_html.parent / "report.json").read_text())
-    rel = report_html.parent.name
+def backfill_summary(report_html: Location) -> list[str]:
+    """Markdown lines summarising a backfill report (its report.json beside ``report_html``, a path or URI)."""
+    data = json.loads(artifacts.read_text(artifacts.child(artifacts.parent(report_html), "report.json")))
+    rel = artifacts.name(artifacts.parent(report_html))
     lines = [
         "## Backfill: what upgrading this gallery costs",
         "",
@@ -40,7 +42,7 @@ def backfill_summary(report_html: Path) -> list[str]:
     return lines + [""]
 
 
-def write_eval_report(result: dict, cfg: PipelineConfig, path: Path, backfill: Optional[Path] = None) -> Path:
+def write_eval_report(result: dict, cfg: PipelineConfig, path: Path, backfill: Optional[Location] = None) -> Path:
     """Write ``report.md`` for one evaluated upgrade (with the backfill report's summary, if given)."""
     m = result["matrix"]
     compatible = {k: m["new/old"][k] > m["old/old"][k] for k in ("top1", "mAP")}

@@ -64,9 +64,48 @@ def resolve(uri: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
+def is_uri(location: str | os.PathLike[str]) -> bool:
+    """True for ``scheme://...`` (``file://`` included), False for a plain local path."""
+    return "://" in os.fspath(location)
+
+
+def is_local(location: str | os.PathLike[str]) -> bool:
+    """True for a plain path or a ``file://`` URI: a location this process opens in place."""
+    text = os.fspath(location)
+    return not is_uri(text) or text.startswith("file://")
+
+
+def absolute(location: str | os.PathLike[str]) -> str:
+    """``location`` with a relative local path made absolute against this process's directory.
+
+    URIs are returned unchanged: they are absolute by construction.
+    """
+    text = os.fspath(location)
+    return text if is_uri(text) else os.path.abspath(text)
+
+
+def split_query(text: str) -> tuple[str, str]:
+    """``(uri without query, "?query" or "")``. Only URIs carry a query: a '?' in a local path is a name."""
+    if is_uri(text) and "?" in text:
+        base, query = text.split("?", 1)
+        return base, "?" + query
+    return text, ""
+
+
 def join(path: str, *parts: str) -> str:
-    """Join filesystem path components with '/' (pyarrow.fs paths are always '/'-separated)."""
-    return posixpath.join(path, *parts)
+    """Join path components with '/' (pyarrow.fs paths are always '/'-separated).
+
+    ``path`` may also be a URI: its query (``s3://b/x?endpoint_override=...``) stays last,
+    so joined URIs still resolve to the same filesystem.
+    """
+    base, query = split_query(path)
+    return posixpath.join(base, *parts) + query
+
+
+def parent(path: str) -> str:
+    """The directory holding ``path`` (a filesystem path or URI; a URI's query is kept)."""
+    base, query = split_query(path)
+    return posixpath.dirname(base.rstrip("/")) + query
 
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,3 +16,39 @@ needs_fashion_mnist = pytest.mark.skipif(
     not (FASHION_ROOT / "train-images-idx3-ubyte.gz").exists(),
     reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)",
 )
+
+# Credentials and region for the local S3 endpoint (moto accepts any); set before any
+# filesystem is built, and inherited by Ray workers started after it.
+S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """``host:port`` of a real S3 API (moto's server) on 127.0.0.1, for this test session.
+
+    Skips when moto's server extra is not installed (``pip install -e .[test]`` installs it).
+    """
+    server_module = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    import logging
+
+    # One log line per request otherwise.
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    saved = {k: os.environ.get(k) for k in S3_TEST_ENV}
+    os.environ.update(S3_TEST_ENV)
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"{host}:{port}"
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def s3_uri(endpoint: str, bucket: str, path: str = "") -> str:
+    """An ``s3://`` URI on the test endpoint; the query carries the endpoint, as a user's URI may."""
+    return (f"s3://{bucket}/{path}".rstrip("/")
+            + f"?endpoint_override={endpoint}&scheme=http&allow_bucket_creation=true")

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from raycompat.config import PipelineConfig, load_pipeline_config
+from raycompat.config import PipelineConfig, load_pipeline_config, with_absolute_paths
 from raycompat.configio import dump_config, load_config
 from raycompat.errors import ConfigError
 
@@ -40,7 +40,6 @@ def test_lambda_key_maps_to_weight(tmp_path):
     ("data: [1, 2]\n", "data: expected a mapping"),
     ("old: {model: {embed_dim: -1}}\n", "old.model.embed_dim: must be positive"),
     ("seed: true\n", "seed: expected an integer"),
-    ("output_dir: s3://bucket/x\n", "output_dir: 's3://bucket/x': object-store URIs are not supported"),
     ("backfill: {gallery_size: 0}\n", "backfill.gallery_size: must be positive"),
     ("backfill: {read_bandwidth: 3 parsecs}\n", "backfill.read_bandwidth"),
     ("backfill: {fractions: [0.5, 1.5]}\n", "backfill.fractions: must be in (0, 1]"),
@@ -66,3 +65,17 @@ def test_overrides_merge_into_sections(tmp_path):
     cfg = load_config(write(tmp_path, "new: {optim: {epochs: 2}}\n"), PipelineConfig,
                       {"new": {"optim": {"lr": 0.5}}, "output_dir": "x"})
     assert (cfg.new.optim.epochs, cfg.new.optim.lr, cfg.output_dir) == (2, 0.5, "x")
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/run", "gs://bucket/run", "file:///srv/run",
+                                 "s3://bucket/run?endpoint_override=127.0.0.1:9000&scheme=http"])
+def test_output_dir_may_be_a_storage_uri_and_stays_one(tmp_path, uri):
+    cfg = load_pipeline_config(write(tmp_path, f"output_dir: '{uri}'\ndata: {{name: parquet, root: 'gs://data/in'}}\n"))
+    resolved = with_absolute_paths(cfg)
+    assert (resolved.output_dir, resolved.data.root) == (uri, "gs://data/in")
+
+
+def test_relative_output_dir_becomes_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = with_absolute_paths(load_pipeline_config(write(tmp_path, "output_dir: runs/x\n")))
+    assert cfg.output_dir == str(tmp_path / "runs" / "x")

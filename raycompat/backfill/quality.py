@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from raycompat import artifacts
 from raycompat.backfill.config import QualityConfig
 from raycompat.errors import ConfigError, DataError
 
@@ -151,14 +152,18 @@ def parse_quality(data: Any, source: str) -> QualityTable:
 
 
 def load_quality(cfg: QualityConfig, config_path: str | Path) -> QualityTable:
-    """The quality table of a config: read ``cfg.path`` (relative to the working directory) or ``cfg.inline``."""
+    """The quality table of a config: read ``cfg.path`` or take ``cfg.inline``.
+
+    ``cfg.path`` is a local path (relative to the working directory) or a storage URI,
+    as the pipeline's backfill stage writes it for a remote ``output_dir``.
+    """
     if cfg.inline is not None:
         return parse_quality(cfg.inline, f"{config_path} (quality.inline)")
-    path = Path(cfg.path)
-    if not path.is_file():
+    path = artifacts.as_location(cfg.path)
+    if not artifacts.is_file(path):
         raise ConfigError(f"{config_path}: quality.path: file not found: {path}")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(artifacts.read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from None
     return parse_quality(data, str(path))

@@ -101,8 +101,15 @@ def build_report(cfg: BackfillConfig, config_path: str | Path, quality: QualityT
 def run_backfill_report(config_path: str | Path, out_dir: str | Path) -> Path:
     """Write report.json, report.md (+ PNGs) and report.html for a backfill config; return report.html's path."""
     cfg = load_backfill_config(config_path)
-    quality = load_quality(cfg.quality, config_path)
-    plans = plan_strategies(cfg, quality, str(config_path))
+    return write_backfill_report(cfg, str(config_path), load_quality(cfg.quality, config_path), out_dir)
+
+
+def write_backfill_report(cfg: BackfillConfig, config_path: str, quality: QualityTable, out_dir: str | Path) -> Path:
+    """Write the report of a loaded config into local directory ``out_dir``; return report.html's path.
+
+    ``config_path`` is where the config lives (for errors and the report's provenance).
+    """
+    plans = plan_strategies(cfg, quality, config_path)
     sim = simulate(plans, cfg.simulation.steps)
     report = build_report(cfg, config_path, quality, plans, sim)
 

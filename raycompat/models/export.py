@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from raycompat import artifacts
 from raycompat.errors import DataError
 
 
@@ -56,17 +57,20 @@ def export_model(
 
 
 def load_model_meta(model_dir: str | Path) -> dict:
-    """Read ``model.json`` of an exported model directory."""
-    path = Path(model_dir) / "model.json"
-    if not path.is_file():
+    """Read ``model.json`` of an exported model directory (a local path or a storage URI)."""
+    path = artifacts.child(artifacts.as_location(model_dir), "model.json")
+    if not artifacts.is_file(path):
         raise DataError(f"exported model metadata not found: {path} (run `raycompat train-old` first)")
-    return json.loads(path.read_text())
+    return json.loads(artifacts.read_text(path))
 
 
 def load_classifier(model_dir: str | Path) -> tuple[torch.Tensor, list[int]]:
-    """The exported cosine classifier ``(weight [C, dim], classes)`` (BCT's old classifier)."""
-    path = Path(model_dir) / "classifier.pt"
-    if not path.is_file():
+    """The exported cosine classifier ``(weight [C, dim], classes)`` (BCT's old classifier).
+
+    ``model_dir`` may be a storage URI: the file is then fetched into this node's cache.
+    """
+    path = artifacts.child(artifacts.as_location(model_dir), "classifier.pt")
+    if not artifacts.is_file(path):
         raise DataError(f"old classifier not found: {path} (BCT needs the real old classifier)")
-    state = torch.load(path, map_location="cpu")
+    state = torch.load(artifacts.fetch(path), map_location="cpu")
     return state["weight"], list(state["classes"])

@@ -1,7 +1,9 @@
 """The old model as a black box: one interface ``images -> features``.
 
 ``load_extractor(spec)`` accepts
-- a TorchScript file (``.../extractor.pt``) or an exported model directory;
+- a TorchScript file (``.../extractor.pt``) or an exported model directory, as a local
+  path or a storage URI (``s3://``, ``gs://``: fetched into the node's cache, see
+  :mod:`raycompat.artifacts`; ``file://``: read in place);
 - ``package.module:callable``: a callable taking a uint8 array (N, C, H, W) and
   returning features (a class is instantiated with no arguments first);
 - ``http://host:port/path``: an endpoint that takes a POSTed ``.npy`` uint8 batch
@@ -24,6 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from raycompat import artifacts, storage
 from raycompat.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -122,11 +125,15 @@ def _http(url: str, timeout_s: float, retries: int) -> Callable[[np.ndarray], np
 
 
 def load_extractor(spec: str, device: str | None = None, timeout_s: float = 60.0, retries: int = 2) -> Extractor:
-    """Turn a TorchScript path, model dir, ``module:callable`` or http(s) URL into an Extractor."""
+    """Turn a TorchScript path, model dir, ``module:callable`` or http(s) URL into an Extractor.
+
+    A TorchScript file or model dir may be a storage URI (``s3://.../models/old``).
+    """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith(("http://", "https://")):
         return Extractor(_http(spec, timeout_s, retries), spec)
-    path = Path(spec)
+    # Any other URI is stored TorchScript: this process fetches it into its node's cache.
+    path = artifacts.fetch(spec) if storage.is_uri(spec) else Path(spec)
     if path.is_dir():
         path = path / "extractor.pt"
     if path.suffix in (".pt", ".pth", ".ts") or path.exists():

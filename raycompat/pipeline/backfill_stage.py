@@ -22,13 +22,16 @@ from typing import Any
 import numpy as np
 import yaml
 
+from raycompat.artifacts import Location, child, staged
+from raycompat.backfill.config import BackfillConfig
 from raycompat.backfill.presets import default_strategies
 from raycompat.backfill.quality import parse_quality
-from raycompat.backfill.report import run_backfill_report
+from raycompat.backfill.report import write_backfill_report
 from raycompat.backfill_order import order_random
 from raycompat.config import PipelineConfig
+from raycompat.configio import from_dict
 from raycompat.data.feature_store import FeatureStore
-from raycompat.errors import DataError
+from raycompat.errors import ConfigError, DataError
 from raycompat.layout import Layout
 from raycompat.pipeline.measure import measure_costs
 from raycompat.pipeline.train import new_model_name, old_model_name
@@ -61,18 +64,31 @@ def measured_quality(cfg: PipelineConfig, matrix: dict[str, dict]) -> dict[str, 
     }
 
 
-def stage_backfill_report(cfg: PipelineConfig, matrix: dict[str, dict], n_items: int) -> Path:
-    """Write ``eval/backfill/{quality.json, config.yaml, report.*}``; return report.html's path."""
-    out = Layout.of(cfg.output_dir).eval_dir / "backfill"
-    out.mkdir(parents=True, exist_ok=True)
-    quality_path = out / "quality.json"
+def stage_backfill_report(cfg: PipelineConfig, matrix: dict[str, dict], n_items: int) -> Location:
+    """Write ``eval/backfill/{quality.json, config.yaml, report.*}``; return report.html's location.
+
+    For a remote ``output_dir`` the files are written in a local staging directory and
+    uploaded at the end (:func:`raycompat.artifacts.staged`).
+    """
+    final = child(Layout.of(cfg.output_dir).eval_dir, "backfill")
+    with staged(final) as out:
+        html = _write_backfill_report(cfg, matrix, n_items, out, final)
+    return child(final, html.name)
+
+
+def _write_backfill_report(cfg: PipelineConfig, matrix: dict[str, dict], n_items: int, out: Path,
+                           final: Location) -> Path:
+    """Write the backfill files into local directory ``out``; they name each other by their ``final`` location."""
+    # Where quality.json ends up: the config and the report's provenance name it there.
+    quality_at = child(final, "quality.json")
+    quality_source = str(quality_at.resolve() if isinstance(quality_at, Path) else quality_at)
     measured_q = measured_quality(cfg, matrix)
-    quality_path.write_text(json.dumps(measured_q, indent=1))
-    quality = parse_quality(measured_q, str(quality_path))
+    (out / "quality.json").write_text(json.dumps(measured_q, indent=1))
+    quality = parse_quality(measured_q, quality_source)
     b = cfg.backfill
     measured = measure_costs(cfg, read_bandwidth=b.read_bandwidth, dollars_per_hour=b.dollars_per_hour)
     size = b.gallery_size or n_items
-    quality_cfg = {"path": str(quality_path.resolve()), "tolerance": 0.5}
+    quality_cfg = {"path": quality_source, "tolerance": 0.5}
     method = cfg.new.method
     doc = {
         "title": f"Upgrading this run's gallery ({size:,} items, method {method})",
@@ -91,6 +107,12 @@ def stage_backfill_report(cfg: PipelineConfig, matrix: dict[str, dict], n_items:
                                          new_method=method, fct_method=method,
                                          fractions=b.fractions, tolerance=0.5),
     }
-    config_path = out / "config.yaml"
-    config_path.write_text(yaml.safe_dump(doc, sort_keys=False, width=120))
-    return run_backfill_report(config_path, out)
+    text = yaml.safe_dump(doc, sort_keys=False, width=120)
+    (out / "config.yaml").write_text(text)
+    config_at = str(child(final, "config.yaml"))
+    # Validated as `raycompat backfill-report` loads it, from the text just written.
+    try:
+        backfill_cfg = from_dict(BackfillConfig, yaml.safe_load(text))
+    except ConfigError as exc:
+        raise ConfigError(f"{config_at}: {exc}") from None
+    return write_backfill_report(backfill_cfg, config_at, quality, out)

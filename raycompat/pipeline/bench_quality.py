@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from raycompat import storage
+from raycompat.artifacts import Location
 from raycompat.backfill_order import order_by_uncertainty, order_oracle, order_random
 from raycompat.config import PipelineConfig
 from raycompat.configio import deep_merge, from_dict, to_dict
@@ -79,14 +80,15 @@ def _store_arrays(path: str | Path, ids: np.ndarray, extra: Optional[str] = None
     return feats, (store.lookup(ids, column=extra) if extra else None)
 
 
-def _drop_stale_store(path: Path, version: str) -> None:
+def _drop_stale_store(path: Location, version: str) -> None:
     """Remove the benchmark's own store of an earlier model version (it retrained), so extraction redoes it."""
-    manifest = path / "_manifest.json"
-    parts = sorted((path / "_parts").glob("*.json")) if (path / "_parts").is_dir() else []
-    record = manifest if manifest.is_file() else (parts[0] if parts else None)
-    if record is not None and json.loads(record.read_text()).get("version") != version:
+    fs, root = storage.resolve(path)
+    manifest = storage.join(root, "_manifest.json")
+    parts = storage.list_files(fs, storage.join(root, "_parts"), ".json")
+    record = manifest if storage.exists(fs, manifest) else (storage.join(root, "_parts", parts[0]) if parts else None)
+    if record is not None and json.loads(storage.read_bytes(fs, record)).get("version") != version:
         log.info("bench: %s holds an earlier model version; re-extracting", path)
-        shutil.rmtree(path)
+        fs.delete_dir(root)
 
 
 def machine() -> dict:

@@ -46,6 +46,8 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
+from raycompat import artifacts
+from raycompat.artifacts import Location, child
 from raycompat.config import PipelineConfig, with_absolute_paths
 from raycompat.configio import from_dict, to_dict
 from raycompat.data.feature_store import MISSING_LABEL, FeatureStore
@@ -98,7 +100,7 @@ def _open_inputs(cfg: PipelineConfig, new_model_name: str) -> dict[str, dict[str
     refs = {}
     for role, (name, version) in wanted.items():
         path = layout.store(name, "train")
-        if not path.exists():
+        if not artifacts.exists(path):
             raise FeatureStoreError(
                 f"transformation training needs the {role} features of the training split: {path} does not exist "
                 f"(extract the train split with the {role} model first)"
@@ -128,7 +130,7 @@ def load_training_features(refs: dict[str, dict[str, Any]], classifier_path: str
     side = stores["side"].lookup(ids) if "side" in stores else None
     labels = classifier = None
     if classifier_path is not None:
-        weight, classes = load_classifier(Path(classifier_path).parent)
+        weight, classes = load_classifier(artifacts.parent(artifacts.as_location(classifier_path)))
         unknown = sorted({int(x) for x in np.unique(new["label"])} - set(classes))
         if unknown:
             what = "unknown labels" if unknown[0] == MISSING_LABEL else f"label {unknown[0]}"
@@ -146,11 +148,11 @@ def load_training_features(refs: dict[str, dict[str, Any]], classifier_path: str
     )
 
 
-def _fingerprint(cfg: PipelineConfig, refs: dict[str, dict[str, Any]], classifier: Path | None) -> str:
+def _fingerprint(cfg: PipelineConfig, refs: dict[str, dict[str, Any]], classifier: Location | None) -> str:
     doc = {
         "fct": to_dict(cfg.fct), "seed": cfg.seed,
         "stores": {role: {k: v for k, v in ref.items() if k != "path"} for role, ref in refs.items()},
-        "classifier": sha256_file(classifier) if classifier is not None else None,
+        "classifier": artifacts.sha256(classifier) if classifier is not None else None,
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:_FINGERPRINT_CHARS]
 
@@ -186,19 +188,21 @@ def save_transformation(model_dir: Path, model: Transformation, meta: dict[str, 
 def load_transformation(model_dir: str | Path) -> tuple[Transformation, dict[str, Any]]:
     """The trained h of ``model_dir`` (eval mode, CPU) and its ``transformation.json``.
 
-    Raises DataError when the directory holds no transformation, or its state file is not
-    the one its metadata was written for.
+    ``model_dir`` may be a storage URI: it is then fetched into this node's cache. Raises
+    DataError when the directory holds no transformation, or its state file is not the one
+    its metadata was written for (errors name ``model_dir``, not the cache).
     """
-    model_dir = Path(model_dir)
-    meta_path, state_path = model_dir / META_FILE, model_dir / STATE_FILE
-    if not meta_path.is_file() or not state_path.is_file():
+    model_dir = artifacts.as_location(model_dir)
+    meta_path, state_path = child(model_dir, META_FILE), child(model_dir, STATE_FILE)
+    if not artifacts.is_file(meta_path) or not artifacts.is_file(state_path):
         raise DataError(f"{model_dir} holds no trained transformation ({META_FILE} + {STATE_FILE}): run train-fct")
-    meta = json.loads(meta_path.read_text())
+    local = artifacts.fetch(model_dir)
+    meta = json.loads((local / META_FILE).read_text())
     if meta.get("kind") != KIND:
         raise DataError(f"{meta_path}: not an FCT transformation (kind {meta.get('kind')!r})")
-    if sha256_file(state_path)[:_FINGERPRINT_CHARS] != meta["version"]:
+    if sha256_file(local / STATE_FILE)[:_FINGERPRINT_CHARS] != meta["version"]:
         raise DataError(f"{state_path} is not the state {meta_path} describes (version {meta['version']})")
-    return transformation_from_state(meta, torch.load(state_path, map_location="cpu")), meta
+    return transformation_from_state(meta, torch.load(local / STATE_FILE, map_location="cpu")), meta
 
 
 def transformation_from_state(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> Transformation:
@@ -269,12 +273,14 @@ def _train_loop(config: dict[str, Any]) -> None:
             "run": config["run_name"], "history": history,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        save_transformation(Path(config["model_dir"]), model, meta)
+        # A remote model_dir is written through a local staging directory on this node.
+        with artifacts.staged(artifacts.as_location(config["model_dir"]), commit_last=(META_FILE,)) as staging:
+            save_transformation(staging, model, meta)
 
 
-def _trained_by(model_dir: Path, run_name: str) -> bool:
+def _trained_by(model_dir: Location, run_name: str) -> bool:
     """True when ``model_dir`` holds the finished result of run ``run_name`` (same config and inputs)."""
-    if not (model_dir / META_FILE).is_file():
+    if not artifacts.is_file(child(model_dir, META_FILE)):
         return False
     try:
         _, meta = load_transformation(model_dir)
@@ -285,7 +291,7 @@ def _trained_by(model_dir: Path, run_name: str) -> bool:
 
 
 def train_transformation_stage(cfg: PipelineConfig, use_side_info: bool, uncertainty: bool,
-                               new_model_name: str) -> Path:
+                               new_model_name: str) -> Location:
     """Train the FCT transformation variant toward ``new_model_name``'s features; return ``models/<name>``.
 
     ``cfg.fct`` gives the architecture and training (its ``use_side_info`` and
@@ -301,8 +307,8 @@ def train_transformation_stage(cfg: PipelineConfig, use_side_info: bool, uncerta
     refs = _open_inputs(cfg, new_model_name)
     classifier = None
     if cfg.fct.mu_disc > 0:
-        classifier = layout.model_dir(new_model_name) / "classifier.pt"
-        if not classifier.is_file():
+        classifier = child(layout.model_dir(new_model_name), "classifier.pt")
+        if not artifacts.is_file(classifier):
             raise DataError(f"fct.mu_disc > 0 needs the new model's classifier, {classifier} does not exist")
     run_name = f"train-{name}-{_fingerprint(cfg, refs, classifier)}"
     model_dir = layout.model_dir(name)

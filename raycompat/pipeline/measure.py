@@ -27,6 +27,8 @@ from typing import Any, Optional
 import numpy as np
 import ray
 
+from raycompat import artifacts
+from raycompat.artifacts import child
 from raycompat.config import PipelineConfig
 from raycompat.configio import to_dict
 from raycompat.data.datasets import load_dataset
@@ -137,7 +139,7 @@ def _default_transformation(cfg: PipelineConfig) -> Optional[str]:
     layout = Layout.of(cfg.output_dir)
     for side, unc in ((True, True), (True, False), (False, False)):
         d = layout.model_dir(transformation_name(side, unc))
-        if (d / "transformation.json").is_file():
+        if artifacts.is_file(child(d, "transformation.json")):
             return str(d)
     return None
 

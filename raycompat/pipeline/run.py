@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
+from raycompat.artifacts import Location, child, staged
 from raycompat.config import PipelineConfig
 from raycompat.evaluation import evaluate_stores
 from raycompat.layout import Layout
@@ -36,7 +36,7 @@ Progress = Callable[[str], None]
 
 def old_extractor_spec(cfg: PipelineConfig) -> ExtractorSpec:
     """The black box to extract old features with: the configured one, else the exported old model."""
-    spec = cfg.old.extractor or str(Layout.of(cfg.output_dir).model_dir(old_model_name(cfg)) / "extractor.pt")
+    spec = cfg.old.extractor or str(child(Layout.of(cfg.output_dir).model_dir(old_model_name(cfg)), "extractor.pt"))
     return ExtractorSpec(cfg.old.name, cfg.old.version, spec)
 
 
@@ -78,12 +78,13 @@ def stage_evaluate(cfg: PipelineConfig) -> dict:
     return result
 
 
-def write_evaluation(cfg: PipelineConfig, result: dict, backfill: Optional[Path] = None) -> Path:
+def write_evaluation(cfg: PipelineConfig, result: dict, backfill: Optional[Location] = None) -> Location:
     """Write ``eval/metrics.json`` and ``eval/report.md`` (with the backfill summary, if given); return the report."""
     eval_dir = Layout.of(cfg.output_dir).eval_dir
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    (eval_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-    return write_eval_report(result, cfg, eval_dir / "report.md", backfill)
+    with staged(eval_dir) as out:
+        (out / "metrics.json").write_text(json.dumps(result, indent=2))
+        write_eval_report(result, cfg, out / "report.md", backfill)
+    return child(eval_dir, "report.md")
 
 
 STAGES: list[tuple[str, Callable[[PipelineConfig], object]]] = [
@@ -100,7 +101,7 @@ def stage_names(cfg: PipelineConfig) -> list[str]:
     return [name for name, _ in STAGES] + (["backfill report"] if cfg.backfill.enabled else [])
 
 
-def run_pipeline(cfg: PipelineConfig, progress: Optional[Progress] = None) -> Path:
+def run_pipeline(cfg: PipelineConfig, progress: Optional[Progress] = None) -> Location:
     """Run every stage end to end on the configured cluster; returns the report path."""
     init_ray(cfg.ray)
     step = progress or (lambda name: None)

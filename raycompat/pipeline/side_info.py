@@ -31,6 +31,8 @@ from typing import Any
 import ray
 import torch
 
+from raycompat import artifacts
+from raycompat.artifacts import Location, child
 from raycompat.config import PipelineConfig, with_absolute_paths
 from raycompat.configio import from_dict, to_dict
 from raycompat.data.datasets import load_dataset
@@ -101,15 +103,15 @@ def export_side_model(model: SideInfoModel, out_dir: Path, name: str, version: s
     return out_dir
 
 
-def _existing(model_dir: Path, cfg: PipelineConfig) -> bool:
+def _existing(model_dir: Location, cfg: PipelineConfig) -> bool:
     """True when ``model_dir`` already holds this exact psi; ConfigError when it holds another of this version."""
-    meta_path = model_dir / "model.json"
-    if not meta_path.is_file() or not (model_dir / "extractor.pt").is_file():
+    meta_path, extractor = child(model_dir, "model.json"), child(model_dir, "extractor.pt")
+    if not artifacts.is_file(meta_path) or not artifacts.is_file(extractor):
         return False
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads(artifacts.read_text(meta_path))
     if meta.get("version") != cfg.side.version or meta.get("name") != cfg.side.name:
         return False
-    if meta.get("training") != _training_record(cfg) or meta.get("sha256") != sha256_file(model_dir / "extractor.pt"):
+    if meta.get("training") != _training_record(cfg) or meta.get("sha256") != artifacts.sha256(extractor):
         raise ConfigError(
             f"{model_dir} holds side model {cfg.side.name!r} version {cfg.side.version!r} trained with another "
             "config (or a modified extractor.pt): stores of its features would change meaning; "
@@ -118,7 +120,7 @@ def _existing(model_dir: Path, cfg: PipelineConfig) -> bool:
     return True
 
 
-def train_side_info_stage(cfg: PipelineConfig) -> Path:
+def train_side_info_stage(cfg: PipelineConfig) -> Location:
     """Train psi on the old model's training images (no labels) and export it to ``models/<side.name>``.
 
     Returns the model directory. A no-op when it already holds psi trained with this
@@ -142,7 +144,8 @@ def train_side_info_stage(cfg: PipelineConfig) -> Path:
     model.load_state_dict(out["state"])
     extra = {"training": _training_record(cfg), "trained_on": {"old_model": cfg.old.name,
              "old_version": cfg.old.version, "images": out["images"]}, "losses": out["losses"]}
-    export_side_model(model, model_dir, cfg.side.name, cfg.side.version, extra)
+    with artifacts.staged(model_dir, commit_last=("model.json",)) as staging:
+        export_side_model(model, staging, cfg.side.name, cfg.side.version, extra)
     log.info("side model exported to %s (reconstruction MSE %.5f -> %.5f)", model_dir, out["losses"][0],
              out["losses"][-1])
     return model_dir

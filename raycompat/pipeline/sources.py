@@ -378,7 +378,7 @@ def gallery_source(cfg: PipelineConfig, split: str, source_uri: str | None = Non
     if source_uri is None:
         if split not in ("train", "test"):
             raise DataError(f"split must be train or test, got {split!r}")
-        gallery_dir = str(Layout.of(cfg.output_dir).root / "gallery" / split)
+        gallery_dir = str(Layout.of(cfg.output_dir).gallery(split))
         if data.name in BUILTIN_DATASETS:
             dataset = load_dataset(data, cfg.seed)
             source_uri = prepare_gallery(getattr(dataset, split), gallery_dir, cfg.extract.rows_per_file)

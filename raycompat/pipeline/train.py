@@ -36,6 +36,8 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 
+from raycompat import artifacts
+from raycompat.artifacts import Location
 from raycompat.config import PipelineConfig, with_absolute_paths
 from raycompat.configio import from_dict, to_dict
 from raycompat.data.datasets import load_dataset
@@ -62,7 +64,7 @@ TRAIN_METRICS = "train_metrics.json"
 
 @dataclass
 class TrainResult:
-    model_dir: Path
+    model_dir: Location
     metrics: dict
     epochs: int
     checkpoint_path: str
@@ -144,9 +146,11 @@ def train_loop_per_worker(config: dict) -> None:
                 checkpoint = Checkpoint.from_directory(tmp)
                 if epoch + 1 == optim.epochs:
                     # Export from the worker: the driver may not see the checkpoint's files (local mode).
-                    export_model(inner.model, inner.classifier.weight, classes, ds.image_shape,
-                                 Path(config.get("model_dir") or layout.model_dir(config["name"])),
-                                 config["name"], config["version"])
+                    # A remote model_dir is written through a local staging directory on this node.
+                    model_dir = artifacts.as_location(config.get("model_dir") or layout.model_dir(config["name"]))
+                    with artifacts.staged(model_dir, commit_last=("model.json",)) as staging:
+                        export_model(inner.model, inner.classifier.weight, classes, ds.image_shape, staging,
+                                     config["name"], config["version"])
             log.info("rank %d epoch %d: %s", rank, epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -214,6 +218,8 @@ def build_trainer(cfg: PipelineConfig, role: str, scaling: Optional[ScalingConfi
                   storage_path: Optional[str | Path] = None, model_dir: Optional[str | Path] = None) -> TorchTrainer:
     """The TorchTrainer of ``role`` ("old" or "new"), not yet fitted.
 
+    ``storage_path`` and ``model_dir`` may be storage URIs, like the layout's defaults.
+
     Defaults: run ``train-<model name>`` under ``<output_dir>/ray``, export to
     ``models/<model name>``. Ray Tune trials override all three so that trials
     neither share a run (and its checkpoints) nor overwrite each other's model.
@@ -252,13 +258,12 @@ def run_training(cfg: PipelineConfig, role: str, scaling: Optional[ScalingConfig
     result = trainer.fit()
     if result.error:
         raise result.error
-    model_dir = Path(trainer.train_loop_config["model_dir"])
+    model_dir = artifacts.as_location(trainer.train_loop_config["model_dir"])
     epochs = (cfg.old if role == "old" else cfg.new).optim.epochs
     metrics = dict(result.metrics or {})
     # The run's final metrics beside the exported model: epoch, resumed_from (> 0 when a restarted
     # worker group continued from a checkpoint), loss and the validation retrieval metrics.
-    model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / TRAIN_METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    artifacts.write_text(artifacts.child(model_dir, TRAIN_METRICS), json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     log.info("%s model exported to %s; final metrics %s", trainer.train_loop_config["name"], model_dir, metrics)
     return TrainResult(model_dir, metrics, int(metrics.get("epoch", epochs)),
                        result.checkpoint.path if result.checkpoint else "")

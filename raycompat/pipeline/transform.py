@@ -34,7 +34,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from raycompat import storage
+from raycompat import artifacts, storage
+from raycompat.artifacts import Location
 from raycompat.config import PipelineConfig
 from raycompat.data.feature_store import MISSING_LABEL, SCALAR, FeatureStore, FeatureStoreWriter
 from raycompat.errors import DataError, FeatureStoreError, RaycompatError
@@ -52,7 +53,7 @@ SIGMA_COLUMN = "sigma"
 _PART_PREFIX, _PART_SUFFIX = "part-", ".parquet"
 
 
-def _open_input(path: Path, role: str, expected: dict[str, str], dim: int, model_dir: Path) -> FeatureStore:
+def _open_input(path: Location, role: str, expected: dict[str, str], dim: int, model_dir: Location) -> FeatureStore:
     """Open a store h reads, checking it holds the model, version and dim h was trained for."""
     store = FeatureStore.open(path)
     if (store.model, store.version) != (expected["name"], expected["version"]):
@@ -143,7 +144,7 @@ class _TransformParts:
         return {"part": batch["part"], "rows": np.asarray(rows, np.int64), "error": np.asarray(errors, object)}
 
 
-def _complete(uri: Path) -> bool:
+def _complete(uri: Location) -> bool:
     try:
         FeatureStore.open(uri)
     except FeatureStoreError:
@@ -152,21 +153,21 @@ def _complete(uri: Path) -> bool:
 
 
 def run_transform(cfg: PipelineConfig, transformation_dir: str | Path, split: str = "test") -> str:
-    """Transform the stored ``split`` features with the transformation in ``transformation_dir``.
+    """Transform the stored ``split`` features with the transformation in ``transformation_dir`` (a path or URI).
 
     Returns the path of the output store ``features/<name>-<split>``. Resumable: only
     parts not yet committed are transformed. Raises FeatureStoreError when the inputs
     do not fit h (another old/side model or version, another dim, side-info missing
     for a side-info variant, misaligned parts) and DataError when parts failed.
     """
-    transformation_dir = Path(transformation_dir)
+    transformation_dir = artifacts.as_location(transformation_dir)
     model, meta = load_transformation(transformation_dir)
     layout = Layout.of(cfg.output_dir)
     old = _open_input(layout.store(cfg.old.name, split), "old", meta["old"], meta["d_old"], transformation_dir)
     side = None
     if meta["d_side"]:
         side_path = layout.store(cfg.side.name, split)
-        if not side_path.exists():
+        if not artifacts.exists(side_path):
             raise FeatureStoreError(
                 f"transformation {meta['name']} ({transformation_dir}) uses side-info, but {split} has no "
                 f"side-info store {side_path}: extract {split} with the side-info model as well "

@@ -45,6 +45,8 @@ from ray import tune
 from ray.train import ScalingConfig, UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from raycompat import artifacts
+from raycompat.artifacts import Location, child
 from raycompat.config import PipelineConfig, RayConfig, with_absolute_paths
 from raycompat.configio import dump_config, from_dict, to_dict
 from raycompat.data.feature_store import FeatureStore
@@ -64,9 +66,9 @@ class SearchInterrupted(RaycompatError):
     """The search stopped before every trial finished; running it again resumes it."""
 
 
-def search_dir(search: SearchConfig) -> Path:
-    """``<output_dir>/tune/<name>``: where the search keeps everything."""
-    return Layout.of(search.pipeline.output_dir).root / "tune" / search.name
+def search_dir(search: SearchConfig) -> Location:
+    """``<output_dir>/tune/<name>``: where the search keeps everything (a path, or a URI)."""
+    return Layout.of(search.pipeline.output_dir).tune_dir(search.name)
 
 
 def param_space(params: list[ParamSpec]) -> dict[str, Any]:
@@ -123,10 +125,11 @@ def compat_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     trial_id = tune.get_context().get_trial_id()
     cfg = apply_params(from_dict(PipelineConfig, setup.base), params, f"trial {trial_id}")
-    root = Path(setup.root)
+    root = artifacts.as_location(setup.root)
     trainer = build_trainer(cfg, "new", trial_scaling(setup.trial),
                             callbacks=[ObjectiveReportCallback(setup.objective, setup.reference)],
-                            run_name=trial_id, storage_path=root / "train", model_dir=root / "models" / trial_id)
+                            run_name=trial_id, storage_path=child(root, "train"),
+                            model_dir=child(root, "models", trial_id))
     trainer.fit()
 
 
@@ -191,34 +194,36 @@ def _keep_sigint_handler() -> Iterator[None]:
 
 
 class EpochMetricsLog(UserCallback):
-    """Appends rank 0's report of every epoch to a JSON-lines file (the controller runs on the driver's node)."""
+    """Appends rank 0's report of every epoch to a JSON-lines file, a path or URI (the controller runs on the
+    driver's node)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Location) -> None:
         self.path = str(path)
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(metrics[0]) + "\n")
+        artifacts.append_text(artifacts.as_location(self.path), json.dumps(metrics[0]) + "\n")
 
 
-def measure_reference(search: SearchConfig, root: Path) -> dict[int, float]:
+def measure_reference(search: SearchConfig, root: Location) -> dict[int, float]:
     """The constraint metric of the independent model (lambda 0) per epoch, trained once and cached."""
     c = search.objective.constraint
-    path = root / "reference.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
+    path = child(root, "reference.json")
+    if artifacts.is_file(path):
+        saved = json.loads(artifacts.read_text(path))
         if saved.get("metric") == c.metric:
             log.info("reference %s from %s", c.metric, path)
             return {int(e): float(v) for e, v in saved["values"].items()}
     cfg = apply_params(search.pipeline, {"new.method": "independent", "new.compat.lambda": 0.0})
-    epochs_log = root / "reference-epochs.jsonl"
+    epochs_log = child(root, "reference-epochs.jsonl")
     log.info("measuring the reference %s with an independent new model", c.metric)
     with _keep_sigint_handler():
         run_training(cfg, "new", trial_scaling(search.trial), callbacks=[EpochMetricsLog(epochs_log)],
-                     run_name="reference", storage_path=root / "train", model_dir=root / "models" / "reference")
+                     run_name="reference", storage_path=child(root, "train"),
+                     model_dir=child(root, "models", "reference"))
     # A resumed reference run logs its remaining epochs after the first ones: the last line per epoch wins.
-    values = {int(m["epoch"]): float(m[c.metric]) for m in map(json.loads, epochs_log.read_text().splitlines())}
-    path.write_text(json.dumps({"metric": c.metric, "values": values}, indent=2))
+    lines = artifacts.read_text(epochs_log).splitlines()
+    values = {int(m["epoch"]): float(m[c.metric]) for m in map(json.loads, lines)}
+    artifacts.write_text(path, json.dumps({"metric": c.metric, "values": values}, indent=2))
     log.info("reference %s per epoch: %s", c.metric, {e: round(v, 2) for e, v in values.items()})
     return values
 
@@ -229,15 +234,15 @@ def _absolute(search: SearchConfig) -> SearchConfig:
     return search
 
 
-def _check_same_search(search: SearchConfig, root: Path) -> None:
-    saved = root / "search.json"
+def _check_same_search(search: SearchConfig, root: Location) -> None:
+    saved = child(root, "search.json")
     current = json.loads(json.dumps(to_dict(search)))
-    if saved.is_file():
-        if json.loads(saved.read_text()) != current:
+    if artifacts.is_file(saved):
+        if json.loads(artifacts.read_text(saved)) != current:
             raise ConfigError(f"{root} holds a different search (see {saved}): resume it unchanged, "
                               "or give this one another name")
     else:
-        saved.write_text(json.dumps(current, indent=2))
+        artifacts.write_text(saved, json.dumps(current, indent=2))
 
 
 def _searcher(search: SearchConfig, concurrency: int):
@@ -256,7 +261,7 @@ def _searcher(search: SearchConfig, concurrency: int):
     return BasicVariantGenerator(random_state=search.search.seed, max_concurrent=concurrency)
 
 
-def _tuner(search: SearchConfig, root: Path, trainable, callbacks: Optional[list], verbose: int) -> tune.Tuner:
+def _tuner(search: SearchConfig, root: Location, trainable, callbacks: Optional[list], verbose: int) -> tune.Tuner:
     if tune.Tuner.can_restore(str(root)):
         log.info("resuming the search in %s", root)
         return tune.Tuner.restore(str(root), trainable, resume_unfinished=True)
@@ -280,14 +285,14 @@ def _tuner(search: SearchConfig, root: Path, trainable, callbacks: Optional[list
             trial_name_creator=_trial_dirname, trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
-            name=search.name, storage_path=str(root.parent), callbacks=callbacks, verbose=verbose,
+            name=search.name, storage_path=str(artifacts.parent(root)), callbacks=callbacks, verbose=verbose,
             failure_config=tune.FailureConfig(max_failures=search.trial.max_failures),
         ),
     )
 
 
 def run_tune(config: str | Path | SearchConfig, output_dir: Optional[str | Path] = None,
-             callbacks: Optional[list] = None, verbose: int = 1) -> Path:
+             callbacks: Optional[list] = None, verbose: int = 1) -> Location:
     """Run, or resume, a search; returns its directory ``<output_dir>/tune/<name>`` (see module doc).
 
     ``config``: a search YAML path or a :class:`SearchConfig`; ``output_dir`` overrides the
@@ -305,7 +310,7 @@ def run_tune(config: str | Path | SearchConfig, output_dir: Optional[str | Path]
     _searcher(search, max_concurrent(search.trial))
     _check_old_stores(search.pipeline)
     root = search_dir(search)
-    root.mkdir(parents=True, exist_ok=True)
+    artifacts.makedirs(root)
     _check_same_search(search, root)
 
     c = search.objective.constraint
@@ -375,18 +380,19 @@ def summarize(grid: tune.ResultGrid, search: SearchConfig, reference: Optional[d
     }
 
 
-def write_outputs(summary: dict[str, Any], search: SearchConfig, root: Path) -> None:
+def write_outputs(summary: dict[str, Any], search: SearchConfig, root: Location) -> None:
     """``results.json``, ``frontier.png`` and ``best.yaml`` (the best pipeline config) under ``root``."""
     best = summary["best"]
     best_cfg = apply_params(search.pipeline, best["config"])
-    dump_config(best_cfg, root / "best.yaml")
-    best_model = root / "models" / best["trial_id"]
-    summary["best"] = {**best, "pipeline_config": str(root / "best.yaml"),
-                       "model_dir": str(best_model) if best_model.is_dir() else None}
-    (root / "results.json").write_text(json.dumps(summary, indent=2))
-    plot_frontier(summary, root / "frontier.png")
+    best_model = child(root, "models", best["trial_id"])
+    summary["best"] = {**best, "pipeline_config": str(child(root, "best.yaml")),
+                       "model_dir": str(best_model) if artifacts.exists(best_model) else None}
+    with artifacts.staged(root) as out:
+        dump_config(best_cfg, out / "best.yaml")
+        (out / "results.json").write_text(json.dumps(summary, indent=2))
+        plot_frontier(summary, out / "frontier.png")
     log.info("search %s: best trial %s %s objective %.2f; config %s", search.name, best["trial_id"],
-             best["config"], best["objective"], root / "best.yaml")
+             best["config"], best["objective"], child(root, "best.yaml"))
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
