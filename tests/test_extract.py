@@ -107,7 +107,10 @@ def test_pool_plan_uses_every_cpu_and_gpus():
     cpu = plan_pool(ExtractConfig(), cpus=2, gpus=0)
     assert (cpu.size, cpu.num_cpus, cpu.num_gpus, cpu.threads) == (2, 1.0, 0.0, 1)
     one = plan_pool(ExtractConfig(concurrency=1), cpus=2, gpus=0)
-    assert (one.size, one.num_cpus, one.threads) == (1, 2.0, 2)
+    assert (one.size, one.num_cpus, one.threads) == (1, 1.0, 2)
+    # A 5-CPU cluster of 1- and 2-CPU nodes: 2 actors must each fit on one node.
+    spread = plan_pool(ExtractConfig(concurrency=2), cpus=5, gpus=0)
+    assert (spread.size, spread.num_cpus, spread.threads) == (2, 1.0, 2)
     single = plan_pool(ExtractConfig(), cpus=1, gpus=0)
     assert (single.size, single.num_cpus, single.threads) == (1, 1.0, 1)
     gpu = plan_pool(ExtractConfig(), cpus=16, gpus=4)

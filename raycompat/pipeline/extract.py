@@ -113,8 +113,10 @@ def plan_pool(cfg: ExtractConfig, cpus: float, gpus: float) -> PoolPlan:
     if cpus <= 0:
         raise ConfigError(f"extraction needs CPUs, the cluster has {cpus}")
     size = cfg.concurrency or max(1, int(cpus))
-    # Resources are logical: threads follow the real cores per actor, not the reservation.
-    return PoolPlan(size, cpus / size, 0.0, max(1, int(cpus // size)))
+    # One CPU per actor (less only on a fractional cluster): a larger reservation could exceed
+    # every single node of a multi-node cluster and never be placed. Resources are logical:
+    # threads follow the real cores per actor, not the reservation.
+    return PoolPlan(size, min(1.0, cpus), 0.0, max(1, int(cpus // size)))
 
 
 def plan_pieces(shards: list[Shard], min_rows: int) -> list[dict[str, object]]:
