@@ -109,7 +109,7 @@ def why(res: dict) -> list[str]:
         name = key.rsplit(".", 1)[-1]
         for value in values:
             group = [t for t in done if t["config"][key] == value]
-            lines.append(f"{name} {value:g} ({len(group)} trial(s)): best {label(goal)} "
+            lines.append(f"{name} {value:g} ({len(group)} fully trained trial(s)): best {label(goal)} "
                          f"{max(metric_of(t, goal) for t in group):.1f}, best {label(bound)} "
                          f"{max(metric_of(t, bound) for t in group):.1f}.")
         searched = [t["config"][key] for t in res["trials"]]
@@ -139,7 +139,7 @@ def write_markdown(path: Path, res: dict, png: str) -> None:
         "## Setup", "",
         f"- {p['data']['name']}, {p['protocol']['kind']} protocol (old classes {p['protocol']['old_classes']}, "
         f"old fraction {p['protocol']['old_fraction']}; the new model sees every class), "
-        f"at most {p['data']['max_train']} train / {p['data']['max_test']} test images",
+        f"at most {p['data']['max_train'] or 'all'} train / {p['data']['max_test'] or 'all'} test images",
         f"- old: {p['old']['model']['arch']} width {p['old']['model']['width']}, epochs {p['old']['optim']['epochs']}; "
         f"new: {p['new']['method']}, {p['new']['model']['arch']} width {p['new']['model']['width']}, "
         f"epochs {p['new']['optim']['epochs']}, "
