@@ -26,7 +26,7 @@ if ! "$PYTHON" - <<'PY' 2>/dev/null
 import importlib.metadata as md, json, pathlib, sys
 here = pathlib.Path.cwd().resolve().as_uri()
 urls = {json.loads(d.read_text("direct_url.json") or "{}").get("url") for d in md.distributions(name="raycompat")}
-import faiss, optuna, pyarrow, ray, torch, torchvision, pytest  # noqa: F401
+import faiss, optuna, pyarrow, ray, torch, torchvision, pytest, moto.server  # noqa: F401
 sys.exit(0 if here in urls else 1)
 PY
 then

@@ -13,8 +13,8 @@ lost, can only restart on the other one. Both tests submit ``jobs/pipeline.py`` 
    and leave every feature-store id exactly once.
 
 The last test stops the cluster and checks that every process it ever had is gone.
-Output directories are tmp paths: every node is on this machine, so they share a disk
-(a real multi-node cluster needs s3:// / gs:// or NFS for ``output_dir``).
+Output directories are tmp paths (every node is on this machine, so they share a disk), and once
+an S3 URI on moto's server on 127.0.0.1, as a real multi-node cluster would use s3:// or gs://.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ import psutil
 import pytest
 from ray.job_submission import JobSubmissionClient
 
+from conftest import S3_TEST_ENV, s3_uri
+from raycompat import artifacts
 from raycompat.cluster import LocalCluster
 from raycompat.config import load_pipeline_config
 from raycompat.data.datasets import load_dataset
@@ -143,15 +145,19 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-def submit_pipeline(cluster: LocalCluster, out: Path) -> str:
-    """``ray job submit --no-wait ... -- python jobs/pipeline.py --config C --out OUT``; the job id."""
+def submit_pipeline(cluster: LocalCluster, out: Path | str, env_vars: dict[str, str] | None = None) -> str:
+    """``ray job submit --no-wait ... -- python jobs/pipeline.py --config C --out OUT``; the job id.
+
+    ``env_vars`` go into the job's runtime environment, so every worker of the job has them.
+    """
     job_id = f"cluster-test-{uuid.uuid4().hex[:8]}"
+    runtime_env = {"excludes": EXCLUDES} | ({"env_vars": env_vars} if env_vars else {})
     cmd = [
         _ray_cli(), "job", "submit",
         "--address", cluster.dashboard_url,
         "--submission-id", job_id,
         "--working-dir", str(REPO),
-        "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
+        "--runtime-env-json", json.dumps(runtime_env),
         "--no-wait",
         "--", "python", "jobs/pipeline.py", "--config", str(CONFIG), "--out", str(out),
     ]  # fmt: skip
@@ -246,6 +252,36 @@ def test_pipeline_job_on_multi_node_cluster(cluster: LocalCluster, reference: di
     cfg = load_pipeline_config(CONFIG)
     trained = json.loads((Layout.of(reference["out"]).model_dir(new_model_name(cfg)) / TRAIN_METRICS).read_text())
     assert trained["epoch"] == cfg.new.optim.epochs and trained["resumed_from"] == 0
+
+
+@pytest.mark.ray
+def test_pipeline_job_keeps_every_output_in_s3(cluster: LocalCluster, reference: dict, seen, s3_endpoint: str,
+                                               tmp_path: Path) -> None:
+    """The same job with ``--out s3://...`` (moto's S3 API on 127.0.0.1; credentials reach every worker
+    through the job's runtime environment): every output is in the bucket, none on a node's disk."""
+    assert reference["status"] == "SUCCEEDED", "needs the undisturbed run as reference"
+    out = s3_uri(s3_endpoint, "cluster-jobs", "run")
+    cache = tmp_path / "node-cache"
+    job_id = submit_pipeline(cluster, out, env_vars={**S3_TEST_ENV, artifacts.CACHE_ENV: str(cache)})
+    status, logs = wait_for_job(cluster, job_id)
+    _remember(cluster, seen)
+    assert status == "SUCCEEDED", logs[-5000:]
+    cfg = load_pipeline_config(CONFIG, {"output_dir": out})
+    layout = Layout.of(out)
+    metrics = json.loads(artifacts.read_bytes(artifacts.child(layout.eval_dir, "metrics.json")))["matrix"]
+    assert metrics["old/old"]["top1"] > 30 and metrics["new/new"]["top1"] > 30, metrics
+    assert artifacts.exists(artifacts.child(layout.eval_dir, "backfill", "report.json"))
+    for name in (cfg.old.name, new_model_name(cfg)):
+        missing = [f for f in MODEL_FILES if not artifacts.is_file(artifacts.child(layout.model_dir(name), f))]
+        assert not missing, f"models/{name} lacks {missing} in the bucket"
+    ds = load_dataset(cfg.data, cfg.seed)
+    for name, split, images in [(cfg.old.name, "train", ds.train), (new_model_name(cfg), "test", ds.test)]:
+        ids = FeatureStore.open(layout.store(name, split)).to_numpy(["id"])["id"]
+        assert sorted(ids) == sorted(images.ids), f"{name}-{split}: ids missing, duplicated or foreign"
+    # Train run state went to the bucket too (Ray Train's storage_path is the URI).
+    assert artifacts.exists(layout.ray_storage)
+    # Models reached the processes that needed them through the node cache, not the driver's disk.
+    assert any(cache.rglob("extractor.pt")), "no model was fetched into the node cache"
 
 
 def _training_worker_node(cluster: LocalCluster) -> int | None:
