@@ -4,10 +4,9 @@ The influence loss is a softmax over cosines, so it only asks that a new feature
 be *closer* to its own prototype than to the others. When the old model cannot
 separate classes it never saw, their prototypes lie close together and the
 influence optimum points away from the other prototypes, far from where old
-features actually are (measured on Fashion-MNIST: cosine 0.42 between NIFCL's
-new features and their prototype, 0.93 for the old features themselves). A
-query there has arbitrary old neighbours, which costs new/old top-1 although
-mAP improves. This term asks for absolute closeness::
+features actually are (benchmarks/prototype_geometry.py measures it). A query
+there has arbitrary old neighbours, which costs new/old top-1 although mAP
+improves. This term asks for absolute closeness::
 
     L_align = mean_i (1 - cos(phi_new_i[:d_old], t_i))
 
