@@ -111,13 +111,19 @@ def makedirs(location: Location) -> None:
     storage.makedirs(*storage.resolve(location))
 
 
-def read_bytes(location: Location) -> bytes:
-    """The content of file ``location``; DataError when it does not exist."""
-    fs, path = storage.resolve(location)
+@contextmanager
+def _missing_names(location: Location) -> Iterator[None]:
+    """Turn a FileNotFoundError inside the block into a DataError naming ``location``."""
     try:
-        return storage.read_bytes(fs, path)
+        yield
     except FileNotFoundError:
         raise DataError(f"file not found: {location}") from None
+
+
+def read_bytes(location: Location) -> bytes:
+    """The content of file ``location``; DataError when it does not exist."""
+    with _missing_names(location):
+        return storage.read_bytes(*storage.resolve(location))
 
 
 def read_text(location: Location) -> str:
@@ -155,11 +161,8 @@ def append_text(location: Location, text: str) -> None:
 
 def sha256(location: Location) -> str:
     """sha256 hex digest of file ``location``, read in streaming chunks."""
-    fs, path = storage.resolve(location)
-    try:
-        return storage.sha256_file(fs, path)
-    except FileNotFoundError:
-        raise DataError(f"file not found: {location}") from None
+    with _missing_names(location):
+        return storage.sha256_file(*storage.resolve(location))
 
 
 @contextmanager

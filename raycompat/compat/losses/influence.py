@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raycompat.compat.losses.classification import cosine_logits
+from raycompat.compat.losses.classification import cosine_logits, frozen_unit_rows
 from raycompat.compat.losses.compatible_slice import compatible_slice
 from raycompat.errors import ConfigError, DataError
 
@@ -27,13 +27,9 @@ class InfluenceLoss(nn.Module):
 
     def __init__(self, classifier_weight: torch.Tensor, scale: float) -> None:
         super().__init__()
-        if classifier_weight.ndim != 2:
-            raise DataError(f"classifier weight must be 2-D [C, d_old], got shape {tuple(classifier_weight.shape)}")
-        if not bool(torch.isfinite(classifier_weight).all()):
-            raise DataError("classifier weight has NaN or inf entries")
         if scale <= 0:
             raise ConfigError(f"influence loss scale must be positive, got {scale}")
-        self.register_buffer("weight", F.normalize(classifier_weight.detach().float(), dim=1).clone())
+        self.register_buffer("weight", frozen_unit_rows(classifier_weight, "classifier weight"))
         self.scale = float(scale)
 
     def forward(self, new_feat: torch.Tensor, labels: torch.Tensor | None = None,

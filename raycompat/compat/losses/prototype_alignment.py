@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raycompat.compat.losses.classification import frozen_unit_rows
 from raycompat.compat.losses.compatible_slice import compatible_slice
 from raycompat.errors import ConfigError, DataError
 
@@ -31,11 +32,7 @@ class PrototypeAlignmentLoss(nn.Module):
 
     def __init__(self, prototypes: torch.Tensor) -> None:
         super().__init__()
-        if prototypes.ndim != 2:
-            raise DataError(f"prototypes must be 2-D [C, d_old], got shape {tuple(prototypes.shape)}")
-        if not bool(torch.isfinite(prototypes).all()):
-            raise DataError("prototypes have NaN or inf entries")
-        self.register_buffer("weight", F.normalize(prototypes.detach().float(), dim=1).clone())
+        self.register_buffer("weight", frozen_unit_rows(prototypes, "prototypes"))
 
     def forward(self, new_feat: torch.Tensor, labels: torch.Tensor | None = None,
                 soft_targets: torch.Tensor | None = None) -> torch.Tensor:
