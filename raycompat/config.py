@@ -208,6 +208,9 @@ class RayConfig:
 class EvalConfig:
     # Query chunk size of the faiss search: bounds memory at ~chunk x gallery x 12 bytes.
     chunk_size: int = 1024
+    # Training validates retrieval (test split) after every epoch; false: after the last one only
+    # (the other epochs report their losses). A Tune search needs true: schedulers compare epochs.
+    every_epoch: bool = True
 
     def validate(self, key: str) -> None:
         check(self.chunk_size > 0, join(key, "chunk_size"), "must be positive")

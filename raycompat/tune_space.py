@@ -189,6 +189,8 @@ class SearchConfig:
         params = self.params()
         keys = {p.key for p in params}
         epochs = self.pipeline.new.optim.epochs
+        check(self.pipeline.eval.every_epoch, "pipeline.eval.every_epoch",
+              "must be true in a search: trials report the objective metric after every epoch")
         if self.scheduler.kind == "asha":
             check("new.optim.epochs" not in keys, "space.new.optim.epochs",
                   "ASHA's budget is the epoch count: search it with scheduler.kind fifo")

@@ -13,6 +13,7 @@ from raycompat.retrieval import (
     backfill_counts,
     backfill_curve,
     evaluate,
+    join_curves,
     plot_curves,
     save_curve_json,
 )
@@ -130,3 +131,22 @@ def test_save_and_plot(tmp_path, loo_data):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ConfigError, match="metric"):
         plot_curves(curves, png, metric="recall")
+
+
+def test_curve_joined_from_fraction_ranges_equals_the_whole_curve(loo_data):
+    d = loo_data
+    args = (d["before"], d["labels"], d["before"], d["after"], d["labels"], d["order"])
+    kw = {"query_ids": d["ids"], "gallery_ids": d["ids"], "chunk_size": 7}
+    whole = backfill_curve(*args, **kw)
+    parts = [backfill_curve(*args, fractions=DEFAULT_FRACTIONS[i:i + 8], **kw) for i in range(0, 21, 8)]
+    joined = join_curves(parts)
+    assert joined["fractions"] == whole["fractions"] and joined["n_backfilled"] == whole["n_backfilled"]
+    for m in METRICS:
+        assert joined[m] == whole[m]
+        assert joined["auc"][m] == pytest.approx(whole["auc"][m], rel=1e-12)
+    assert (joined["n_queries"], joined["n_skipped"]) == (whole["n_queries"], whole["n_skipped"])
+    other = {**parts[1], "n_queries": parts[1]["n_queries"] - 1}  # measured on other queries
+    with pytest.raises(DataError, match="different queries"):
+        join_curves([parts[0], other])
+    with pytest.raises(ConfigError, match="no curve"):
+        join_curves([])

@@ -215,3 +215,19 @@ def test_transform_refuses_inputs_h_was_not_trained_for(side_unc_dir, cfg):
         run_transform(cfg, side_unc_dir, "parts")
     for split in ("noside", "v2", "dims", "parts"):
         assert not layout.store("fct-side-unc", split).exists()
+
+
+def test_bench_curves_as_ray_tasks_equal_the_curve_computed_in_one_piece(ray_session):
+    from raycompat.pipeline.bench_quality import _curves_on_ray
+    from raycompat.retrieval import backfill_curve
+
+    rng = np.random.default_rng(3)
+    new, h = rng.normal(size=(60, 8)).astype(np.float32), rng.normal(size=(60, 8)).astype(np.float32)
+    labels, ids = rng.integers(0, 4, 60), np.arange(100, 160)
+    orders = {"random": rng.permutation(60), "reverse": np.arange(60)[::-1].copy()}
+    curves = _curves_on_ray(new, labels, h, ids, orders, chunk_size=16)
+    for name, order in orders.items():
+        whole = backfill_curve(new, labels, h, new, labels, order, query_ids=ids, gallery_ids=ids, chunk_size=16)
+        assert [curves[name][m] for m in ("fractions", "top1", "top5", "mAP")] == \
+            [whole[m] for m in ("fractions", "top1", "top5", "mAP")]
+        assert curves[name]["auc"] == pytest.approx(whole["auc"], rel=1e-12)

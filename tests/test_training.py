@@ -149,3 +149,21 @@ def test_new_training_refuses_store_of_other_version(trained_old):
     cfg.old.version = "2"
     with pytest.raises(FeatureStoreError, match="expected version '2'"):
         run_training(cfg, "new", scaling=ScalingConfig(num_workers=0))
+
+
+def test_every_epoch_false_validates_only_after_the_last_epoch(tmp_path, monkeypatch):
+    import ray.train
+
+    reports, report = [], ray.train.report
+
+    def recording_report(metrics, *args, **kwargs):  # records, then reports as usual
+        reports.append(dict(metrics))
+        return report(metrics, *args, **kwargs)
+
+    monkeypatch.setattr(ray.train, "report", recording_report)
+    cfg = small_cfg(tmp_path)
+    cfg.eval.every_epoch = False
+    result = run_training(cfg, "old", scaling=ScalingConfig(num_workers=0))
+    assert [r["epoch"] for r in reports] == [1, 2]
+    assert "old/old/top1" not in reports[0] and "loss" in reports[0]
+    assert reports[1]["old/old/top1"] == result.metrics["old/old/top1"] > 40

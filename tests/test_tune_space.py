@@ -156,3 +156,12 @@ def test_tune_yaml_errors_name_the_file(tmp_path):
     path.write_text("pipeline: missing.yaml\nspace: {}\n")
     with pytest.raises(ConfigError, match="config file not found"):
         load_search_config(path)
+
+
+def test_search_refuses_validation_after_the_last_epoch_only():
+    from raycompat.configio import from_dict
+
+    pipeline = to_dict(nifcl_base())
+    pipeline["eval"] = {"every_epoch": False}
+    with pytest.raises(ConfigError, match="pipeline.eval.every_epoch: must be true in a search"):
+        from_dict(SearchConfig, {"pipeline": pipeline, "space": {"new.compat.lambda": {"grid": [0.5, 1.0]}}})

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import ray
 
 from raycompat import storage
 from raycompat.artifacts import Location
@@ -40,13 +41,15 @@ from raycompat.pipeline.run import new_extractor_spec, old_extractor_spec
 from raycompat.pipeline.side_info import side_extractor, train_side_info_stage
 from raycompat.pipeline.train import new_model_name, run_training
 from raycompat.pipeline.transform import SIGMA_COLUMN, run_transform
-from raycompat.retrieval.backfill_curve import backfill_curve, plot_curves
+from raycompat.retrieval.backfill_curve import DEFAULT_FRACTIONS, backfill_curve, join_curves, plot_curves
 from raycompat.retrieval.evaluate import cross_model_matrix
 
 log = logging.getLogger(__name__)
 
 METRICS = ("top1", "top5", "mAP")
 FCT_VARIANTS = {"fct": (False, False), "fct+side": (True, False)}
+# Points of a backfill curve per Ray task: 21 points -> 2 tasks per order (6 for 3 orders on 2+ CPUs).
+_CURVE_POINTS_PER_TASK = 11
 
 
 def method_configs(cfg: PipelineConfig) -> dict[str, PipelineConfig]:
@@ -194,12 +197,24 @@ def _fct(cfg: PipelineConfig, target: PipelineConfig, results: dict, timed: Call
     h, sigma = transformed["fastfill"]
     orders = {"random": lambda: order_random(len(h), cfg.seed), "sigma": lambda: order_by_uncertainty(sigma),
               "oracle": lambda: order_oracle(new_feats, h)}
-    curves = {}
-    for name in cfg.bench.fastfill_orders:
-        curve = timed(f"backfill curve ({name})", backfill_curve, new_feats, labels, h, new_feats, labels,
-                      orders[name](), query_ids=test_ids, gallery_ids=test_ids, chunk_size=cfg.eval.chunk_size)
-        curves[name] = {**curve, "gallery": "h(old)"}
-    return curves
+    named = {name: orders[name]() for name in cfg.bench.fastfill_orders}
+    curves = timed("backfill curves", _curves_on_ray, new_feats, labels, h, test_ids, named, cfg.eval.chunk_size)
+    return {name: {**curve, "gallery": "h(old)"} for name, curve in curves.items()}
+
+
+def _curves_on_ray(new_feats: np.ndarray, labels: np.ndarray, h: np.ndarray, ids: np.ndarray,
+                   orders: dict[str, np.ndarray], chunk_size: int) -> dict[str, dict]:
+    """Partial-backfill curves of ``new_feats`` queries on the ``h`` gallery, one Ray task per order and
+    range of points (each point costs a full ranking of every query, so the points spread over the CPUs)."""
+    refs = [ray.put(a) for a in (new_feats, labels, h, ids)]
+    q, lab, gallery, ids_ref = refs
+    curve_task = ray.remote(num_cpus=1)(backfill_curve)
+    tasks = {name: [curve_task.remote(q, lab, gallery, q, lab, order, query_ids=ids_ref, gallery_ids=ids_ref,
+                                      fractions=DEFAULT_FRACTIONS[i:i + _CURVE_POINTS_PER_TASK],
+                                      chunk_size=chunk_size)
+                    for i in range(0, len(DEFAULT_FRACTIONS), _CURVE_POINTS_PER_TASK)]
+             for name, order in orders.items()}
+    return {name: join_curves(ray.get(parts)) for name, parts in tasks.items()}
 
 
 def criteria(q: dict) -> list[tuple[str, Optional[bool], str]]:

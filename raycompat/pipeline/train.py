@@ -10,7 +10,8 @@ Each worker loads the dataset itself (no driver-side materialisation), trains
 on its DistributedSampler shard (DDP through ``prepare_model``), and every epoch
 all ranks call ``ray.train.report``; rank 0 attaches a checkpoint and the
 validation retrieval metrics (old/old for the old model; new/new and new/old
-for the new one). A restarted worker group resumes from the latest checkpoint;
+for the new one): after every epoch, or after the last one only when
+``eval.every_epoch`` is false. A restarted worker group resumes from the latest checkpoint;
 re-running with the same ``output_dir`` resumes the run (stable run names).
 """
 
@@ -140,7 +141,8 @@ def train_loop_per_worker(config: dict) -> None:
         checkpoint = None
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                metrics.update(_validate(inner.model, ds.test, gallery_old, role, cfg, device))
+                if cfg.eval.every_epoch or epoch + 1 == optim.epochs:
+                    metrics.update(_validate(inner.model, ds.test, gallery_old, role, cfg, device))
                 torch.save({"net": inner.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                             "classes": classes, "image_shape": ds.image_shape}, Path(tmp) / "state.pt")
                 checkpoint = Checkpoint.from_directory(tmp)

@@ -4,6 +4,7 @@ from raycompat.retrieval.backfill_curve import (
     DEFAULT_FRACTIONS,
     backfill_counts,
     backfill_curve,
+    join_curves,
     plot_curves,
     save_curve_json,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "QueryOutcomes",
     "backfill_counts",
     "backfill_curve",
+    "join_curves",
     "chunk_ranges",
     "cross_model_matrix",
     "cross_model_matrix_split",

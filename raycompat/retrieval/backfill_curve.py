@@ -116,6 +116,23 @@ def backfill_curve(
     return curve
 
 
+def join_curves(parts: Sequence[dict]) -> dict:
+    """One curve from curves of the same queries, gallery and order over consecutive fraction ranges.
+
+    Lets the points of a curve be computed apart (e.g. one Ray task per range) and
+    joined: the result equals ``backfill_curve`` over all fractions at once.
+    """
+    if not parts:
+        raise ConfigError("join_curves: no curve to join")
+    counts = {(p["n_queries"], p["n_skipped"]) for p in parts}
+    if len(counts) != 1:
+        raise DataError(f"join_curves: parts were measured on different queries (n_queries, n_skipped): {sorted(counts)}")
+    curve: dict = {key: [v for p in parts for v in p[key]] for key in ("fractions", "n_backfilled", *METRICS)}
+    curve["auc"] = {m: float(np.mean(curve[m])) for m in METRICS}
+    curve["n_queries"], curve["n_skipped"] = counts.pop()
+    return curve
+
+
 def save_curve_json(path: str | Path, curves: Mapping[str, dict]) -> None:
     """Write ``{order name: curve}`` as JSON (parent folders created)."""
     path = Path(path)
