@@ -112,6 +112,23 @@ class RandomWalkConfig:
 
 
 @dataclass
+class NeighborConfig:
+    """NIFCL's optional old-neighbourhood term (raycompat.compat.losses.old_neighbors)."""
+
+    # Weight inside the compatibility term: lambda * (L_influence + align * L_align + weight * L_nb); 0 = off.
+    weight: float = 0.0
+    # Scale s of its cosine logits.
+    scale: float = 16.0
+    # Old features drawn per batch as candidate neighbours; 0 = all of the training set's.
+    bank: int = 4096
+
+    def validate(self, key: str) -> None:
+        check(self.weight >= 0, join(key, "weight"), "must be >= 0")
+        check(self.scale > 0, join(key, "scale"), "must be positive")
+        check(self.bank >= 0, join(key, "bank"), "must be >= 0 (0 = all old features)")
+
+
+@dataclass
 class CompatConfig:
     """The compatibility term lambda * L_compat added to the new model's own loss."""
 
@@ -125,6 +142,7 @@ class CompatConfig:
     # NIFCL only: weight of the prototype-alignment term inside the compatibility term,
     # lambda * (L_influence + align * L_align) (raycompat.compat.losses.prototype_alignment).
     align: float = 0.0
+    neighbors: NeighborConfig = field(default_factory=NeighborConfig)
 
     def validate(self, key: str) -> None:
         check(self.weight >= 0, join(key, "lambda"), "must be >= 0")
@@ -162,6 +180,8 @@ class NewConfig:
     def validate(self, key: str) -> None:
         check(self.compat.align == 0 or self.method == "nifcl", join(join(key, "compat"), "align"),
               f"only method nifcl uses the prototype-alignment term (method is {self.method})")
+        check(self.compat.neighbors.weight == 0 or self.method == "nifcl", join(key, "compat.neighbors.weight"),
+              f"only method nifcl uses the old-neighbourhood term (method is {self.method})")
 
 
 @dataclass

@@ -65,6 +65,7 @@ COMPAT_KEY_METHODS = {
     "soft_targets": ("nifcl",),
     "random_walk": ("nifcl",),
     "align": ("nifcl",),
+    "neighbors": ("nifcl",),
 }
 
 

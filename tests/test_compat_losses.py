@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from raycompat.compat.losses import (InfluenceLoss, L2CompatLoss, PrototypeAlignmentLoss, compatible_slice,
-                                     cosine_logits, cosine_softmax_loss)
+from raycompat.compat.losses import (InfluenceLoss, L2CompatLoss, OldNeighborLoss, PrototypeAlignmentLoss,
+                                     compatible_slice, cosine_logits, cosine_softmax_loss)
 from raycompat.errors import ConfigError, DataError
 
 
@@ -154,3 +154,86 @@ def test_prototype_alignment_is_zero_on_the_prototype_and_frozen(small):
         loss(on_target, soft_targets=torch.ones(5, 4) / 4)
     with pytest.raises(DataError, match="NaN"):
         PrototypeAlignmentLoss(torch.full((2, 4), float("nan")))
+
+
+def _hand_old_neighbors(feat, idx, labels, old, old_labels, scale, candidates):
+    """Item by item: -log(sum over same-class candidates / sum over all candidates), own item left out."""
+    total, n = 0.0, 0
+    for f, i, y in zip(feat, idx, labels):
+        pos = every = 0.0
+        for j in candidates:
+            if j == i:
+                continue
+            e = math.exp(scale * sum(a * b for a, b in zip(_unit(f[:len(old[j])]), _unit(old[j]))))
+            every += e
+            pos += e if old_labels[j] == y else 0.0
+        if pos > 0:
+            total, n = total - math.log(pos / every), n + 1
+    return total / n
+
+
+@pytest.fixture
+def neighborhood():
+    g = torch.Generator().manual_seed(7)
+    old = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    old_labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 3])  # class 3: one member only
+    new = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    return new, torch.tensor([0, 4, 11, 7, 2]), old, old_labels
+
+
+def test_old_neighbors_matches_hand_formula_and_leaves_own_item_out(neighborhood):
+    new, idx, old, old_labels = neighborhood
+    y = old_labels[idx]
+    loss = OldNeighborLoss(old, old_labels, scale=8.0)
+    # Item 11 is the only member of class 3: no other candidate shares its class, so it is left out.
+    hand = _hand_old_neighbors(new.tolist(), idx.tolist(), y.tolist(), old.tolist(), old_labels.tolist(), 8.0,
+                               range(12))
+    assert loss(new, idx, y).item() == pytest.approx(hand, rel=1e-5)
+    # A bank draws a subset of candidates, the same for the same batch; the formula holds on it.
+    banked = OldNeighborLoss(old, old_labels, scale=8.0, bank=7, seed=3)
+    cand = banked.candidates(idx)
+    assert len(cand) == 7 and torch.equal(cand, banked.candidates(idx)) and len(set(cand.tolist())) == 7
+    hand = _hand_old_neighbors(new.tolist(), idx.tolist(), y.tolist(), old.tolist(), old_labels.tolist(), 8.0,
+                               cand.tolist())
+    assert banked(new, idx, y).item() == pytest.approx(hand, rel=1e-5)
+    assert torch.equal(OldNeighborLoss(old, old_labels, 8.0, bank=50).candidates(idx), torch.arange(12))
+
+
+def test_old_neighbors_is_lower_among_own_class_and_frozen(neighborhood):
+    _, idx, old, old_labels = neighborhood
+    idx, y = idx[[0, 1, 3, 4]], old_labels[idx[[0, 1, 3, 4]]]
+    loss = OldNeighborLoss(old, old_labels, scale=16.0)
+    # On another member of its class (not itself) vs on a member of another class.
+    same = {0: 3, 4: 1, 7: 0, 2: 5}
+    other = {0: 1, 4: 2, 7: 2, 2: 0}
+    among_own = torch.cat([old[[same[i] for i in idx.tolist()]], torch.zeros(4, 2, dtype=torch.float64)], dim=1)
+    among_other = torch.cat([old[[other[i] for i in idx.tolist()]], torch.zeros(4, 2, dtype=torch.float64)], dim=1)
+    among_own.requires_grad_()
+    value = loss(among_own, idx, y)
+    assert value < loss(among_other, idx, y)
+    value.backward()
+    assert torch.isfinite(among_own.grad).all() and not loss.feats.requires_grad
+
+
+def test_old_neighbors_without_any_valid_item_is_zero_with_finite_gradient(neighborhood):
+    new, _, old, old_labels = neighborhood
+    lone = new[:1].clone().requires_grad_()
+    value = OldNeighborLoss(old, old_labels, scale=16.0)(lone, torch.tensor([11]), torch.tensor([3]))
+    value.backward()
+    assert value.item() == 0.0 and torch.isfinite(lone.grad).all()
+
+
+def test_old_neighbors_bad_input(neighborhood):
+    new, idx, old, old_labels = neighborhood
+    with pytest.raises(ConfigError, match="scale must be positive"):
+        OldNeighborLoss(old, old_labels, scale=0.0)
+    with pytest.raises(ConfigError, match="bank must be >= 0"):
+        OldNeighborLoss(old, old_labels, scale=1.0, bank=-1)
+    with pytest.raises(DataError, match="labels must be class indices of shape"):
+        OldNeighborLoss(old, old_labels[:5], scale=1.0)
+    with pytest.raises(DataError, match="NaN or inf"):
+        OldNeighborLoss(torch.full((3, 4), float("inf")), old_labels[:3], scale=1.0)
+    with pytest.raises(DataError, match="idx and labels must have shape"):
+        OldNeighborLoss(old, old_labels, scale=1.0)(new, idx[:3], old_labels[idx[:3]])
+    with pytest.raises(ConfigError, match="fewer than the old features"):
+        OldNeighborLoss(old, old_labels, scale=1.0)(new[:, :3], idx, old_labels[idx])

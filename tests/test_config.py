@@ -37,6 +37,8 @@ def test_lambda_key_maps_to_weight(tmp_path):
     ("new:\n  compat:\n    soft_targets: true\n", "new.compat.soft_targets: needs random_walk.enabled"),
     ("new:\n  method: bct\n  compat:\n    align: 1.0\n", "new.compat.align: only method nifcl"),
     ("new:\n  method: nifcl\n  compat:\n    align: -1\n", "new.compat.align: must be >= 0"),
+    ("new:\n  method: l2\n  compat:\n    neighbors: {weight: 1.0}\n", "new.compat.neighbors.weight: only method nifcl"),
+    ("new:\n  method: nifcl\n  compat:\n    neighbors: {bank: -2}\n", "new.compat.neighbors.bank: must be >= 0"),
     ("data: [1, 2]\n", "data: expected a mapping"),
     ("old: {model: {embed_dim: -1}}\n", "old.model.embed_dim: must be positive"),
     ("seed: true\n", "seed: expected an integer"),

@@ -88,6 +88,25 @@ def test_nifcl_alignment_adds_the_weighted_prototype_term():
     assert (with_align - base).item() == pytest.approx(2.5 * expected.item(), rel=1e-5)
 
 
+def test_nifcl_neighbors_adds_the_weighted_old_neighbourhood_term():
+    from raycompat.compat.losses import OldNeighborLoss
+
+    old, labels = features()
+    idx = torch.arange(10, 22)
+    y = torch.from_numpy(labels[10:22])
+    new = torch.randn(12, 12, generator=torch.Generator().manual_seed(6))
+    plain = NewConfig(method="nifcl")
+    plain.model.embed_dim = 12
+    with_nb = NewConfig(method="nifcl")
+    with_nb.model.embed_dim = 12
+    with_nb.compat.neighbors.weight = 0.5
+    with_nb.compat.neighbors.bank = 25
+    base = build_compat_term(plain, old, labels, 3, torch.device("cpu"), seed=4)(new, idx, y)
+    total = build_compat_term(with_nb, old, labels, 3, torch.device("cpu"), seed=4)(new, idx, y)
+    expected = OldNeighborLoss(torch.from_numpy(old), torch.from_numpy(labels), 16.0, bank=25, seed=4)(new, idx, y)
+    assert (total - base).item() == pytest.approx(0.5 * expected.item(), rel=1e-5)
+
+
 def test_bad_inputs_are_clear_errors():
     old, labels = features()
     cfg = NewConfig(method="nifcl")

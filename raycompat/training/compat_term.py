@@ -8,7 +8,8 @@
 - ``nifcl``: influence loss through a pseudo classifier built from old features
   of the new training data only (mean prototypes or a linear head), optionally
   refined by a random walk, with hard labels or random-walk soft labels, plus
-  ``align`` times the prototype-alignment term when ``compat.align > 0``.
+  ``align`` times the prototype-alignment term when ``compat.align > 0``, plus
+  ``neighbors.weight`` times the old-neighbourhood term when that is > 0.
 
 Inputs are the old features of the training items in training order, so the
 term is looked up per batch by item position.
@@ -24,6 +25,7 @@ import torch
 
 from raycompat.compat.losses.influence import InfluenceLoss
 from raycompat.compat.losses.l2 import L2CompatLoss
+from raycompat.compat.losses.old_neighbors import OldNeighborLoss
 from raycompat.compat.losses.prototype_alignment import PrototypeAlignmentLoss
 from raycompat.compat.pseudo_classifier import linear_pseudo_classifier, mean_prototypes, synthesize_bct_classifier
 from raycompat.compat.random_walk import refine
@@ -81,11 +83,17 @@ def build_compat_term(
     # Alignment targets the class prototypes whatever the classifier: a linear head's rows
     # are discriminative directions, not places where old features lie.
     align = PrototypeAlignmentLoss(prototypes).to(device) if c.align > 0 else None
+    nb = c.neighbors
+    neighbors = OldNeighborLoss(feats, lab, nb.scale, nb.bank, seed).to(device) if nb.weight > 0 else None
     soft = refined is not None and c.soft_targets
 
     def term(new: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         target = {"soft_targets": refined.soft_targets(idx).to(device)} if soft else {"labels": y}
         loss = influence(new, **target)
-        return loss + c.align * align(new, **target) if align is not None else loss
+        if align is not None:
+            loss = loss + c.align * align(new, **target)
+        if neighbors is not None:
+            loss = loss + nb.weight * neighbors(new, idx, y)
+        return loss
 
     return term

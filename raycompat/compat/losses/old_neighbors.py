@@ -1,0 +1,86 @@
+"""Old-neighbourhood loss: a new feature's nearest *old* features should share its class.
+
+New/old top-1 asks exactly this of a query: its nearest neighbour in the old
+gallery has its class. Class prototypes summarise where a class's old features
+lie, but where the old model mixes classes it never saw (on the Fashion-MNIST
+class split, shirts among T-shirts, pullovers and coats), a prototype sits among
+other classes' old features, and a query placed on it retrieves them. This term
+uses the stored old features of the training set themselves, a soft
+nearest-neighbour (NCA) objective across the two models::
+
+    L_nb = mean_i -log( sum_{j in B_i, y_j = y_i} exp(s cos(phi_new_i[:d_old], phi_old_j))
+                      / sum_{j in B_i} exp(s cos(phi_new_i[:d_old], phi_old_j)) )
+
+B_i: the candidate old features without item i's own (leave-one-out, as retrieval
+is evaluated): all of them, or ``bank`` drawn per batch. Items whose class has no
+other candidate are left out of the mean. The old model is not run: the
+features come from the feature store, like the pseudo classifier's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raycompat.compat.losses.classification import frozen_unit_rows
+from raycompat.compat.losses.compatible_slice import compatible_slice
+from raycompat.errors import ConfigError, DataError
+
+
+class OldNeighborLoss(nn.Module):
+    """Soft nearest-neighbour loss of new features against frozen old features ``[N, d_old]`` with ``labels`` [N]."""
+
+    feats: torch.Tensor
+    labels: torch.Tensor
+
+    def __init__(self, old_feats: torch.Tensor, labels: torch.Tensor, scale: float, bank: int = 0,
+                 seed: int = 0) -> None:
+        super().__init__()
+        if scale <= 0:
+            raise ConfigError(f"old-neighbourhood loss scale must be positive, got {scale}")
+        if bank < 0:
+            raise ConfigError(f"old-neighbourhood bank must be >= 0 (0 = all old features), got {bank}")
+        self.register_buffer("feats", frozen_unit_rows(old_feats, "old features"))
+        if labels.shape != (self.feats.shape[0],) or bool((labels < 0).any()):
+            raise DataError(f"labels must be class indices of shape [{self.feats.shape[0]}], "
+                            f"got shape {tuple(labels.shape)}")
+        # One-hot labels: class sums of the neighbour weights are then one matrix product.
+        self.register_buffer("onehot", F.one_hot(labels.detach().long()).float())
+        self.scale, self.bank, self.seed = float(scale), int(bank), int(seed)
+
+    def candidates(self, idx: torch.Tensor) -> torch.Tensor:
+        """Positions of the old features a batch of items ``idx`` is scored against (sorted)."""
+        n = self.feats.shape[0]
+        if self.bank == 0 or self.bank >= n:
+            return torch.arange(n)
+        # Seeded by the batch's items, not a running generator: a run resumed from a checkpoint
+        # draws the same candidates for the same batch.
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(idx.sum()))
+        return torch.randperm(n, generator=gen)[: self.bank].sort().values
+
+    def forward(self, new_feat: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``new_feat`` [B, d_new] of training items at positions ``idx`` [B] with ``labels`` [B] -> scalar loss."""
+        if idx.shape != (new_feat.shape[0],) or labels.shape != idx.shape:
+            raise DataError(f"idx and labels must have shape [{new_feat.shape[0]}], "
+                            f"got {tuple(idx.shape)} and {tuple(labels.shape)}")
+        device = self.feats.device
+        idx, labels = idx.to(device), labels.to(device)
+        cand = self.candidates(idx.cpu()).to(device)
+        query = F.normalize(compatible_slice(new_feat, self.feats.shape[1]), dim=1)
+        logits = self.scale * query @ self.feats[cand].to(query.dtype).T
+        # Shifted by the row maximum (a constant per row: the ratio below does not change).
+        weights = (logits - logits.detach().max(dim=1, keepdim=True).values).exp()
+        # Leave each item's own old feature out; cand is sorted, so its column is a binary search.
+        col = torch.searchsorted(cand, idx).clamp_max(len(cand) - 1)
+        own = cand[col] == idx
+        rows = own.nonzero().squeeze(1)
+        weights = weights.index_put((rows, col[rows]), weights.new_zeros(()))
+        onehot = self.onehot[cand].to(weights.dtype)
+        same = (weights @ onehot).gather(1, labels[:, None]).squeeze(1)
+        valid = onehot.sum(dim=0)[labels] - own.to(weights.dtype) > 0
+        if not bool(valid.any()):
+            return new_feat.sum() * 0.0
+        # clamp: with a large scale, far same-class neighbours can underflow to 0 against the row maximum.
+        loss = weights.sum(dim=1).log() - same.clamp_min(torch.finfo(weights.dtype).tiny).log()
+        return loss[valid].mean()
