@@ -7,7 +7,8 @@ writes, for the test split:
   training split, as NIFCL's ``mean`` pseudo classifier is): classes the old model
   never saw have nearly parallel prototypes;
 - per method, the mean cosine of a new feature's compatible slice to its own class's
-  prototype (old features' own value for comparison) and new/old top-1::
+  prototype (old features' own value for comparison) and new/old top-1, overall
+  and per class (old/old's per class for comparison)::
 
     python benchmarks/prototype_geometry.py --config raycompat/configs/bench_fashion_mnist.yaml \\
         --out benchmarks/results/prototype_geometry.json
@@ -62,10 +63,15 @@ def main(argv: list[str] | None = None) -> None:
     d_old = old.shape[1]
     pairs = [("q", "old")]
 
-    def top1(queries: np.ndarray) -> float:
+    def top1(queries: np.ndarray) -> tuple[float, dict[str, float]]:
+        """Top-1 of ``queries`` against the old gallery: overall, and per class (percent, rounded)."""
         m = cross_model_matrix({"q": queries.astype(np.float32), "old": old.astype(np.float32)}, labels, ids, pairs,
-                               cfg.eval.chunk_size)
-        return float(m["q/old"]["top1"])
+                               cfg.eval.chunk_size, return_correct=True)
+        correct = m["q/old"]["correct"]  # evaluated queries only: in query order when none was skipped
+        if len(correct) != len(labels):
+            raise SystemExit(f"{m['q/old']['n_skipped']} queries have no relevant item: per-class top-1 undefined")
+        per_class = {str(int(c)): round(100.0 * float(correct[labels == c].mean()), 2) for c in classes}
+        return float(m["q/old"]["top1"]), per_class
 
     methods = {}
     for label, mcfg in method_configs(cfg).items():
@@ -73,14 +79,17 @@ def main(argv: list[str] | None = None) -> None:
         if not np.array_equal(new_ids, ids):
             raise SystemExit(f"{label}: its test store holds other ids than the old one")
         part = unit(new[:, :d_old])
+        overall, per_class = top1(part)
         methods[label] = {"cos_to_own_prototype": float((part * own).sum(axis=1).mean()),
-                          "new/old top1": top1(part)}
+                          "new/old top1": overall, "new/old top1 per class": per_class}
+    old_top1, old_per_class = top1(old)
     result = {
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
         "classes": [int(c) for c in classes],
         "old_classes": list(cfg.protocol.old_classes or []),
         "prototype_cosines": np.round(prototypes @ prototypes.T, 3).tolist(),
-        "old": {"cos_to_own_prototype": float((old * own).sum(axis=1).mean()), "old/old top1": top1(old)},
+        "old": {"cos_to_own_prototype": float((old * own).sum(axis=1).mean()), "old/old top1": old_top1,
+                "old/old top1 per class": old_per_class},
         "methods": methods,
     }
     out = Path(args.out)
