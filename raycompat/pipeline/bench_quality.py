@@ -206,8 +206,7 @@ def _curves_on_ray(new_feats: np.ndarray, labels: np.ndarray, h: np.ndarray, ids
                    orders: dict[str, np.ndarray], chunk_size: int) -> dict[str, dict]:
     """Partial-backfill curves of ``new_feats`` queries on the ``h`` gallery, one Ray task per order and
     range of points (each point costs a full ranking of every query, so the points spread over the CPUs)."""
-    refs = [ray.put(a) for a in (new_feats, labels, h, ids)]
-    q, lab, gallery, ids_ref = refs
+    q, lab, gallery, ids_ref = (ray.put(a) for a in (new_feats, labels, h, ids))
     curve_task = ray.remote(num_cpus=1)(backfill_curve)
     tasks = {name: [curve_task.remote(q, lab, gallery, q, lab, order, query_ids=ids_ref, gallery_ids=ids_ref,
                                       fractions=DEFAULT_FRACTIONS[i:i + _CURVE_POINTS_PER_TASK],
