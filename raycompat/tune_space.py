@@ -47,7 +47,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type
 
 import numpy as np
 
-from raycompat.config import PipelineConfig, load_pipeline_config
+from raycompat.config import CompatConfig, PipelineConfig, load_pipeline_config
 from raycompat.configio import check, deep_merge, from_dict, join, read_yaml, to_dict, yaml_key
 from raycompat.errors import ConfigError
 
@@ -330,6 +330,13 @@ def apply_params(base: PipelineConfig, params: dict[str, Any], where: str = "") 
         return from_dict(PipelineConfig, deep_merge(to_dict(base), nest(params)))
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}" if where else str(exc)) from None
+
+
+def reference_config(base: PipelineConfig) -> PipelineConfig:
+    """The constraint's reference run: ``base`` with an independent new model (lambda 0, no NIFCL-only term)."""
+    data = to_dict(base)
+    data["new"] = {**data["new"], "method": "independent", "compat": {**to_dict(CompatConfig()), "lambda": 0.0}}
+    return from_dict(PipelineConfig, data)
 
 
 def reference_at(reference: dict[int, float], epoch: int) -> float:

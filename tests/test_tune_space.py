@@ -165,3 +165,16 @@ def test_search_refuses_validation_after_the_last_epoch_only():
     pipeline["eval"] = {"every_epoch": False}
     with pytest.raises(ConfigError, match="pipeline.eval.every_epoch: must be true in a search"):
         from_dict(SearchConfig, {"pipeline": pipeline, "space": {"new.compat.lambda": {"grid": [0.5, 1.0]}}})
+
+
+def test_reference_is_the_same_pipeline_with_an_independent_model_and_no_nifcl_term():
+    from raycompat.tune_space import reference_config
+
+    base = nifcl_base()
+    base.new.compat.align = 3.0
+    base.new.compat.neighbors.weight = 1.0
+    ref = reference_config(base)
+    assert ref.new.method == "independent" and ref.new.compat.weight == 0.0
+    assert ref.new.compat.align == 0.0 and ref.new.compat.neighbors.weight == 0.0
+    assert to_dict(ref.new.model) == to_dict(base.new.model) and to_dict(ref.data) == to_dict(base.data)
+    assert ref.new.optim.epochs == base.new.optim.epochs

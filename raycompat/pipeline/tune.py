@@ -56,7 +56,7 @@ from raycompat.pipeline.ray_session import cluster_cpus_gpus, init_ray
 from raycompat.pipeline.train import build_trainer, old_model_name, run_training
 from raycompat.tune_space import (
     ObjectiveConfig, ParamSpec, SearchConfig, TrialConfig, apply_params, expected_trials, load_search_config,
-    plain_value, reference_at, score,
+    plain_value, reference_at, reference_config, score,
 )
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ def measure_reference(search: SearchConfig, root: Location) -> dict[int, float]:
         if saved.get("metric") == c.metric:
             log.info("reference %s from %s", c.metric, path)
             return {int(e): float(v) for e, v in saved["values"].items()}
-    cfg = apply_params(search.pipeline, {"new.method": "independent", "new.compat.lambda": 0.0})
+    cfg = reference_config(search.pipeline)
     epochs_log = child(root, "reference-epochs.jsonl")
     log.info("measuring the reference %s with an independent new model", c.metric)
     with _keep_sigint_handler():
