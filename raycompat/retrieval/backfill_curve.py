@@ -52,6 +52,11 @@ def _backfilled_masks(order: np.ndarray | Sequence, counts: list[int], n: int) -
     return [rank < k for k in counts]
 
 
+def _auc(curve: dict) -> dict[str, float]:
+    """Area under each metric's curve, as reported: the mean of its points."""
+    return {m: float(np.mean(curve[m])) for m in METRICS}
+
+
 def backfill_curve(
     query_features: np.ndarray,
     query_labels: np.ndarray | Sequence,
@@ -106,7 +111,7 @@ def backfill_curve(
     curve: dict = {"fractions": [float(f) for f in fractions], "n_backfilled": counts}
     for m in METRICS:
         curve[m] = [s[m] for s in summaries]
-    curve["auc"] = {m: float(np.mean(curve[m])) for m in METRICS}
+    curve["auc"] = _auc(curve)
     curve["n_queries"] = summaries[0]["n_queries"]
     curve["n_skipped"] = summaries[0]["n_skipped"]
     logger.info(
@@ -128,7 +133,7 @@ def join_curves(parts: Sequence[dict]) -> dict:
     if len(counts) != 1:
         raise DataError(f"join_curves: parts were measured on different queries (n_queries, n_skipped): {sorted(counts)}")
     curve: dict = {key: [v for p in parts for v in p[key]] for key in ("fractions", "n_backfilled", *METRICS)}
-    curve["auc"] = {m: float(np.mean(curve[m])) for m in METRICS}
+    curve["auc"] = _auc(curve)
     curve["n_queries"], curve["n_skipped"] = counts.pop()
     return curve
 

@@ -67,8 +67,11 @@ class OldNeighborLoss(nn.Module):
         device = self.feats.device
         idx, labels = idx.to(device), labels.to(device)
         cand = self.candidates(idx.cpu()).to(device)
-        query = F.normalize(compatible_slice(new_feat, self.feats.shape[1]), dim=1)
-        logits = self.scale * query @ self.feats[cand].to(query.dtype).T
+        # Every candidate, in order: use the buffers as they are instead of copying them per batch.
+        every = len(cand) == self.feats.shape[0]
+        feats, onehot = (self.feats, self.onehot) if every else (self.feats[cand], self.onehot[cand])
+        query = F.normalize(compatible_slice(new_feat, feats.shape[1]), dim=1)
+        logits = self.scale * query @ feats.to(query.dtype).T
         # Shifted by the row maximum (a constant per row: the ratio below does not change).
         weights = (logits - logits.detach().max(dim=1, keepdim=True).values).exp()
         # Leave each item's own old feature out; cand is sorted, so its column is a binary search.
@@ -76,7 +79,7 @@ class OldNeighborLoss(nn.Module):
         own = cand[col] == idx
         rows = own.nonzero().squeeze(1)
         weights = weights.index_put((rows, col[rows]), weights.new_zeros(()))
-        onehot = self.onehot[cand].to(weights.dtype)
+        onehot = onehot.to(weights.dtype)
         same = (weights @ onehot).gather(1, labels[:, None]).squeeze(1)
         valid = onehot.sum(dim=0)[labels] - own.to(weights.dtype) > 0
         if not bool(valid.any()):
