@@ -696,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
             _print_usage(cluster)
     except RaycompatError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

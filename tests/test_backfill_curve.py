@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from raycompat.errors import ConfigError, DataError
 from raycompat.retrieval import (
@@ -127,8 +128,17 @@ def test_save_and_plot(tmp_path, loo_data):
     save_curve_json(path, curves)
     assert json.loads(path.read_text()) == curves
     png = tmp_path / "plots" / "curves.png"
-    plot_curves(curves, png, metric="top1")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = plot_curves(curves, png, metric="top1")
+    (ax,) = fig.axes
+    # One line per ordering, carrying that curve's points (x in percent) and its AUC in the legend.
+    for line, (name, curve) in zip(ax.get_lines(), curves.items()):
+        np.testing.assert_allclose(line.get_xdata(), 100.0 * np.asarray(curve["fractions"]))
+        np.testing.assert_allclose(line.get_ydata(), curve["top1"])
+        assert line.get_label() == f"{name} (AUC {curve['auc']['top1']:.2f})"
+    assert len(ax.get_lines()) == len(curves)
+    with Image.open(png) as im:
+        assert im.size == (720, 480)
+        assert len(im.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 2
     with pytest.raises(ConfigError, match="metric"):
         plot_curves(curves, png, metric="recall")
 

@@ -35,12 +35,19 @@ def fashion_images(n: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("channels,size", [(1, 28), (1, 8), (3, 32)])
-def test_features_shape(channels, size):
+def test_features_are_the_encoder_code_of_each_image(channels, size):
+    """forward = encoder(2 * pixels / 255 - 1), row by row (no batch coupling); the loss is the decoder's pixel MSE."""
     model = SideInfoModel(channels, size, dim=16, width=4).eval()
     images = torch.randint(0, 256, (5, channels, size, size), dtype=torch.uint8)
     feats = model(images)
     assert feats.shape == (5, 16) and feats.dtype == torch.float32
-    assert model.reconstruction_loss(images).ndim == 0
+    with torch.no_grad():
+        pixels = images.float() / 255.0
+        torch.testing.assert_close(feats, model.encoder(pixels * 2 - 1))
+        torch.testing.assert_close(model(images[2:3]), feats[2:3])
+        assert not torch.allclose(feats[0], feats[1])
+        expected = torch.nn.functional.mse_loss(model.decoder(model.encoder(pixels * 2 - 1)), pixels)
+        torch.testing.assert_close(model.reconstruction_loss(images), expected)
 
 
 def test_input_errors():

@@ -43,28 +43,20 @@ def test_rejects_bad_arguments(tmp_path: Path) -> None:
         LocalCluster.attach(tmp_path)
 
 
-def test_cli_reports_missing_cluster(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "raycompat.cluster", "down", "--dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 1
-    assert "no cluster recorded" in proc.stderr
-
-
-def test_shell_wrapper_runs_the_cli() -> None:
+@pytest.mark.parametrize("command", ["down", "status"])
+def test_shell_wrapper_passes_arguments_and_reports_a_missing_cluster(tmp_path: Path, command: str) -> None:
+    """cluster/local-cluster.sh runs the CLI with its arguments: one line `error: ...`, exit 2, nothing started."""
     script = Path(__file__).resolve().parents[1] / "cluster" / "local-cluster.sh"
     proc = subprocess.run(
-        ["bash", str(script), "--help"],
+        ["bash", str(script), command, "--dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=60,
         env={**os.environ, "PYTHON": sys.executable},
     )
-    assert proc.returncode == 0, proc.stderr
-    assert "{up,down,status}" in proc.stdout
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"error: {tmp_path / STATE_FILE}: no cluster recorded here (start one with `up`)"]
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture(scope="module")

@@ -58,16 +58,34 @@ def test_independent_has_no_term():
     assert build_compat_term(NewConfig(method="independent"), old, labels, 3, torch.device("cpu")) is None
 
 
-def test_nifcl_with_random_walk_soft_targets():
+def test_nifcl_with_random_walk_soft_targets_equals_the_dense_walk_reference():
+    """KL(Y* || softmax(s cos(new, W*))), with W* and Y* from the dense closed form of the walk."""
+    from raycompat.compat.knn_graph import knn_transition_matrix
+
     old, labels = features()
     cfg = NewConfig(method="nifcl")
+    cfg.model.embed_dim = 12
     cfg.compat.random_walk.enabled = True
     cfg.compat.random_walk.graph = "global"
     cfg.compat.random_walk.k = 5
     cfg.compat.soft_targets = True
     term = build_compat_term(cfg, old, labels, 3, torch.device("cpu"))
     idx = torch.arange(10)
-    assert torch.isfinite(term(torch.randn(10, 64), idx, torch.from_numpy(labels[:10])))
+    new = torch.randn(10, 12, generator=torch.Generator().manual_seed(3))
+    got = term(new, idx, torch.from_numpy(labels[:10]))
+
+    rw, n = cfg.compat.random_walk, len(labels)
+    z = torch.nn.functional.normalize(torch.from_numpy(old).double(), dim=1)
+    P = torch.from_numpy(knn_transition_matrix(z.float(), rw.k, rw.tau, "global").toarray()).double()
+    inverse = (1 - rw.alpha) * torch.linalg.inv(torch.eye(n, dtype=torch.float64) - rw.alpha * P)
+    onehot = torch.nn.functional.one_hot(torch.from_numpy(labels).long(), 3).double()
+    refined, soft = inverse @ z, inverse @ onehot
+    protos = torch.nn.functional.normalize(torch.stack([refined[labels == c].mean(0) for c in range(3)]), dim=1)
+    logits = cfg.compat.scale * torch.nn.functional.normalize(new[:, :8].double(), dim=1) @ protos.T
+    target = soft[:10] / soft[:10].sum(1, keepdim=True)
+    kl = (target * (target.clamp_min(1e-300).log() - logits.log_softmax(1))).sum(1).mean()
+    # The term is unweighted: the training loop multiplies it by lambda.
+    assert got.item() == pytest.approx(kl.item(), rel=1e-3)
 
 
 def test_nifcl_alignment_adds_the_weighted_prototype_term():

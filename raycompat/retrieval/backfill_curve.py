@@ -15,6 +15,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from raycompat.errors import ConfigError, DataError
 from raycompat.retrieval.evaluate import Pairing
 from raycompat.retrieval.metrics import QueryOutcomes, outcomes_from_keys, ranking_keys, summarize
 from raycompat.retrieval.search import DEFAULT_CHUNK_SIZE, Gallery, chunk_ranges, normalize_features
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +149,11 @@ def save_curve_json(path: str | Path, curves: Mapping[str, dict]) -> None:
     path.write_text(json.dumps(dict(curves), indent=2, sort_keys=True) + "\n")
 
 
-def plot_curves(curves: Mapping[str, dict], path_png: str | Path, metric: str = "mAP") -> None:
-    """Plot ``metric`` vs fraction backfilled, one line per ordering, AUC in the legend; write a PNG."""
+def plot_curves(curves: Mapping[str, dict], path_png: str | Path, metric: str = "mAP") -> "Figure":
+    """Plot ``metric`` vs fraction backfilled, one line per ordering, AUC in the legend; write a PNG.
+
+    Returns the matplotlib Figure it saved.
+    """
     if metric not in METRICS:
         raise ConfigError(f"metric: {metric!r} is not one of {', '.join(METRICS)}")
     if not curves:
@@ -167,3 +174,4 @@ def plot_curves(curves: Mapping[str, dict], path_png: str | Path, metric: str = 
     path = Path(path_png)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=120)
+    return fig
