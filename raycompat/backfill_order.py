@@ -1,4 +1,4 @@
-"""Orders in which a partial backfill re-embeds gallery items (FastFill, DESIGN.md section 3).
+"""Orders in which a partial backfill re-embeds gallery items (FastFill, docs/method.md).
 
 Each function returns a permutation of gallery positions (int64 numpy array):
 the first floor(f * n) items of it get new-model features at backfill fraction

@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, fn: Callable, help_: str, config_required: bool = True) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
         if config_required:
-            sp.add_argument("--config", required=True, help="pipeline config YAML (see configs/)")
+            sp.add_argument("--config", required=True, help="pipeline config YAML (see raycompat/configs/)")
         sp.add_argument("--out", help="override output_dir from the config")
         sp.set_defaults(fn=fn)
         return sp

@@ -642,7 +642,7 @@ def _print_usage(cluster: LocalCluster) -> None:
     if cluster.dashboard_url:
         print(
             f"submit:     ray job submit --address {cluster.dashboard_url} --working-dir . "
-            "-- python jobs/pipeline.py --config configs/demo.yaml"
+            "-- python jobs/pipeline.py --config raycompat/configs/demo.yaml"
         )
 
 

@@ -1,4 +1,4 @@
-"""The pipeline config: one YAML file drives every stage (see configs/*.yaml).
+"""The pipeline config: one YAML file drives every stage (examples in raycompat/configs/).
 
 Each stage reads the sections it needs; ``output_dir`` is the storage root under
 which every stage writes (see :mod:`raycompat.layout`).
@@ -44,7 +44,7 @@ class DataConfig:
 
 @dataclass
 class ProtocolConfig:
-    """How old and new training data relate (DESIGN.md section 3)."""
+    """How old and new training data relate (docs/method.md)."""
 
     kind: Literal["class_split", "data_split"] = "class_split"
     # class_split: the classes the old model is trained on (null = first half).
@@ -93,7 +93,7 @@ class OptimConfig:
 
 @dataclass
 class RandomWalkConfig:
-    """Random walk with restart over a kNN graph of old features (DESIGN.md section 2)."""
+    """Random walk with restart over a kNN graph of old features (docs/method.md)."""
 
     enabled: bool = False
     k: int = 20

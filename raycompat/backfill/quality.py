@@ -1,7 +1,7 @@
 """Measured retrieval quality: the cross-model matrix and the partial-backfill curves.
 
 The input is the mapping the quality benchmark writes to ``quality.json``
-(DESIGN.md section 7)::
+(its file is described in benchmarks/README.md)::
 
     {method: {"old/old" | "new/new" | "new/old" | "new/h(old)": {"top1", "top5", "mAP"}},
      "backfill_curves": {order: {"fractions": [...], "top1": [...], "top5": [...], "mAP": [...],

@@ -1,4 +1,4 @@
-"""Classifiers over the old feature space, for the influence loss (DESIGN.md section 2).
+"""Classifiers over the old feature space, for the influence loss (docs/method.md).
 
 NIFCL builds a *pseudo* classifier from old features of the new training data
 (:func:`mean_prototypes`, :func:`linear_pseudo_classifier`); the BCT baseline uses

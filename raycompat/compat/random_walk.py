@@ -1,4 +1,4 @@
-"""Random walk with restart over the kNN graph: NIFCL's refined targets (DESIGN.md section 2).
+"""Random walk with restart over the kNN graph: NIFCL's refined targets (docs/method.md).
 
 F* = (1 - alpha) (I - alpha P)^-1 F0 = (1 - alpha) sum_t (alpha P)^t F0, computed by
 the power iteration F_{t+1} = alpha P F_t + (1 - alpha) F0 on a sparse P: O(n k d)

@@ -1,4 +1,4 @@
-"""Old/new training protocols (DESIGN.md section 3).
+"""Old/new training protocols (docs/method.md).
 
 - class split: the old model sees the images of ``old_classes`` only (default:
   the first half); the new model sees every class.

@@ -7,8 +7,8 @@ variants map stored old (+ side) features to the FCT target model's features
 (``bench.fct_target``, an unconstrained new model), and FastFill orders the
 partial backfill of the transformed gallery. Writes ``<name>.json``,
 ``<name>.md`` (starting with the command, machine and date) and
-``<name>_curves.png`` (DESIGN.md section 7); the summary ends with each
-acceptance criterion of the issues, checked against the measured numbers.
+``<name>_curves.png`` (the result files are listed in benchmarks/README.md); the
+summary ends with each acceptance criterion, checked against the measured numbers.
 """
 
 from __future__ import annotations

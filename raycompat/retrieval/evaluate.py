@@ -1,6 +1,6 @@
 """Retrieval evaluation: one query/gallery evaluation, and the cross-model matrix M(query model, gallery model).
 
-Protocol (DESIGN.md section 3): query set = gallery set with each query's own
+Protocol (docs/method.md): query set = gallery set with each query's own
 item excluded (leave-one-out, by id), or a separate query/gallery split. A
 query's own item is the gallery item with the same id, whichever protocol.
 Ranking and skipping rules are in ``raycompat.retrieval.metrics``.
