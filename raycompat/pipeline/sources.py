@@ -4,7 +4,9 @@ A *shard* is one Parquet file; it is the unit of resume (one feature-store part 
 shard). Built-in datasets are written as shards once (:func:`prepare_gallery`), image
 folders are packed into shards by a Ray job (:func:`pack_image_folder`), and user Parquet
 tables are read where they are, on any filesystem :mod:`raycompat.storage` resolves. So
-every source streams the same way through ``ray.data.read_parquet``.
+every source streams the same way: extraction plans work items as row-group ranges of
+the shards (from their footers) and each actor reads its own (see
+:mod:`raycompat.pipeline.extract`).
 
 Shard schema: ``id`` string, ``image``, optional ``label`` integer (null = unknown).
 ``image`` is one of (see :class:`ImageCodec`):
