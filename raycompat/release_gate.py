@@ -21,6 +21,7 @@ from raycompat.retrieval.metrics import QueryOutcomes
 CONFIDENCE = 0.95
 # Gate metric -> the per-query field it is the mean of.
 GATE_METRICS = {"top1": "hit1", "mAP": "ap"}
+_LABELS = {"top1": "top-1", "mAP": "mAP"}
 # The pairs a split's gate compares, by their QueryOutcomes.
 GATE_PAIRS = ("old/old", "new/old")
 
@@ -106,7 +107,7 @@ def gate_lines(gate: dict[str, Any]) -> list[str]:
             continue
         for metric in GATE_METRICS:
             m = s[metric]
-            lines.append(f"| {split} | {s['n_queries']} | {metric} | {m['old/old']:.2f} | {m['new/old']:.2f} | "
+            lines.append(f"| {split} | {s['n_queries']} | {_LABELS[metric]} | {m['old/old']:.2f} | {m['new/old']:.2f} | "
                          f"{_interval(m)} | {'yes' if m['passed'] else 'no'} |")
     if not gate["deploy_without_backfill"]:
         lines += ["", instead_line(gate)]
@@ -121,8 +122,8 @@ def instead_line(gate: dict[str, Any]) -> str:
     s = gate["instead"]
     if s is None:
         return "Instead: no strategy of this run's backfill report reaches old/old quality on top-1 and mAP."
-    return (f"Instead: **{s['name']}**, the cheapest strategy of this run's backfill report that reaches old/old "
-            f"quality (final top-1 {s['final']['top1']:.2f}, mAP {s['final']['mAP']:.2f}): "
+    return (f"Instead: **{s['name']}**, the cheapest strategy of this run's backfill report that reaches old/old's "
+            f"test quality (final top-1 {s['final']['top1']:.2f}, mAP {s['final']['mAP']:.2f}): "
             f"${s['dollars']:.3g}, {s['seconds']:.3g} s, {s['items_reembedded']:,.0f} items re-embedded.")
 
 
@@ -132,7 +133,7 @@ def gate_verdict(gate: dict[str, Any]) -> str:
     for split in ("validation", "test"):
         s = gate[split]
         figures = ("no validation split (data.validation: 0)" if s is None else
-                   ", ".join(f"{m} {_interval(s[m])}" for m in GATE_METRICS))
+                   ", ".join(f"{_LABELS[m]} {_interval(s[m])}" for m in GATE_METRICS))
         lines.append(f"  {split}: new/old - old/old {figures}")
     if not gate["deploy_without_backfill"]:
         lines.append("  " + instead_line(gate).replace("**", ""))
