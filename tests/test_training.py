@@ -13,6 +13,7 @@ from raycompat.layout import Layout
 from raycompat.models.extractor import load_extractor
 from raycompat.pipeline.train import run_training
 from raycompat.training.compat_term import build_compat_term
+from raycompat.tune_space import ObjectiveConfig, score
 
 
 def small_cfg(out, method="independent", **compat) -> PipelineConfig:
@@ -223,6 +224,8 @@ def test_training_reads_validation_never_test(tmp_path, monkeypatch):
     poisoned = _train_new(tmp_path / "poisoned", monkeypatch, old_train, poison_test=True)
     # Weights, every reported metric (the Tune objective's inputs) and the gate's outcomes: bit-identical.
     assert clean.metrics == poisoned.metrics and "new/old/mAP" in clean.metrics
+    objective = ObjectiveConfig()
+    assert score(clean.metrics, objective, {1: 50.0}) == score(poisoned.metrics, objective, {1: 50.0})
     images = ds.train.images[:64]
     f_clean = load_extractor(str(clean.model_dir), device="cpu")(images)
     f_poisoned = load_extractor(str(poisoned.model_dir), device="cpu")(images)
