@@ -223,8 +223,13 @@ def test_pipeline_on_s3_keeps_every_output_under_the_uri(ray_on_s3, s3_endpoint,
 
     assert report == child(layout.eval_dir, "report.md")
     assert "backfill/report.html" in artifacts.read_text(report)
-    metrics = json.loads(artifacts.read_text(child(layout.eval_dir, "metrics.json")))["matrix"]
+    written = json.loads(artifacts.read_text(child(layout.eval_dir, "metrics.json")))
+    metrics, gate = written["matrix"], written["release_gate"]
     assert {"old/old", "new/new", "new/old"} <= set(metrics)
+    # The gate's validation half comes from the outcomes training saved at the URI; its test half from the stores.
+    assert gate["validation"]["n_queries"] > 0 and gate["test"]["n_queries"] == written["n_items"]
+    assert gate["test"]["top1"]["old/old"] == pytest.approx(metrics["old/old"]["top1"])
+    assert gate["deploy_without_backfill"] or "instead" in gate
     for name in ("report.html", "report.json", "quality.json", "config.yaml"):
         assert artifacts.is_file(child(layout.eval_dir, "backfill", name)), name
     for name in (cfg.old.name, new_model_name(cfg)):
