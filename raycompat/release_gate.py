@@ -10,7 +10,8 @@ quality. Per-query values come from :class:`raycompat.retrieval.metrics.QueryOut
 from __future__ import annotations
 
 import io
-from typing import Any, Mapping, Optional
+from pathlib import Path
+from typing import Any, BinaryIO, Mapping, Optional
 
 import numpy as np
 
@@ -69,7 +70,7 @@ def cheapest_backfill(strategies: list[dict[str, Any]], old_old: Mapping[str, fl
     return {k: best[k] for k in ("name", "kind", "dollars", "seconds", "items_reembedded", "final")}
 
 
-def save_outcomes(path, outcomes: Mapping[str, QueryOutcomes]) -> None:
+def save_outcomes(path: str | Path | BinaryIO, outcomes: Mapping[str, QueryOutcomes]) -> None:
     """Write per-query outcomes by pair to ``path`` (an .npz file or a binary file object)."""
     arrays = {f"{pair}:{f}": getattr(o, f) for pair, o in outcomes.items()
               for f in ("hit1", "hit5", "ap", "evaluated")}

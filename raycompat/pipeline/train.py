@@ -16,8 +16,9 @@ for the new one, the old features of the validation items looked up in the
 training split's old store, which holds every training item): after every epoch,
 or after the last one only when ``eval.every_epoch`` is false. After the last
 epoch the new model's per-query validation outcomes (old/old, new/old) are saved
-beside its export, :data:`VALIDATION_OUTCOMES`, for the release gate. A restarted worker group resumes from the latest checkpoint;
-re-running with the same ``output_dir`` resumes the run (stable run names).
+beside its export, :data:`VALIDATION_OUTCOMES`, for the release gate. A restarted
+worker group resumes from the latest checkpoint; re-running with the same
+``output_dir`` resumes the run (stable run names).
 """
 
 from __future__ import annotations
