@@ -34,7 +34,10 @@ def _stage_bar(total: int, desc: str):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import json
+
     from raycompat.artifacts import child, read_text
+    from raycompat.release_gate import gate_verdict
     from raycompat.layout import Layout
     from raycompat.pipeline.run import run_pipeline, stage_names
 
@@ -58,6 +61,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           + (f"  backfill {child(layout.eval_dir, 'backfill', 'report.html')}\n" if cfg.backfill.enabled else "") +
           f"  models   {child(layout.root, 'models')}\n"
           f"  features {child(layout.root, 'features')}")
+    print(gate_verdict(json.loads(read_text(child(layout.eval_dir, "metrics.json")))["release_gate"]))
     return 0
 
 

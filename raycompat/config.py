@@ -34,8 +34,14 @@ class DataConfig:
     # imagefolder/parquet: decoded images are resized to this square size.
     image_size: int = 32
     channels: Literal[1, 3] = 3
+    # Share of every class of the new model's training data held out as the validation split
+    # (chosen by validation_seed): per-epoch validation, Tune objectives and the release gate read it,
+    # never the test split. 0 = no validation split (a Tune search then refuses to run).
+    validation: float = 0.1
+    validation_seed: int = 0
 
     def validate(self, key: str) -> None:
+        check(0.0 <= self.validation < 1.0, join(key, "validation"), f"must be in [0, 1), got {self.validation}")
         for name in ("max_train", "max_test"):
             v = getattr(self, name)
             check(v is None or v > 0, join(key, name), f"must be positive, got {v}")
@@ -228,12 +234,17 @@ class RayConfig:
 class EvalConfig:
     # Query chunk size of the faiss search: bounds memory at ~chunk x gallery x 12 bytes.
     chunk_size: int = 1024
-    # Training validates retrieval (test split) after every epoch; false: after the last one only
+    # Training validates retrieval (validation split) after every epoch; false: after the last one only
     # (the other epochs report their losses). A Tune search needs true: schedulers compare epochs.
     every_epoch: bool = True
+    # Bootstrap resamples (over queries) of the release gate's 95% intervals, seeded by bootstrap_seed.
+    bootstrap_resamples: int = 1000
+    bootstrap_seed: int = 0
 
     def validate(self, key: str) -> None:
         check(self.chunk_size > 0, join(key, "chunk_size"), "must be positive")
+        check(self.bootstrap_resamples > 0, join(key, "bootstrap_resamples"),
+              f"must be positive, got {self.bootstrap_resamples}")
 
 
 @dataclass

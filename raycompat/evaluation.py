@@ -3,7 +3,8 @@
 Reads the test-split stores of the old and new models (gallery = query set =
 the test split, leave-one-out) and returns ``{"old/old"|"new/new"|"new/old":
 {"top1","top5","mAP",...}}`` plus negative flips of new/old and new/new
-against old/old.
+against old/old; with ``per_query``, also the per-query outcomes of old/old and
+new/old (what the release gate resamples).
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ from raycompat.retrieval.metrics import negative_flips
 log = logging.getLogger(__name__)
 
 
-def evaluate_stores(old_store: str | Path, new_store: str | Path, chunk_size: int = 1024) -> dict:
-    """Cross-model matrix old/old, new/new, new/old (+ negative flips) of two test-split stores."""
+def evaluate_stores(old_store: str | Path, new_store: str | Path, chunk_size: int = 1024, per_query: bool = False) -> dict:
+    """Cross-model matrix old/old, new/new, new/old (+ negative flips) of two test-split stores.
+
+    ``per_query``: the result also has ``"per_query"``: ``{"old/old"|"new/old": QueryOutcomes}``
+    (not JSON: pop it before writing the result).
+    """
     old = FeatureStore.open(old_store)
     new = FeatureStore.open(new_store)
     cols = old.to_numpy(["id", "label", "feature"])
@@ -37,10 +42,14 @@ def evaluate_stores(old_store: str | Path, new_store: str | Path, chunk_size: in
         raise DataError(f"old features have dim {d_old} > new features' {f_new.shape[1]}: no compatible slice")
     feats = {"old": f_old, "new": f_new, "new|c": f_new[:, :d_old]}
     pairs = [("old", "old"), ("new", "new"), ("new|c", "old")]
-    raw = cross_model_matrix(feats, labels, ids_old, pairs, chunk_size, return_correct=True)
+    raw = cross_model_matrix(feats, labels, ids_old, pairs, chunk_size, return_correct=True, return_outcomes=True)
     matrix = {"old/old": raw["old/old"], "new/new": raw["new/new"], "new/old": raw["new|c/old"]}
+    outcomes = {pair: m.pop("outcomes") for pair, m in matrix.items()}
     before = matrix["old/old"].pop("correct")
     flips = {}
     for pair in ("new/new", "new/old"):
         flips[pair] = negative_flips(before, matrix[pair].pop("correct"))
-    return {"matrix": matrix, "negative_flips": flips, "n_items": int(len(ids_old))}
+    result = {"matrix": matrix, "negative_flips": flips, "n_items": int(len(ids_old))}
+    if per_query:
+        result["per_query"] = {pair: outcomes[pair] for pair in ("old/old", "new/old")}
+    return result

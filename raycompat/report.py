@@ -9,6 +9,7 @@ from typing import Optional
 from raycompat import artifacts
 from raycompat.artifacts import Location
 from raycompat.config import PipelineConfig
+from raycompat.release_gate import gate_lines
 
 PAIRS = ("old/old", "new/new", "new/old")
 
@@ -62,6 +63,8 @@ def write_eval_report(result: dict, cfg: PipelineConfig, path: Path, backfill: O
         + ", ".join(f"{k} {v:.2f}%" for k, v in result["negative_flips"].items()),
         "",
     ]
+    if "release_gate" in result:
+        lines += gate_lines(result["release_gate"])
     if "stage_seconds" in result:
         lines += ["| stage | seconds |", "|---|---:|"]
         lines += [f"| {k} | {v} |" for k, v in result["stage_seconds"].items()]

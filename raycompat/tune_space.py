@@ -192,6 +192,9 @@ class SearchConfig:
         epochs = self.pipeline.new.optim.epochs
         check(self.pipeline.eval.every_epoch, "pipeline.eval.every_epoch",
               "must be true in a search: trials report the objective metric after every epoch")
+        check(self.pipeline.data.validation > 0, "pipeline.data.validation",
+              "must be > 0 in a search: the objective, its constraint and ASHA's early stopping read the "
+              "validation split (the test split is for final evaluation only)")
         if self.scheduler.kind == "asha":
             check("new.optim.epochs" not in keys, "space.new.optim.epochs",
                   "ASHA's budget is the epoch count: search it with scheduler.kind fifo")
@@ -268,6 +271,8 @@ def parse_param(key: str, spec: Any, base: PipelineConfig) -> ParamSpec:
     tp, categorical = field_type(key)
     check(key.split(".")[0] in SEARCHABLE_ROOTS, where,
           f"trials train only the new model: search keys under {', '.join(SEARCHABLE_ROOTS)}")
+    check(key not in ("data.validation", "data.validation_seed"), where,
+          "trials must be compared on one validation split: set it in the pipeline config, do not search it")
     if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
         raise ConfigError(f"{where}: expected one of {{{': [...]}, {'.join(DISTRIBUTIONS)}: [...]}}, got {spec!r}")
     kind, values = next(iter(spec.items()))

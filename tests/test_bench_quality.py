@@ -73,3 +73,42 @@ def test_markdown_starts_with_command_machine_and_date():
     assert "| nifcl+rw | new/old | 71.00 | 90.00 | 45.50 |" in md
     assert "![backfill curves](q_curves.png)" in md
     assert "| fct: new/h(old) top-1 closes >= 75% of the old/old -> new/new gap | yes | 80%" in md
+
+
+def test_cheapest_alternative_prefers_transform_then_fastfill_then_full_backfill():
+    from raycompat.pipeline.bench_quality import cheapest_alternative
+
+    q = quality()
+    assert cheapest_alternative(q, {}, "nifcl+rw", "independent").startswith(
+        "FCT transform (fct, toward independent): new/h(old) top-1 78.00, mAP 52.00 vs old/old 70.00, 40.00")
+    q["fct"]["new/h(old)"] = m(65.0, 52.0)
+    assert cheapest_alternative(q, {}, "nifcl+rw", "independent").startswith("FCT transform (fct+side")
+    q["fct+side"]["new/h(old)"] = m(69.0, 52.0)
+    curves = {"random": {"fractions": [0.0, 0.25, 0.5, 1.0], "top1": [60.0, 68.0, 71.0, 80.0],
+                         "mAP": [40.0, 45.0, 50.0, 60.0]},
+              "sigma": {"fractions": [0.0, 0.25, 0.5, 1.0], "top1": [60.0, 70.0, 75.0, 80.0],
+                        "mAP": [40.0, 41.0, 50.0, 60.0]},
+              "oracle": {"fractions": [0.0, 0.25, 0.5, 1.0], "top1": [70.0] * 4, "mAP": [50.0] * 4}}
+    assert cheapest_alternative(q, curves, "nifcl+rw", "independent").startswith(
+        "FCT + backfill 25% (sigma order, toward independent): top-1 70.00, mAP 41.00")
+    assert cheapest_alternative(q, {}, "nifcl+rw", "independent").startswith("full backfill (nifcl+rw): new/new")
+    q["nifcl+rw"]["new/new"] = m(60.0, 58.0)
+    assert cheapest_alternative(q, {}, "nifcl+rw", "independent") == "no measured strategy reaches old/old quality"
+
+
+def test_markdown_has_each_methods_release_gate():
+    def split(diff, low, high):
+        return {"n_queries": 10, "passed": low > 0,
+                **{k: {"old/old": 1.0, "new/old": 1.0 + diff, "diff": diff, "low": low, "high": high,
+                       "passed": low > 0} for k in ("top1", "mAP")}}
+
+    q = quality()
+    q["nifcl+rw"]["release_gate"] = {"deploy_without_backfill": True, "confidence": 0.95, "resamples": 100,
+                                     "seed": 0, "validation": split(2.0, 1.0, 3.0), "test": split(1.5, 0.5, 2.5)}
+    q["bct"]["release_gate"] = {"deploy_without_backfill": False, "confidence": 0.95, "resamples": 100, "seed": 0,
+                                "validation": split(1.0, -0.5, 2.0), "test": split(2.0, 1.0, 3.0),
+                                "instead": "FCT transform (fct, toward independent): x"}
+    md = render_markdown(q)
+    assert "## Release gate: deploy without backfill?" in md
+    assert "| nifcl+rw | yes | +2.00 [+1.00, +3.00] | +2.00 [+1.00, +3.00] | +1.50 [+0.50, +2.50] |" in md
+    assert "| bct | no | +1.00 [-0.50, +2.00] |" in md and "| FCT transform (fct, toward independent): x |" in md

@@ -30,7 +30,9 @@ from raycompat.data.feature_store import FeatureStore
 from raycompat.layout import Layout
 from raycompat.models.extractor import load_extractor
 from raycompat.pipeline.run import run_pipeline, stage_evaluate, write_evaluation
-from raycompat.pipeline.train import TRAIN_METRICS, new_model_name, run_training
+from raycompat.pipeline.train import TRAIN_METRICS, VALIDATION_OUTCOMES, new_model_name, run_training
+from raycompat.release_gate import cheapest_backfill, save_outcomes
+from raycompat.retrieval.evaluate import cross_model_matrix
 from raycompat.pipeline.tune import EpochMetricsLog, _check_same_search, search_dir, write_outputs
 from raycompat.tune_space import SearchConfig
 
@@ -117,7 +119,10 @@ def test_backfill_stage_writes_its_report_under_the_output_dir(s3_endpoint, empt
     rng = np.random.default_rng(0)
     old = rng.normal(size=(len(ds.test), 8)).astype(np.float32)
     write_store(layout, "old", "1", "test", ds.test.ids, ds.test.labels, old)
-    write_store(layout, new_model_name(cfg), "1", "test", ds.test.ids, ds.test.labels, old + 0.1)
+    # A better new model unrelated to the old one: new/new beats old/old, new/old is chance.
+    new = (rng.normal(size=(10, 8))[ds.test.labels] + 0.1 * rng.normal(size=old.shape)).astype(np.float32)
+    write_store(layout, new_model_name(cfg), "1", "test", ds.test.ids, ds.test.labels, new)
+    save_validation(layout, cfg, old, new, ds.test.labels, ds.test.ids)
     result = stage_evaluate(cfg)
     html = backfill_stage.stage_backfill_report(cfg, result["matrix"], result["n_items"])
     backfill = child(layout.eval_dir, "backfill")
@@ -129,8 +134,50 @@ def test_backfill_stage_writes_its_report_under_the_output_dir(s3_endpoint, empt
     report = json.loads(artifacts.read_text(child(backfill, "report.json")))
     assert report["inputs"]["provenance"] == {"config": str(child(backfill, "config.yaml")),
                                                "costs": "fixed test numbers", "quality": config["quality"]["path"]}
-    assert "| full backfill" in artifacts.read_text(write_evaluation(cfg, result, html)).lower()
+    text = artifacts.read_text(write_evaluation(cfg, result, html))
+    assert "| full backfill" in text.lower()
+    # new/old is no better than old/old: the gate says no and names the report's cheapest way to old/old.
+    gate = json.loads(artifacts.read_text(child(layout.eval_dir, "metrics.json")))["release_gate"]
+    assert not gate["deploy_without_backfill"] and gate["instead"] is not None
+    assert gate["instead"] == cheapest_backfill(report["strategies"], result["matrix"]["old/old"])
+    assert "deploy without backfill: **no**" in text and f"Instead: **{gate['instead']['name']}**" in text
     assert not any(empty_cwd.iterdir())
+
+
+def save_validation(layout, cfg, old, new, labels, ids):
+    """What training saves beside the new model: per-query validation outcomes of old/old and new/old."""
+    m = cross_model_matrix({"old": old, "new": new}, labels, ids, [("old", "old"), ("new", "old")],
+                           return_outcomes=True)
+    with artifacts.staged(layout.model_dir(new_model_name(cfg))) as out:
+        save_outcomes(out / VALIDATION_OUTCOMES, {"old/old": m["old/old"]["outcomes"], "new/old": m["new/old"]["outcomes"]})
+
+
+def test_eval_release_gate_yes_needs_validation_and_test(tmp_path):
+    """new features near their class centres, old ones noisy around them: new/old beats old/old clearly,
+    on the test stores and on the saved validation outcomes; the gate says yes. Without validation: no."""
+    cfg = small_cfg(str(tmp_path / "out"), "l2")
+    cfg.eval.bootstrap_resamples = 200
+    layout = Layout.of(cfg.output_dir)
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(10, 8))
+
+    def feats(labels, noise):
+        return (centers[labels] + noise * rng.normal(size=(len(labels), 8))).astype(np.float32)
+
+    ds = load_digits()
+    write_store(layout, "old", "1", "test", ds.test.ids, ds.test.labels, feats(ds.test.labels, 1.2))
+    write_store(layout, new_model_name(cfg), "1", "test", ds.test.ids, ds.test.labels, feats(ds.test.labels, 0.1))
+    val_labels = np.arange(200) % 10
+    val_ids = np.array([f"v{i}" for i in range(200)], dtype=object)
+    save_validation(layout, cfg, feats(val_labels, 1.2), feats(val_labels, 0.1), val_labels, val_ids)
+    result = stage_evaluate(cfg)
+    gate = result["release_gate"]
+    assert gate["deploy_without_backfill"] and gate["validation"]["n_queries"] == 200
+    assert gate["test"]["top1"]["low"] > 0 and gate["test"]["mAP"]["low"] > 0
+    text = artifacts.read_text(write_evaluation(cfg, result))
+    assert "deploy without backfill: **yes**" in text and "Instead" not in text
+    cfg.data.validation = 0.0
+    assert not stage_evaluate(cfg)["release_gate"]["deploy_without_backfill"]
 
 
 # --- Ray ------------------------------------------------------------------------------------
@@ -176,8 +223,13 @@ def test_pipeline_on_s3_keeps_every_output_under_the_uri(ray_on_s3, s3_endpoint,
 
     assert report == child(layout.eval_dir, "report.md")
     assert "backfill/report.html" in artifacts.read_text(report)
-    metrics = json.loads(artifacts.read_text(child(layout.eval_dir, "metrics.json")))["matrix"]
+    written = json.loads(artifacts.read_text(child(layout.eval_dir, "metrics.json")))
+    metrics, gate = written["matrix"], written["release_gate"]
     assert {"old/old", "new/new", "new/old"} <= set(metrics)
+    # The gate's validation half comes from the outcomes training saved at the URI; its test half from the stores.
+    assert gate["validation"]["n_queries"] > 0 and gate["test"]["n_queries"] == written["n_items"]
+    assert gate["test"]["top1"]["old/old"] == pytest.approx(metrics["old/old"]["top1"])
+    assert gate["deploy_without_backfill"] or "instead" in gate
     for name in ("report.html", "report.json", "quality.json", "config.yaml"):
         assert artifacts.is_file(child(layout.eval_dir, "backfill", name)), name
     for name in (cfg.old.name, new_model_name(cfg)):

@@ -12,7 +12,8 @@ from test_training import small_cfg, write_store
 from raycompat.data.datasets import load_digits
 from raycompat.layout import Layout
 from raycompat.models.extractor import load_extractor
-from raycompat.pipeline.train import default_run_name, run_training
+from raycompat.pipeline.train import VALIDATION_OUTCOMES, default_run_name, run_training
+from raycompat.release_gate import load_outcomes
 
 pytestmark = pytest.mark.ray
 
@@ -53,6 +54,9 @@ def test_two_worker_ddp_nifcl(old_stores):
     # Learned something in 2 short epochs on 2 workers: well above chance (10%) on both.
     assert result.metrics["new/new/top1"] > 40 and result.metrics["new/old/top1"] > 12
     assert result.metrics["compat"] > 0
+    # Rank 0 saved the validation outcomes beside the export, for the release gate.
+    saved = load_outcomes((result.model_dir / VALIDATION_OUTCOMES).read_bytes())
+    assert set(saved) == {"old/old", "new/old"} and saved["new/old"].evaluated.any()
 
 
 def test_killed_worker_resumes_from_checkpoint(old_stores):

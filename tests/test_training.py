@@ -13,6 +13,7 @@ from raycompat.layout import Layout
 from raycompat.models.extractor import load_extractor
 from raycompat.pipeline.train import run_training
 from raycompat.training.compat_term import build_compat_term
+from raycompat.tune_space import ObjectiveConfig, score
 
 
 def small_cfg(out, method="independent", **compat) -> PipelineConfig:
@@ -204,3 +205,62 @@ def test_every_epoch_false_validates_only_after_the_last_epoch(tmp_path, monkeyp
     assert [r["epoch"] for r in reports] == [1, 2]
     assert "old/old/top1" not in reports[0] and "loss" in reports[0]
     assert reports[1]["old/old/top1"] == result.metrics["old/old/top1"] > 40
+
+
+def _train_new(out, monkeypatch, old_train, poison_test=False):
+    """Train a 2-epoch NIFCL model in local mode on digits with stores of ``old_train`` features; with
+    ``poison_test`` the test split's images, labels and old features are all replaced by garbage."""
+    import raycompat.pipeline.train as train_mod
+    from raycompat.data.datasets import ImageSet, load_dataset
+
+    ds = load_digits()
+    cfg = small_cfg(out, "nifcl", weight=1.0)
+    layout = Layout.of(cfg.output_dir)
+    write_store(layout, "old", "1", "train", ds.train.ids, ds.train.labels, old_train)
+    rng = np.random.default_rng(9)
+    test_labels = rng.permutation(ds.test.labels) if poison_test else ds.test.labels
+    test_feats = rng.normal(size=(len(ds.test), 16)).astype(np.float32) if poison_test else old_train[:len(ds.test)]
+    write_store(layout, "old", "1", "test", ds.test.ids, test_labels, test_feats)
+
+    def poisoned(data_cfg, seed=0):
+        out = load_dataset(data_cfg, seed)
+        out.test = ImageSet(255 - out.test.images, test_labels, out.test.ids)
+        return out
+
+    monkeypatch.setattr(train_mod, "load_dataset", poisoned if poison_test else load_dataset)
+    return run_training(cfg, "new", scaling=ScalingConfig(num_workers=0))
+
+
+def test_training_reads_validation_never_test(tmp_path, monkeypatch):
+    from raycompat.data.protocols import validation_split
+    from raycompat.pipeline.train import VALIDATION_OUTCOMES
+    from raycompat.release_gate import load_outcomes
+
+    ds = load_digits()
+    old_train = np.random.default_rng(0).normal(size=(len(ds.train), 16)).astype(np.float32)
+    clean = _train_new(tmp_path / "clean", monkeypatch, old_train)
+    poisoned = _train_new(tmp_path / "poisoned", monkeypatch, old_train, poison_test=True)
+    # Weights, every reported metric (the Tune objective's inputs) and the gate's outcomes: bit-identical.
+    assert clean.metrics == poisoned.metrics and "new/old/mAP" in clean.metrics
+    objective = ObjectiveConfig()
+    assert score(clean.metrics, objective, {1: 50.0}) == score(poisoned.metrics, objective, {1: 50.0})
+    images = ds.train.images[:64]
+    f_clean = load_extractor(str(clean.model_dir), device="cpu")(images)
+    f_poisoned = load_extractor(str(poisoned.model_dir), device="cpu")(images)
+    assert np.array_equal(f_clean, f_poisoned)
+    assert torch.equal(torch.load(clean.model_dir / "classifier.pt")["weight"],
+                       torch.load(poisoned.model_dir / "classifier.pt")["weight"])
+    a = load_outcomes((clean.model_dir / VALIDATION_OUTCOMES).read_bytes())
+    b = load_outcomes((poisoned.model_dir / VALIDATION_OUTCOMES).read_bytes())
+    _, validation = validation_split(ds, DataConfig(name="digits"))
+    assert set(a) == {"old/old", "new/old"} and len(a["new/old"].ap) == len(validation)
+    assert all(np.array_equal(a[p].ap, b[p].ap) and np.array_equal(a[p].hit1, b[p].hit1) for p in a)
+    # Garbage old features of the validation items only: the weights stay the same (the new model never
+    # trains on validation items) while the validation metrics move (they are read from there).
+    held = np.isin(ds.train.ids, validation.ids)
+    swapped = old_train.copy()
+    swapped[held] = np.random.default_rng(1).normal(size=(int(held.sum()), 16))
+    moved = _train_new(tmp_path / "val", monkeypatch, swapped)
+    assert np.array_equal(load_extractor(str(moved.model_dir), device="cpu")(images), f_clean)
+    assert moved.metrics["new/new/mAP"] == clean.metrics["new/new/mAP"]
+    assert moved.metrics["new/old/mAP"] != clean.metrics["new/old/mAP"]

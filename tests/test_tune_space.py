@@ -167,6 +167,18 @@ def test_search_refuses_validation_after_the_last_epoch_only():
         from_dict(SearchConfig, {"pipeline": pipeline, "space": {"new.compat.lambda": {"grid": [0.5, 1.0]}}})
 
 
+def test_search_refuses_no_validation_split_and_searching_it():
+    from raycompat.configio import from_dict
+
+    pipeline = to_dict(nifcl_base())
+    pipeline["data"] = {**pipeline["data"], "validation": 0.0}
+    with pytest.raises(ConfigError, match="pipeline.data.validation: must be > 0 in a search"):
+        from_dict(SearchConfig, {"pipeline": pipeline, "space": {"new.compat.lambda": {"grid": [0.5, 1.0]}}})
+    for key, values in (("data.validation", [0.1, 0.2]), ("data.validation_seed", [0, 1])):
+        with pytest.raises(ConfigError, match=f"space.{key}: trials must be compared on one validation split"):
+            search({key: {"grid": values}}).params()
+
+
 def test_reference_is_the_same_pipeline_with_an_independent_model_and_no_nifcl_term():
     from raycompat.tune_space import reference_config
 

@@ -7,16 +7,19 @@
 The old model's classifier covers only the classes it saw: its labels are
 remapped to ``0..len(old_classes)-1`` and ``old_classes`` records the mapping
 (BCT needs it to place the real old classifier's rows).
-Evaluation: query set = gallery set = the test split, leave-one-out.
+Validation: ``data.validation`` of every class of the training split is held out
+(:func:`validation_split`); neither model trains on it, and training, Tune and the
+release gate evaluate on it, leave-one-out. Final evaluation: query set = gallery set
+= the test split, leave-one-out.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from raycompat.config import ProtocolConfig
+from raycompat.config import DataConfig, ProtocolConfig
 from raycompat.data.datasets import Dataset, ImageSet
 from raycompat.errors import ConfigError
 
@@ -59,3 +62,21 @@ def old_training_set(ds: Dataset, cfg: ProtocolConfig) -> OldTrainingSet:
     remap = np.full(ds.num_classes, -1, np.int64)
     remap[classes] = np.arange(len(classes))
     return OldTrainingSet(ImageSet(subset.images, remap[subset.labels], subset.ids), classes)
+
+
+def validation_split(ds: Dataset, cfg: DataConfig) -> tuple[Dataset, ImageSet]:
+    """``ds`` with the validation items removed from its training split, and the validation split.
+
+    ``cfg.validation`` of every class's training items (rounded; a class keeps at least
+    one training item), chosen by ``cfg.validation_seed``, in original order. The test
+    split is not touched. Both protocols derive the old and the new training sets from
+    the returned dataset's training split, so neither model trains on a validation item.
+    """
+    train = ds.train
+    held = np.zeros(len(train), bool)
+    rng = np.random.default_rng(cfg.validation_seed)
+    for c in np.unique(train.labels):
+        members = np.flatnonzero(train.labels == c)
+        n = min(int(round(cfg.validation * len(members))), len(members) - 1)
+        held[rng.choice(members, n, replace=False)] = True
+    return replace(ds, train=train.subset(np.flatnonzero(~held))), train.subset(np.flatnonzero(held))

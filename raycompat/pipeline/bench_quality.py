@@ -8,7 +8,10 @@ variants map stored old (+ side) features to the FCT target model's features
 partial backfill of the transformed gallery. Writes ``<name>.json``,
 ``<name>.md`` (starting with the command, machine and date) and
 ``<name>_curves.png`` (the result files are listed in benchmarks/README.md); the
-summary ends with each acceptance criterion, checked against the measured numbers.
+summary ends with each acceptance criterion, checked against the measured numbers, and
+each method's release gate (validation and test intervals, see
+:mod:`raycompat.release_gate`) with, where it says no, the cheapest measured
+strategy that reaches old/old quality.
 """
 
 from __future__ import annotations
@@ -37,10 +40,11 @@ from raycompat.layout import Layout
 from raycompat.pipeline.extract import run_extraction
 from raycompat.pipeline.fct_train import train_transformation_stage, transformation_name
 from raycompat.pipeline.ray_session import init_ray
-from raycompat.pipeline.run import new_extractor_spec, old_extractor_spec
+from raycompat.pipeline.run import new_extractor_spec, old_extractor_spec, validation_outcomes
 from raycompat.pipeline.side_info import side_extractor, train_side_info_stage
 from raycompat.pipeline.train import new_model_name, run_training
 from raycompat.pipeline.transform import SIGMA_COLUMN, run_transform
+from raycompat.release_gate import GATE_METRICS, release_gate
 from raycompat.retrieval.backfill_curve import DEFAULT_FRACTIONS, backfill_curve, join_curves, plot_curves
 from raycompat.retrieval.evaluate import cross_model_matrix
 
@@ -138,14 +142,21 @@ def run_bench_quality(cfg: PipelineConfig, out_dir: str | Path, progress: Option
         spec = new_extractor_spec(mcfg)
         _drop_stale_store(layout.store(model_name, "test"), spec.version)
         timed(f"extract {label}", run_extraction, mcfg, "test", [spec])
-        ev = evaluate_stores(layout.store(cfg.old.name, "test"), layout.store(model_name, "test"), cfg.eval.chunk_size)
+        ev = evaluate_stores(layout.store(cfg.old.name, "test"), layout.store(model_name, "test"), cfg.eval.chunk_size,
+                             per_query=True)
         results[label] = {pair: _pct(m) for pair, m in ev["matrix"].items()}
         results[label]["negative_flips"] = {k: round(v, 2) for k, v in ev["negative_flips"].items()}
+        results[label]["release_gate"] = release_gate(validation_outcomes(mcfg), ev["per_query"],
+                                                      cfg.eval.bootstrap_resamples, cfg.eval.bootstrap_seed)
         log.info("bench: %s %s", label, results[label])
 
     curves: dict[str, dict] = {}
     if cfg.bench.fct_variants:
         curves = _fct(cfg, methods[cfg.bench.fct_target], results, timed)
+    for label in methods:
+        gate = results[label]["release_gate"]
+        if not gate["deploy_without_backfill"]:
+            gate["instead"] = cheapest_alternative(results, curves, label, cfg.bench.fct_target)
 
     quality = {
         **results,
@@ -250,6 +261,66 @@ def criteria(q: dict) -> list[tuple[str, Optional[bool], str]]:
     return out
 
 
+def cheapest_alternative(results: dict, curves: dict[str, dict], label: str, fct_target: str) -> str:
+    """The cheapest measured strategy reaching ``label``'s old/old top-1 and mAP, as a sentence.
+
+    Cheapest by the work it does to the gallery (costs in dollars and time need the cluster's
+    throughput: ``raycompat backfill-report`` on this benchmark's JSON): an FCT transformation
+    (stored vectors only), then FCT with the smallest measured FastFill backfill fraction (a
+    deployable order: sigma or random), then a full backfill with the method's own model.
+    """
+    old = results[label]["old/old"]
+
+    def reaches(m: dict) -> bool:
+        return all(m[k] >= old[k] for k in GATE_METRICS)
+
+    def figures(m: dict) -> str:
+        return f"top-1 {m['top1']:.2f}, mAP {m['mAP']:.2f} vs old/old {old['top1']:.2f}, {old['mAP']:.2f}"
+
+    for variant in ("fct", "fct+side"):
+        if variant in results and reaches(results[variant]["new/h(old)"]):
+            return f"FCT transform ({variant}, toward {fct_target}): new/h(old) {figures(results[variant]['new/h(old)'])}"
+    found = []
+    for order in ("sigma", "random"):
+        c = curves.get(order)
+        hit = next((i for i, _ in enumerate(c["fractions"]) if reaches({k: c[k][i] for k in GATE_METRICS})), None) \
+            if c else None
+        if hit is not None:
+            found.append((c["fractions"][hit], order, {k: c[k][hit] for k in GATE_METRICS}))
+    if found:
+        fraction, order, m = min(found, key=lambda f: f[0])
+        return f"FCT + backfill {fraction:.0%} ({order} order, toward {fct_target}): {figures(m)}"
+    if reaches(results[label]["new/new"]):
+        return f"full backfill ({label}): new/new {figures(results[label]['new/new'])}"
+    return "no measured strategy reaches old/old quality"
+
+
+def gate_table(q: dict) -> list[str]:
+    """Markdown lines: each method's release gate, both splits' intervals, and the alternative where it says no."""
+    rows = []
+    for method, res in q.items():
+        gate = res.get("release_gate") if isinstance(res, dict) else None
+        if gate is None:
+            continue
+        cells = []
+        for split in ("validation", "test"):
+            s = gate[split]
+            cells += ["n/a"] * 2 if s is None else [
+                f"{s[k]['diff']:+.2f} [{s[k]['low']:+.2f}, {s[k]['high']:+.2f}]" for k in GATE_METRICS]
+        verdict = "yes" if gate["deploy_without_backfill"] else "no"
+        rows.append(f"| {method} | {verdict} | " + " | ".join(cells) + f" | {gate.get('instead') or '-'} |")
+    if not rows:
+        return []
+    some = next(r["release_gate"] for r in q.values() if isinstance(r, dict) and "release_gate" in r)
+    return ["", "## Release gate: deploy without backfill?", "",
+            f"Yes only if new/old > old/old on top-1 and on mAP with the {some['confidence']:.0%} paired bootstrap "
+            f"interval of the difference ({some['resamples']} resamples over queries) above 0, on the validation split "
+            "and on the test split. Differences new/old - old/old in points [95% interval]; where it says no, the "
+            "cheapest measured strategy reaching old/old (costs: `raycompat backfill-report` on this JSON).", "",
+            "| method | deploy | validation top-1 | validation mAP | test top-1 | test mAP | instead |",
+            "|---|---|---|---|---|---|---|", *rows]
+
+
 def render_markdown(q: dict, curves_png: str = "quality_curves.png") -> str:
     """The human summary of the benchmark's JSON: command, machine, date, tables, criteria."""
     cfg, m = q["config"], q["machine"]
@@ -286,5 +357,6 @@ def render_markdown(q: dict, curves_png: str = "quality_curves.png") -> str:
         lines += ["", "## Acceptance criteria, checked on these numbers", "", "| criterion | met | figures |",
                   "|---|---|---|"]
         lines += [f"| {c} | {'yes' if ok else 'no'} | {fig} |" for c, ok, fig in checks]
+    lines += gate_table(q)
     lines += ["", "| stage | seconds |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in q["stage_seconds"].items()]
     return "\n".join(lines) + "\n"

@@ -4,7 +4,7 @@
     extract    -> features/old-{train,test}  (Ray Data through the black box)
     train      -> models/new-<method>   (Ray Train, compatibility term from stored old features)
     extract    -> features/new-<method>-test
-    evaluate   -> eval/metrics.json, eval/report.md
+    evaluate   -> eval/metrics.json, eval/report.md  (test split; with the release gate on validation and test)
     backfill   -> eval/backfill/report.{html,md,json}  (cost of upgrading this gallery, per strategy)
 
 Each stage is a function of the pipeline config; they share ``output_dir`` and
@@ -18,16 +18,20 @@ import logging
 import time
 from typing import Callable, Optional
 
+from raycompat import artifacts
 from raycompat.artifacts import Location, child, staged
 from raycompat.config import PipelineConfig
+from raycompat.errors import DataError
 from raycompat.evaluation import evaluate_stores
 from raycompat.layout import Layout
 from raycompat.models.export import load_model_meta
 from raycompat.pipeline.backfill_stage import stage_backfill_report
 from raycompat.pipeline.extract import ExtractorSpec, run_extraction
 from raycompat.pipeline.ray_session import init_ray
-from raycompat.pipeline.train import new_model_name, old_model_name, run_training
+from raycompat.pipeline.train import VALIDATION_OUTCOMES, new_model_name, old_model_name, run_training
+from raycompat.release_gate import cheapest_backfill, load_outcomes, release_gate
 from raycompat.report import write_eval_report
+from raycompat.retrieval.metrics import QueryOutcomes
 
 log = logging.getLogger(__name__)
 
@@ -68,18 +72,40 @@ def stage_extract_new(cfg: PipelineConfig) -> dict:
     return {k: str(v) for k, v in run_extraction(cfg, "test", [new_extractor_spec(cfg)]).items()}
 
 
+def validation_outcomes(cfg: PipelineConfig) -> Optional[dict[str, QueryOutcomes]]:
+    """The new model's per-query validation outcomes its training saved; None without a validation split."""
+    if cfg.data.validation == 0:
+        return None
+    path = child(Layout.of(cfg.output_dir).model_dir(new_model_name(cfg)), VALIDATION_OUTCOMES)
+    if not artifacts.is_file(path):
+        raise DataError(f"{path} does not exist: the new model was trained without a validation split; "
+                        "train it again (raycompat train)")
+    return load_outcomes(artifacts.read_bytes(path))
+
+
 def stage_evaluate(cfg: PipelineConfig) -> dict:
-    """Evaluate the test-split stores: the cross-model matrix, negative flips, item count."""
+    """Evaluate the test-split stores: the cross-model matrix, negative flips, item count, and the release gate
+    (its validation half from the outcomes training saved)."""
     layout = Layout.of(cfg.output_dir)
     result = evaluate_stores(layout.store(old_model_name(cfg), "test"), layout.store(new_model_name(cfg), "test"),
-                             cfg.eval.chunk_size)
+                             cfg.eval.chunk_size, per_query=True)
+    result["release_gate"] = release_gate(validation_outcomes(cfg), result.pop("per_query"),
+                                          cfg.eval.bootstrap_resamples, cfg.eval.bootstrap_seed)
     result["method"] = cfg.new.method
     result["dataset"] = cfg.data.name
     return result
 
 
 def write_evaluation(cfg: PipelineConfig, result: dict, backfill: Optional[Location] = None) -> Location:
-    """Write ``eval/metrics.json`` and ``eval/report.md`` (with the backfill summary, if given); return the report."""
+    """Write ``eval/metrics.json`` and ``eval/report.md`` (with the backfill summary, if given); return the report.
+
+    When the release gate says no and a backfill report is given, the gate names its cheapest
+    strategy that reaches old/old quality (``release_gate.instead``).
+    """
+    gate = result.get("release_gate")
+    if gate is not None and not gate["deploy_without_backfill"] and backfill is not None:
+        report = json.loads(artifacts.read_text(child(artifacts.parent(backfill), "report.json")))
+        gate["instead"] = cheapest_backfill(report["strategies"], result["matrix"]["old/old"])
     eval_dir = Layout.of(cfg.output_dir).eval_dir
     with staged(eval_dir) as out:
         (out / "metrics.json").write_text(json.dumps(result, indent=2))

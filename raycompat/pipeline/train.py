@@ -5,14 +5,20 @@ One ``TorchTrainer`` code path for both roles:
 - ``new``: the full training split, plus the method's compatibility term built
   from *stored* old features (the Parquet feature store; the old model is never
   re-run per epoch).
+Both leave out the validation split (``data.validation`` of the training split,
+:func:`raycompat.data.protocols.validation_split`); the test split is never read here.
 
 Each worker loads the dataset itself (no driver-side materialisation), trains
 on its DistributedSampler shard (DDP through ``prepare_model``), and every epoch
 all ranks call ``ray.train.report``; rank 0 attaches a checkpoint and the
 validation retrieval metrics (old/old for the old model; new/new and new/old
-for the new one): after every epoch, or after the last one only when
-``eval.every_epoch`` is false. A restarted worker group resumes from the latest checkpoint;
-re-running with the same ``output_dir`` resumes the run (stable run names).
+for the new one, the old features of the validation items looked up in the
+training split's old store, which holds every training item): after every epoch,
+or after the last one only when ``eval.every_epoch`` is false. After the last
+epoch the new model's per-query validation outcomes (old/old, new/old) are saved
+beside its export, :data:`VALIDATION_OUTCOMES`, for the release gate. A restarted
+worker group resumes from the latest checkpoint; re-running with the same
+``output_dir`` resumes the run (stable run names).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from raycompat.config import PipelineConfig, with_absolute_paths
 from raycompat.configio import from_dict, to_dict
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStore
-from raycompat.data.protocols import old_training_set
+from raycompat.data.protocols import old_training_set, validation_split
 from raycompat.errors import DataError
 from raycompat.layout import Layout
 from raycompat.models.backbones import (
@@ -53,6 +59,7 @@ from raycompat.models.backbones import (
 )
 from raycompat.models.export import export_model, load_classifier
 from raycompat.pipeline.ray_session import cluster_cpus_gpus
+from raycompat.release_gate import save_outcomes
 from raycompat.retrieval.evaluate import cross_model_matrix
 from raycompat.training.compat_term import build_compat_term
 from raycompat.training.loop import embed, make_loader, seed_everything, train_epoch
@@ -61,6 +68,8 @@ log = logging.getLogger(__name__)
 
 # Written by run_training into the model directory: the training run's final metrics.
 TRAIN_METRICS = "train_metrics.json"
+# Written by rank 0 beside the new model's export: per-query validation outcomes (raycompat.release_gate).
+VALIDATION_OUTCOMES = "validation_outcomes.npz"
 
 
 @dataclass
@@ -100,7 +109,7 @@ def train_loop_per_worker(config: dict) -> None:
     seed_everything(cfg.seed + 1000 * (role == "new"))
     device = ray.train.torch.get_device()
 
-    ds = load_dataset(cfg.data, cfg.seed)
+    ds, validation = validation_split(load_dataset(cfg.data, cfg.seed), cfg.data)
     if role == "old":
         old_set = old_training_set(ds, cfg.protocol)
         train, classes, mcfg, optim = old_set.data, old_set.classes, cfg.old.model, cfg.old.optim
@@ -129,7 +138,8 @@ def train_loop_per_worker(config: dict) -> None:
         torch.arange(len(train)), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed) if world > 1 else None
     loader = make_loader(train.images, train.labels, optim.batch_size, shuffle=True, seed=cfg.seed, sampler=sampler)
 
-    gallery_old = _load_old_features(cfg, layout, "test", ds.test.ids) if role == "new" and rank == 0 else None
+    validate = rank == 0 and len(validation) > 0
+    gallery_old = _load_old_features(cfg, layout, "train", validation.ids) if role == "new" and validate else None
     for epoch in range(start_epoch, optim.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -139,10 +149,13 @@ def train_loop_per_worker(config: dict) -> None:
         # resumed_from: the epoch this worker group started at (0 unless restored from a checkpoint).
         metrics = {"epoch": epoch + 1, "resumed_from": start_epoch, **stats}
         checkpoint = None
+        last = epoch + 1 == optim.epochs
+        outcomes = None
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                if cfg.eval.every_epoch or epoch + 1 == optim.epochs:
-                    metrics.update(_validate(inner.model, ds.test, gallery_old, role, cfg, device))
+                if validate and (cfg.eval.every_epoch or last):
+                    scores, outcomes = _validate(inner.model, validation, gallery_old, role, cfg, device, last)
+                    metrics.update(scores)
                 torch.save({"net": inner.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                             "classes": classes, "image_shape": ds.image_shape}, Path(tmp) / "state.pt")
                 checkpoint = Checkpoint.from_directory(tmp)
@@ -153,21 +166,28 @@ def train_loop_per_worker(config: dict) -> None:
                     with artifacts.staged(model_dir, commit_last=("model.json",)) as staging:
                         export_model(inner.model, inner.classifier.weight, classes, ds.image_shape, staging,
                                      config["name"], config["version"])
+                        if outcomes is not None:
+                            save_outcomes(staging / VALIDATION_OUTCOMES, outcomes)
             log.info("rank %d epoch %d: %s", rank, epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _validate(model: EmbeddingModel, test, gallery_old: Optional[np.ndarray], role: str, cfg: PipelineConfig,
-              device: torch.device) -> dict[str, float]:
-    feats = embed(model, test.images, device=device)
+def _validate(model: EmbeddingModel, validation, gallery_old: Optional[np.ndarray], role: str, cfg: PipelineConfig,
+              device: torch.device, gate: bool) -> tuple[dict[str, float], Optional[dict]]:
+    """Validation metrics, leave-one-out within the validation split; with ``gate`` (new model only)
+    also the per-query outcomes of old/old and new/old the release gate resamples."""
+    feats = embed(model, validation.images, device=device)
     if role == "old":
-        matrix = cross_model_matrix({"old": feats}, test.labels, test.ids, [("old", "old")], cfg.eval.chunk_size)
-    else:
-        d_old = gallery_old.shape[1]
-        matrix = cross_model_matrix({"new": feats, "new|c": feats[:, :d_old], "old": gallery_old}, test.labels, test.ids,
-                                    [("new", "new"), ("new|c", "old")], cfg.eval.chunk_size)
-        matrix = {"new/new": matrix["new/new"], "new/old": matrix["new|c/old"]}
-    return flatten_metrics(matrix)
+        matrix = cross_model_matrix({"old": feats}, validation.labels, validation.ids, [("old", "old")],
+                                    cfg.eval.chunk_size)
+        return flatten_metrics(matrix), None
+    d_old = gallery_old.shape[1]
+    pairs = [("new", "new"), ("new|c", "old")] + ([("old", "old")] if gate else [])
+    matrix = cross_model_matrix({"new": feats, "new|c": feats[:, :d_old], "old": gallery_old}, validation.labels,
+                                validation.ids, pairs, cfg.eval.chunk_size, return_outcomes=True)
+    outcomes = {"old/old": matrix["old/old"].pop("outcomes"), "new/old": matrix["new|c/old"]["outcomes"]} if gate else None
+    matrix = {"new/new": matrix["new/new"], "new/old": matrix["new|c/old"]}
+    return flatten_metrics(matrix), outcomes
 
 
 def default_run_name(cfg: PipelineConfig, role: str) -> str:
@@ -191,13 +211,16 @@ def config_fingerprint(cfg: PipelineConfig, role: str) -> str:
 
 
 def _preflight_new(cfg: PipelineConfig, layout: Layout) -> None:
-    """Refuse bad inputs on the driver, as one-line errors, before any worker starts."""
-    for split in ("train", "test"):
-        store = FeatureStore.open(layout.store(old_model_name(cfg), split), expect_model=cfg.old.name,
-                                  expect_version=cfg.old.version)
-        if cfg.new.method != "independent" and store.dim > cfg.new.model.embed_dim:
-            raise DataError(f"old features have dim {store.dim} > new.model.embed_dim {cfg.new.model.embed_dim}: "
-                            "the compatible slice needs the new dim >= the old dim")
+    """Refuse bad inputs on the driver, as one-line errors, before any worker starts.
+
+    Training reads the training split's old store only (validation items included); the
+    test split's store is for final evaluation.
+    """
+    store = FeatureStore.open(layout.store(old_model_name(cfg), "train"), expect_model=cfg.old.name,
+                              expect_version=cfg.old.version)
+    if cfg.new.method != "independent" and store.dim > cfg.new.model.embed_dim:
+        raise DataError(f"old features have dim {store.dim} > new.model.embed_dim {cfg.new.model.embed_dim}: "
+                        "the compatible slice needs the new dim >= the old dim")
     if cfg.new.method == "bct":
         load_classifier(layout.model_dir(old_model_name(cfg)))
 

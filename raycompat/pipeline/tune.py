@@ -16,7 +16,7 @@ Everything lands under ``<output_dir>/tune/<name>/``::
     trial_<id>/         Tune's per-trial results: result.json, progress.csv, TensorBoard events
     train/<id>/         each trial's Train run and checkpoints (a resumed trial continues its run)
     models/<id>/        each fully trained trial's exported model (models/reference: the reference run)
-    results.json        every trial's config, new/new, new/old, objective and status; the best trial
+    results.json        every trial's config, new/new, new/old (validation split), objective and status; the best trial
     frontier.png        new/new vs new/old per trial, the best marked
     best.yaml           the best trial's pipeline config: ``raycompat train --config best.yaml``
 

@@ -166,13 +166,15 @@ def cross_model_matrix_split(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     *,
     return_correct: bool = False,
+    return_outcomes: bool = False,
 ) -> dict[str, dict]:
     """Metrics of each (query model, gallery model) pair, keyed ``"query/gallery"``, on a query/gallery split.
 
     ``query_features[m]`` / ``gallery_features[m]`` hold model ``m``'s features of
     the query / gallery items, in the order of the labels and ids. With
     ``return_correct`` each entry also has ``"correct"``: top-1 correctness of
-    the evaluated queries (for ``negative_flips``).
+    the evaluated queries (for ``negative_flips``); with ``return_outcomes``,
+    ``"outcomes"``: the per-query :class:`QueryOutcomes` (for a bootstrap over queries).
     """
     _check_pairs(pairs, query_features, gallery_features)
     n_q, n_g = len(np.asarray(query_labels)), len(np.asarray(gallery_labels))
@@ -194,6 +196,8 @@ def cross_model_matrix_split(
         entry: dict = summarize(outcomes)
         if return_correct:
             entry["correct"] = outcomes.top1_correct()
+        if return_outcomes:
+            entry["outcomes"] = outcomes
         matrix[f"{q_key}/{g_key}"] = entry
         logger.info(
             "%s/%s: top1 %.2f mAP %.2f (%d queries)", q_key, g_key, entry["top1"], entry["mAP"], entry["n_queries"]
@@ -209,6 +213,7 @@ def cross_model_matrix(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     *,
     return_correct: bool = False,
+    return_outcomes: bool = False,
 ) -> dict[str, dict]:
     """Leave-one-out cross-model matrix: query set = gallery set, each query's own item excluded.
 
@@ -217,5 +222,6 @@ def cross_model_matrix(
     against gallery model old. See ``cross_model_matrix_split``.
     """
     return cross_model_matrix_split(
-        features, labels, ids, features, labels, ids, pairs, chunk_size, return_correct=return_correct
+        features, labels, ids, features, labels, ids, pairs, chunk_size, return_correct=return_correct,
+        return_outcomes=return_outcomes,
     )
