@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", default=str(DEFAULT_DEMO_CONFIG),
                       help="pipeline config YAML (default: the bundled Fashion-MNIST demo)")
     add("train-old", cmd_train_old, "Train an old model for the config's protocol and export it as a "
-        "TorchScript black box (models/<old.name>/).")
+        "TorchScript black box (models/<old.name>/); refused when old.extractor names one.")
     ex = add("extract", cmd_extract, "Extract features with Ray Data into a Parquet feature store "
              "(old model: train and test splits; new model: test split).")
     ex.add_argument("--model", choices=["old", "new"], default="old", help="which model to extract with")
@@ -354,8 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--dollars-per-hour", type=float, default=0.0, help="price of one unit (not measured)")
     bench = sub.add_parser("bench", help="Benchmarks (quality).", description="Benchmarks.")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
-    bq = bench_sub.add_parser("quality", help="Train old and new models for every method of bench.methods (plus FCT "
-                              "and FastFill) and write <name>.json / <name>.md.",
+    bq = bench_sub.add_parser("quality", help="Train old (unless old.extractor names a black box) and new models "
+                              "for every method of bench.methods (plus FCT and FastFill) and write <name>.json / "
+                              "<name>.md.",
                               description="Quality benchmark: every strategy on one protocol, measured the same way.")
     bq.add_argument("--config", required=True, help="pipeline config with a bench section")
     bq.add_argument("--out", help="override output_dir (the working storage) from the config")

@@ -21,12 +21,15 @@ import ray
 import torch
 import yaml
 from PIL import Image
+from ray.train import ScalingConfig
 from sklearn.datasets import load_digits
+
+from test_training import small_cfg, write_store
 
 from raycompat.cli import main
 from raycompat.config import ModelConfig, PipelineConfig, load_pipeline_config, with_absolute_paths
 from raycompat.configio import from_dict
-from raycompat.data.datasets import decode_image
+from raycompat.data.datasets import decode_image, load_digits as load_digits_dataset
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import ConfigError, DataError
 from raycompat.layout import Layout
@@ -35,7 +38,7 @@ from raycompat.models.export import export_model, load_classifier_file
 from raycompat.models.extractor import load_extractor
 from raycompat.models.http_server import serve_in_thread
 from raycompat.pipeline.run import run_pipeline, stage_names, stage_train_old
-from raycompat.pipeline.train import old_classifier
+from raycompat.pipeline.train import old_classifier, run_training
 from raycompat.training.loop import make_loader, seed_everything, train_epoch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,6 +208,26 @@ def test_old_classifier_reads_a_plain_tensor_or_an_exported_classifier(tmp_path,
     assert torch.equal(got, torch.ones(2, 8)) and classes == [3, 7]
     # Not the old model of output_dir: with no models/old there, this is the file's classifier.
     assert not (tmp_path / "run" / "models").exists()
+
+
+def test_bct_trains_through_old_classifier_with_no_old_model_in_output_dir(tmp_path, caplog):
+    torch.manual_seed(0)
+    team = export_model(EmbeddingModel(ModelConfig(width=4, embed_dim=OLD_DIM), (1, 8, 8)), torch.randn(3, OLD_DIM),
+                        [0, 1, 2], (1, 8, 8), tmp_path / "team", "team", "1")
+    cfg = small_cfg(tmp_path / "run", "bct", weight=1.0)
+    cfg.old.extractor, cfg.old.classifier = str(team), str(tmp_path / "clf.pt")
+    cfg.new.optim.epochs = 1
+    # The team's classifier for digits 0-3 (row j = class j); classes 4-9 get class means.
+    torch.save(torch.randn(4, OLD_DIM), cfg.old.classifier)
+    ds, layout, ex = load_digits_dataset(), Layout.of(cfg.output_dir), load_extractor(str(team), device="cpu")
+    for split in ("train", "test"):
+        s = getattr(ds, split)
+        write_store(layout, "old", "1", split, s.ids, s.labels, ex(s.images))
+    with caplog.at_level("INFO", logger="raycompat"):
+        result = run_training(cfg, "new", scaling=ScalingConfig(num_workers=0))
+    assert "BCT classifier: 4 rows from the old classifier, 6 synthesised from class means" in caplog.text
+    assert result.metrics["compat"] > 0 and (result.model_dir / "model.json").is_file()
+    assert not Path(layout.model_dir("old")).exists()
 
 
 @pytest.mark.parametrize("content, message", [
