@@ -323,7 +323,8 @@ class PipelineConfig:
 
 
 def with_absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
-    """``cfg`` with ``output_dir``, ``data.root`` and ``old.classifier`` made absolute against this process's directory.
+    """``cfg`` with ``output_dir``, ``data.root`` and ``old.classifier`` made absolute against this
+    process's directory.
 
     Ray Train and Tune run workers in their own working directories, where a relative
     path would point somewhere else: configs are resolved on the driver before shipping.

@@ -233,6 +233,7 @@ def test_bct_trains_through_old_classifier_with_no_old_model_in_output_dir(tmp_p
 @pytest.mark.parametrize("content, message", [
     (torch.arange(6).reshape(2, 3), "2-D float tensor"),
     (torch.randn(3), "2-D float tensor"),
+    (torch.tensor(1.0), "2-D float tensor"),
     ({"rows": torch.randn(2, 3)}, "expected a tensor"),
 ])
 def test_old_classifier_file_refuses_what_is_not_a_classifier(tmp_path, content, message):

@@ -90,12 +90,13 @@ def load_classifier_file(path: str | Path) -> tuple[torch.Tensor, list[int]]:
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
         raise DataError(f"{location}: not a torch.save'd classifier ({str(exc).splitlines()[0]})") from None
     if isinstance(state, torch.Tensor):
-        state = {"weight": state, "classes": list(range(len(state)))}
-    if not isinstance(state, dict) or not isinstance(state.get("weight"), torch.Tensor) or "classes" not in state:
+        weight, classes = state, None
+    elif isinstance(state, dict) and isinstance(state.get("weight"), torch.Tensor) and "classes" in state:
+        weight, classes = state["weight"], [int(c) for c in state["classes"]]
+    else:
         raise DataError(f"{location}: expected a tensor (num_old_classes, d_old) or "
                         '{"weight": tensor, "classes": [...]}')
-    weight = state["weight"]
     if weight.ndim != 2 or not weight.is_floating_point():
         raise DataError(f"{location}: classifier weight must be a 2-D float tensor, got {weight.dtype} "
                         f"{tuple(weight.shape)}")
-    return weight, [int(c) for c in state["classes"]]
+    return weight, list(range(weight.shape[0])) if classes is None else classes
