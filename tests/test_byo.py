@@ -275,9 +275,9 @@ def test_own_gallery_and_http_black_box_to_a_compatible_model(black_box, tmp_pat
     assert main(["init", "--gallery", str(gallery), "--old-extractor", url, "--out", str(config)]) == 0
     cfg = load_pipeline_config(config, {"output_dir": str(tmp_path / "run")})
     assert cfg.new.model.embed_dim == OLD_DIM
-    # Small for 2 CI cores; everything else is what init wrote.
+    # Small for 2 CI cores (2 epochs of 10 steps); everything else is what init wrote.
     cfg.new.model.width = 8
-    cfg.new.optim.epochs = 2
+    cfg.new.optim.epochs, cfg.new.optim.batch_size = 2, 32
     cfg.extract.concurrency = 1
     cfg.ray.cpus_per_worker = 1
     stages: list[str] = []
@@ -312,5 +312,9 @@ def test_own_gallery_and_http_black_box_to_a_compatible_model(black_box, tmp_pat
     verdict = "meets" if m["new/old"]["top1"] > m["old/old"]["top1"] and m["new/old"]["mAP"] > m["old/old"]["mAP"] \
         else "does not meet"
     assert f"the update **{verdict}** it" in text
-    # The team's old model separates its own digits: old/old is far above chance (10 classes).
-    assert m["old/old"]["top1"] > 30
+    # The team's old model separates its own digits, and the new model's features land near the old
+    # ones of their class: both far above chance (10 classes), where an unconstrained model's new/old is.
+    assert m["old/old"]["top1"] > 30 and m["new/old"]["top1"] > 30
+    # The backfill section costs vectors of the black box's dim, not of the untrained old.model's.
+    backfill = yaml.safe_load((Path(layout.eval_dir) / "backfill" / "config.yaml").read_text())
+    assert backfill["gallery"]["bytes_per_vector"] == f"{4 * (OLD_DIM + cfg.side.dim)} B"
