@@ -76,11 +76,17 @@ def _with_ray(fn: Callable) -> Callable:
     return run
 
 
-@_with_ray
-def cmd_train_old(cfg, args) -> int:
+def cmd_train_old(args: argparse.Namespace) -> int:
+    from raycompat.errors import ConfigError
     from raycompat.layout import Layout
+    from raycompat.pipeline.ray_session import init_ray
     from raycompat.pipeline.run import stage_train_old
 
+    cfg = _load(args)
+    if cfg.old.extractor:
+        raise ConfigError(f"old.extractor is set ({cfg.old.extractor}): the old model is that black box and is "
+                          "not trained; unset old.extractor to train one")
+    init_ray(cfg.ray)
     metrics = stage_train_old(cfg)
     print(f"old model exported under {Layout.of(cfg.output_dir).model_dir(cfg.old.name)}; metrics {metrics}")
     return 0
@@ -168,10 +174,12 @@ def cmd_measure_costs(cfg, args) -> int:
     return 0
 
 
-@_with_ray
-def cmd_bench_quality(cfg, args) -> int:
-    from raycompat.pipeline.bench_quality import run_bench_quality
+def cmd_bench_quality(args: argparse.Namespace) -> int:
+    from raycompat.pipeline.bench_quality import method_configs, run_bench_quality
 
+    cfg = _load(args)
+    # Every method's config is checked before Ray starts (run_bench_quality starts it).
+    method_configs(cfg)
     bar = _stage_bar(0, "bench quality")
 
     def progress(stage: str) -> None:
@@ -284,6 +292,18 @@ def cmd_serve_extractor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from raycompat.starter import write_starter_config
+
+    command = shlex.join(["raycompat", "init", "--gallery", args.gallery, "--old-extractor", args.old_extractor,
+                          "--out", args.out])
+    path, info = write_starter_config(args.gallery, args.old_extractor, args.out, args.force, command)
+    print(f"wrote {path}: {info.kind} gallery, {info.num_classes} classes, {info.counts['train']} train / "
+          f"{info.counts['test']} test images, {info.channels}x{info.image_size}x{info.image_size}; "
+          f"run it with: raycompat demo --config {shlex.quote(str(path))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="raycompat",
@@ -307,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", default=str(DEFAULT_DEMO_CONFIG),
                       help="pipeline config YAML (default: the bundled Fashion-MNIST demo)")
     add("train-old", cmd_train_old, "Train an old model for the config's protocol and export it as a "
-        "TorchScript black box (models/<old.name>/).")
+        "TorchScript black box (models/<old.name>/); refused when old.extractor names one.")
     ex = add("extract", cmd_extract, "Extract features with Ray Data into a Parquet feature store "
              "(old model: train and test splits; new model: test split).")
     ex.add_argument("--model", choices=["old", "new"], default="old", help="which model to extract with")
@@ -338,8 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--dollars-per-hour", type=float, default=0.0, help="price of one unit (not measured)")
     bench = sub.add_parser("bench", help="Benchmarks (quality).", description="Benchmarks.")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
-    bq = bench_sub.add_parser("quality", help="Train old and new models for every method of bench.methods (plus FCT "
-                              "and FastFill) and write <name>.json / <name>.md.",
+    bq = bench_sub.add_parser("quality", help="Train old (unless old.extractor names a black box) and new models "
+                              "for every method of bench.methods (plus FCT and FastFill) and write <name>.json / "
+                              "<name>.md.",
                               description="Quality benchmark: every strategy on one protocol, measured the same way.")
     bq.add_argument("--config", required=True, help="pipeline config with a bench section")
     bq.add_argument("--out", help="override output_dir (the working storage) from the config")
@@ -376,6 +397,17 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.set_defaults(fn=cmd_serve_extractor)
+    ini = sub.add_parser("init", help="Write a commented starting config for your own gallery and old black box.",
+                         description="Detect the gallery's kind (imagefolder tree or Parquet), classes and image "
+                         "size, probe the black box's feature dim, and write a commented pipeline config "
+                         "(method nifcl, no old model trained).")
+    ini.add_argument("--gallery", required=True, help="folder with train/ and test/: class folders of images "
+                     "(imagefolder) or *.parquet tables (id, image, label)")
+    ini.add_argument("--old-extractor", required=True, help="the old model's black box: http:// endpoint, "
+                     "TorchScript file or model dir, or module:callable")
+    ini.add_argument("--out", default="raycompat.yaml", help="config file to write (default: raycompat.yaml)")
+    ini.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    ini.set_defaults(fn=cmd_init)
     return p
 
 

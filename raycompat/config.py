@@ -160,13 +160,19 @@ class CompatConfig:
 
 @dataclass
 class OldConfig:
-    """The old model: only trained here to have one; afterwards a black box."""
+    """The old model: a black box. Trained here only when ``extractor`` is null (to have one)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    # The black box used for extraction: null = the TorchScript file train-old exports;
-    # else a path to a TorchScript file, "module:callable", or an http:// endpoint.
+    # The black box used for extraction: null = train an old model (model, optim) and use the
+    # TorchScript file train-old exports; else a path to a TorchScript file or exported model
+    # directory, "module:callable", or an http:// endpoint, and no old model is trained.
     extractor: Optional[str] = None
+    # The old classifier's weights, read by new.method bct only (a path or storage URI): a torch.save'd
+    # float tensor (num_old_classes, d_old) whose row j is class j's weight, or an exported model's
+    # classifier.pt ({"weight": tensor, "classes": [class id of each row]}). null = the classifier.pt
+    # of the old model train-old exports; bct with old.extractor set needs it.
+    classifier: Optional[str] = None
     name: str = "old"
     version: str = "1"
 
@@ -320,17 +326,25 @@ class PipelineConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
     backfill: BackfillSectionConfig = field(default_factory=BackfillSectionConfig)
 
+    def validate(self, key: str) -> None:
+        # A configured black box comes without a classifier: BCT's must be named, not guessed.
+        check(self.new.method != "bct" or self.old.extractor is None or self.old.classifier is not None,
+              join(key, "old.classifier"), "new.method bct needs the old classifier's weights when old.extractor "
+              "is set (a .pt tensor (num_old_classes, d_old), or an exported model's classifier.pt)")
+
 
 def with_absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
-    """``cfg`` with ``output_dir`` and ``data.root`` made absolute against this process's directory.
+    """``cfg`` with ``output_dir``, ``data.root`` and ``old.classifier`` made absolute against this
+    process's directory.
 
     Ray Train and Tune run workers in their own working directories, where a relative
     path would point somewhere else: configs are resolved on the driver before shipping.
     URIs (``s3://...``) are absolute already and stay as they are.
     """
-    root = cfg.data.root
+    root, classifier = cfg.data.root, cfg.old.classifier
     return replace(cfg, output_dir=storage.absolute(cfg.output_dir),
-                   data=replace(cfg.data, root=None if root is None else storage.absolute(root)))
+                   data=replace(cfg.data, root=None if root is None else storage.absolute(root)),
+                   old=replace(cfg.old, classifier=None if classifier is None else storage.absolute(classifier)))
 
 
 def load_pipeline_config(path: str | Path, overrides: dict | None = None) -> PipelineConfig:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -72,5 +73,30 @@ def load_classifier(model_dir: str | Path) -> tuple[torch.Tensor, list[int]]:
     path = artifacts.child(artifacts.as_location(model_dir), "classifier.pt")
     if not artifacts.is_file(path):
         raise DataError(f"old classifier not found: {path} (BCT needs the real old classifier)")
-    state = torch.load(artifacts.fetch(path), map_location="cpu")
-    return state["weight"], list(state["classes"])
+    return load_classifier_file(path)
+
+
+def load_classifier_file(path: str | Path) -> tuple[torch.Tensor, list[int]]:
+    """A classifier file ``(weight [C, dim], classes)``: a float tensor (row j = class j) or ``classifier.pt``.
+
+    ``classifier.pt`` is what :func:`export_model` writes, ``{"weight": tensor, "classes": [...]}``.
+    ``path`` may be a storage URI. Only tensors are unpickled (``weights_only``), never code.
+    """
+    location = artifacts.as_location(path)
+    if not artifacts.is_file(location):
+        raise DataError(f"old classifier not found: {location}")
+    try:
+        state = torch.load(artifacts.fetch(location), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise DataError(f"{location}: not a torch.save'd classifier ({str(exc).splitlines()[0]})") from None
+    if isinstance(state, torch.Tensor):
+        weight, classes = state, None
+    elif isinstance(state, dict) and isinstance(state.get("weight"), torch.Tensor) and "classes" in state:
+        weight, classes = state["weight"], [int(c) for c in state["classes"]]
+    else:
+        raise DataError(f"{location}: expected a tensor (num_old_classes, d_old) or "
+                        '{"weight": tensor, "classes": [...]}')
+    if weight.ndim != 2 or not weight.is_floating_point():
+        raise DataError(f"{location}: classifier weight must be a 2-D float tensor, got {weight.dtype} "
+                        f"{tuple(weight.shape)}")
+    return weight, list(range(weight.shape[0])) if classes is None else classes

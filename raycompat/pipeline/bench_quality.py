@@ -40,7 +40,13 @@ from raycompat.layout import Layout
 from raycompat.pipeline.extract import run_extraction
 from raycompat.pipeline.fct_train import train_transformation_stage, transformation_name
 from raycompat.pipeline.ray_session import init_ray
-from raycompat.pipeline.run import new_extractor_spec, old_extractor_spec, validation_outcomes
+from raycompat.pipeline.run import (
+    black_box_line,
+    new_extractor_spec,
+    old_extractor_spec,
+    stage_train_old,
+    validation_outcomes,
+)
 from raycompat.pipeline.side_info import side_extractor, train_side_info_stage
 from raycompat.pipeline.train import new_model_name, run_training
 from raycompat.pipeline.transform import SIGMA_COLUMN, run_transform
@@ -127,7 +133,7 @@ def run_bench_quality(cfg: PipelineConfig, out_dir: str | Path, progress: Option
         log.info("bench: %s took %.1f s", name, timings[name])
         return value
 
-    timed("train old model", run_training, cfg, "old")
+    timed(black_box_line(cfg) or "train old model", stage_train_old, cfg)
     extractors = [old_extractor_spec(cfg)]
     if cfg.bench.fct_variants:
         timed("train side-info model", train_side_info_stage, cfg)

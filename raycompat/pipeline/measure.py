@@ -32,11 +32,12 @@ from raycompat.artifacts import child
 from raycompat.config import PipelineConfig
 from raycompat.configio import to_dict
 from raycompat.data.datasets import load_dataset
+from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import ConfigError
 from raycompat.layout import Layout
 from raycompat.pipeline.fct_train import transformation_name
 from raycompat.pipeline.ray_session import init_ray
-from raycompat.pipeline.train import new_model_name
+from raycompat.pipeline.train import new_model_name, old_model_name
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,13 @@ def _default_transformation(cfg: PipelineConfig) -> Optional[str]:
     return None
 
 
+def _old_dim(cfg: PipelineConfig, layout: Layout) -> int:
+    """The old features' dim: the extracted test store's when there is one (a black box's dim is
+    known only from its features), else the old model's ``embed_dim``."""
+    store = layout.store(old_model_name(cfg), "test")
+    return FeatureStore.open(store).dim if artifacts.exists(store) else cfg.old.model.embed_dim
+
+
 def measure_costs(cfg: PipelineConfig, backbone: Optional[str] = None, transformation: Optional[str] = None,
                   read_bandwidth: str = "500 MB/s", dollars_per_hour: float = 0.0, images: int = 2048,
                   min_seconds: float = MIN_SECONDS) -> dict[str, Any]:
@@ -159,7 +167,7 @@ def measure_costs(cfg: PipelineConfig, backbone: Optional[str] = None, transform
     transformation = transformation or _default_transformation(cfg)
     split = load_dataset(cfg.data, cfg.seed).test
     sample = split.images[:images]
-    dims = (cfg.old.model.embed_dim, cfg.side.dim, cfg.new.model.embed_dim)
+    dims = (_old_dim(cfg, layout), cfg.side.dim, cfg.new.model.embed_dim)
     unit = cluster_unit(cfg.ray.cpus_per_worker)
     task = ray.remote(_measure).options(num_cpus=unit.num_cpus, num_gpus=unit.num_gpus)
     log.info("measuring %s and h on one %s (%g CPU, %g GPU)", backbone, unit.name, unit.num_cpus, unit.num_gpus)

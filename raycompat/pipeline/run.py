@@ -1,6 +1,7 @@
 """The stages of one upgrade, and the whole pipeline end to end.
 
-    train-old  -> models/old            (only to have an old model; then a black box)
+    train-old  -> models/old            (only to have an old model; then a black box;
+                                         skipped when old.extractor names one)
     extract    -> features/old-{train,test}  (Ray Data through the black box)
     train      -> models/new-<method>   (Ray Train, compatibility term from stored old features)
     extract    -> features/new-<method>-test
@@ -28,7 +29,7 @@ from raycompat.models.export import load_model_meta
 from raycompat.pipeline.backfill_stage import stage_backfill_report
 from raycompat.pipeline.extract import ExtractorSpec, run_extraction
 from raycompat.pipeline.ray_session import init_ray
-from raycompat.pipeline.train import VALIDATION_OUTCOMES, new_model_name, old_model_name, run_training
+from raycompat.pipeline.train import VALIDATION_OUTCOMES, new_model_name, old_classifier, old_model_name, run_training
 from raycompat.release_gate import cheapest_backfill, load_outcomes, release_gate
 from raycompat.report import write_eval_report
 from raycompat.retrieval.metrics import QueryOutcomes
@@ -55,7 +56,16 @@ def new_extractor_spec(cfg: PipelineConfig) -> ExtractorSpec:
     return ExtractorSpec(new_model_name(cfg), f"{cfg.new.version}-{sha}", str(model_dir))
 
 
+def black_box_line(cfg: PipelineConfig) -> Optional[str]:
+    """The old-model stage's progress line when ``old.extractor`` is set (nothing to train), else None."""
+    return f"old model: black box {cfg.old.extractor}, not trained" if cfg.old.extractor else None
+
+
 def stage_train_old(cfg: PipelineConfig) -> dict:
+    """Train and export the old model; with ``old.extractor`` set there is none to train (returns ``{}``)."""
+    if cfg.old.extractor:
+        log.info("%s", black_box_line(cfg))
+        return {}
     return run_training(cfg, "old").metrics
 
 
@@ -122,18 +132,27 @@ STAGES: list[tuple[str, Callable[[PipelineConfig], object]]] = [
 ]
 
 
+def _stages(cfg: PipelineConfig) -> list[tuple[str, Callable[[PipelineConfig], object]]]:
+    """``STAGES`` as this config runs them: the old-model stage says so when it trains nothing."""
+    line = black_box_line(cfg)
+    return [(line if line and stage is stage_train_old else name, stage) for name, stage in STAGES]
+
+
 def stage_names(cfg: PipelineConfig) -> list[str]:
     """The stages ``run_pipeline`` reports progress for, in order."""
-    return [name for name, _ in STAGES] + (["backfill report"] if cfg.backfill.enabled else [])
+    return [name for name, _ in _stages(cfg)] + (["backfill report"] if cfg.backfill.enabled else [])
 
 
 def run_pipeline(cfg: PipelineConfig, progress: Optional[Progress] = None) -> Location:
     """Run every stage end to end on the configured cluster; returns the report path."""
+    if cfg.new.method == "bct" and cfg.old.classifier is not None:
+        # Read it now: a bad file is refused before the old features are extracted, not after.
+        old_classifier(cfg)
     init_ray(cfg.ray)
     step = progress or (lambda name: None)
     timings: dict[str, float] = {}
     result: dict = {}
-    for name, stage in STAGES:
+    for name, stage in _stages(cfg):
         step(name)
         t0 = time.perf_counter()
         result = stage(cfg)

@@ -57,7 +57,7 @@ from raycompat.models.backbones import (
     EmbeddingClassifier,
     EmbeddingModel,
 )
-from raycompat.models.export import export_model, load_classifier
+from raycompat.models.export import export_model, load_classifier, load_classifier_file
 from raycompat.pipeline.ray_session import cluster_cpus_gpus
 from raycompat.release_gate import save_outcomes
 from raycompat.retrieval.evaluate import cross_model_matrix
@@ -93,6 +93,13 @@ def flatten_metrics(matrix: dict[str, dict]) -> dict[str, float]:
     return {f"{pair}/{k}": float(v) for pair, m in matrix.items() for k, v in m.items() if k in ("top1", "top5", "mAP")}
 
 
+def old_classifier(cfg: PipelineConfig) -> tuple[torch.Tensor, list[int]]:
+    """BCT's old classifier ``(weight, classes)``: ``old.classifier``, else the one train-old exported."""
+    if cfg.old.classifier is not None:
+        return load_classifier_file(cfg.old.classifier)
+    return load_classifier(Layout.of(cfg.output_dir).model_dir(old_model_name(cfg)))
+
+
 def _load_old_features(cfg: PipelineConfig, layout: Layout, split: str, ids: np.ndarray) -> np.ndarray:
     store = FeatureStore.open(layout.store(old_model_name(cfg), split), expect_model=cfg.old.name,
                               expect_version=cfg.old.version)
@@ -117,7 +124,7 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         train, classes, mcfg, optim = ds.train, list(range(ds.num_classes)), cfg.new.model, cfg.new.optim
         old_train = _load_old_features(cfg, layout, "train", train.ids)
-        old_clf = load_classifier(layout.model_dir(old_model_name(cfg))) if cfg.new.method == "bct" else None
+        old_clf = old_classifier(cfg) if cfg.new.method == "bct" else None
         compat = build_compat_term(cfg.new, old_train, train.labels, ds.num_classes, device, old_clf, cfg.seed)
 
     net = EmbeddingClassifier(EmbeddingModel(mcfg, ds.image_shape), CosineClassifier(mcfg.embed_dim, len(classes), optim.scale))
@@ -207,6 +214,8 @@ def config_fingerprint(cfg: PipelineConfig, role: str) -> str:
            "model": to_dict(cfg.old if role == "old" else cfg.new)}
     if role == "new":
         doc["old"] = {"name": cfg.old.name, "version": cfg.old.version}
+        if cfg.old.classifier is not None:
+            doc["old"]["classifier"] = cfg.old.classifier
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -222,7 +231,7 @@ def _preflight_new(cfg: PipelineConfig, layout: Layout) -> None:
         raise DataError(f"old features have dim {store.dim} > new.model.embed_dim {cfg.new.model.embed_dim}: "
                         "the compatible slice needs the new dim >= the old dim")
     if cfg.new.method == "bct":
-        load_classifier(layout.model_dir(old_model_name(cfg)))
+        old_classifier(cfg)
 
 
 def scaling_config(cfg: PipelineConfig) -> ScalingConfig:
