@@ -137,6 +137,69 @@ def test_pieces_group_row_groups_of_one_shard_to_a_minimum():
         assert covered == list(range(shard[1]))
 
 
+NAN_MODULE = '''
+"""Test extractor: the mean pixel, NaN for images whose first pixel is odd."""
+import numpy as np
+
+
+def mean_or_nan(images):
+    feats = np.repeat(images.reshape(len(images), -1).mean(axis=1, keepdims=True), 3, axis=1)
+    feats[images.reshape(len(images), -1)[:, 0] % 2 == 1, 1] = np.nan
+    return feats.astype(np.float32)
+'''
+
+
+def _nan_shard(tmp_path: Path, monkeypatch) -> tuple[Shard, set[str]]:
+    """One 10-row shard of 2x2 list images (rows 3 and 7 make the NaN extractor return NaN)."""
+    (tmp_path / "nan_extractor.py").write_text(NAN_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    images = [[2 * i + (i in (3, 7))] * 4 for i in range(10)]
+    table = pa.table({"id": [f"r{i}" for i in range(10)],
+                      "image": pa.array(images, pa.list_(pa.uint8())), "label": list(range(10))})
+    pq.write_table(table, tmp_path / "shard.parquet", row_group_size=4)
+    return Shard(str(tmp_path / "shard.parquet"), 10, "00000", (4, 4, 2)), {"r3", "r7"}
+
+
+def _featurised(shard: Shard) -> pa.Table:
+    import pyarrow.fs as pafs
+
+    from raycompat.pipeline.extract import _ExtractPieces
+
+    actor = _ExtractPieces(["nan_extractor:mean_or_nan"], [3], ImageCodec("list", (1, 2, 2)), True,
+                           pafs.LocalFileSystem(), 4, 1, "cpu")
+    return actor(pa.table({"path": [shard.path], "first": [0], "count": [3]}))
+
+
+def test_non_finite_features_fail_naming_record_and_shard(tmp_path, monkeypatch):
+    from raycompat.data.feature_store import FeatureStoreWriter
+    from raycompat.pipeline.extract import _ShardCommitter
+
+    shard, bad = _nan_shard(tmp_path, monkeypatch)
+    rows = _featurised(shard)
+    writer = FeatureStoreWriter(tmp_path / "store", "nan", "1", 3)
+    with pytest.raises(DataError, match=rf"{shard.path}: record r3: extractor nan_extractor:mean_or_nan "
+                                        r"returned non-finite features \(NaN or inf\)"):
+        _ShardCommitter([shard], [writer], [3], None, None).add(rows)
+    assert writer.completed_parts() == set()
+
+
+def test_non_finite_features_are_quarantined_and_the_store_stays_finite(tmp_path, monkeypatch):
+    from raycompat.data.feature_store import FeatureStoreWriter, QuarantineWriter
+    from raycompat.pipeline.extract import _ShardCommitter
+
+    shard, bad = _nan_shard(tmp_path, monkeypatch)
+    writer = FeatureStoreWriter(tmp_path / "store", "nan", "1", 3)
+    committer = _ShardCommitter([shard], [writer], [3], [QuarantineWriter(tmp_path / "store")], None)
+    committer.add(_featurised(shard))
+    writer.finalize()
+    store = FeatureStore.open(tmp_path / "store").to_numpy()
+    assert sorted(store["id"]) == sorted({f"r{i}" for i in range(10)} - bad)
+    assert np.isfinite(store["feature"]).all()
+    quarantined = read_quarantine(tmp_path / "store").to_pylist()
+    assert sorted(r["id"] for r in quarantined) == sorted(bad)
+    assert all("non-finite" in r["reason"] and r["source"] == shard.path for r in quarantined)
+
+
 # --- Ray ---------------------------------------------------------------------------------
 
 

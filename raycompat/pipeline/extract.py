@@ -20,8 +20,8 @@ re-run skips shards committed in all stores and ``write_part`` skips parts a sto
 already has, so every id ends up exactly once and a committed part is never rewritten.
 Stores are finalized (validated, manifest complete) only when every shard is in.
 
-Corrupt records (undecodable or wrong-sized images) come back from the actors as
-error rows: with ``extract.on_error: fail`` the first one stops the job with its id
+Corrupt records (undecodable or wrong-sized images, or images an extractor returned
+NaN or inf features for) come back from the actors as error rows: with ``extract.on_error: fail`` the first one stops the job with its id
 and shard; with ``quarantine`` they are written with their reason to each store's
 quarantine table before the shard's part is committed, and the rest completes.
 """
@@ -141,8 +141,9 @@ class _ExtractPieces:
     """Ray Data callable class: read pieces of shards, decode, and run every extractor on them.
 
     Each actor loads the extractors once. Output per record: id, label, source (the shard
-    path), error (null, or why the record could not be featurised) and ``feature_<i>``
-    per extractor (zeros on error rows). Images never leave the actor.
+    path), ``feature_<i>`` per extractor (zeros on error rows) and error (null, or why the
+    record could not be featurised: an undecodable image, or non-finite features from any
+    extractor). Images never leave the actor.
     """
 
     def __init__(self, specs: list[str], dims: list[int], codec: ImageCodec, has_label: bool,
@@ -178,7 +179,6 @@ class _ExtractPieces:
             "id": ids,
             "label": batch.column("label").cast(pa.int64()) if self._has_label else pa.nulls(n, pa.int64()),
             "source": pa.repeat(path, n).cast(pa.string()),
-            "error": pa.array([errors.get(i) for i in range(n)], pa.string()),
         }
         for index, (extract, dim) in enumerate(zip(self._extractors, self._dims)):
             out = np.zeros((n, dim), np.float32)
@@ -186,8 +186,13 @@ class _ExtractPieces:
                 feats = extract(pixels)
                 if feats.shape[1] != dim:
                     raise DataError(f"extractor {extract.spec}: returned dim {feats.shape[1]}, the probe saw {dim}")
+                # A NaN or inf feature would poison every search over the store: the record is
+                # an error row like an undecodable image (failed or quarantined by on_error).
+                for row in ok[~np.isfinite(feats).all(axis=1)]:
+                    errors.setdefault(int(row), f"extractor {extract.spec} returned non-finite features (NaN or inf)")
                 out[ok] = feats
             columns[f"feature_{index}"] = pa.FixedSizeListArray.from_arrays(pa.array(out.reshape(-1)), dim)
+        columns["error"] = pa.array([errors.get(i) for i in range(n)], pa.string())
         return pa.table(columns)
 
 
