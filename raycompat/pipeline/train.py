@@ -43,7 +43,7 @@ from raycompat.config import PipelineConfig, with_absolute_paths
 from raycompat.configio import from_dict, to_dict
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStore
-from raycompat.data.protocols import old_training_set
+from raycompat.data.protocols import old_training_set, resolve_old_classes
 from raycompat.errors import DataError
 from raycompat.layout import Layout
 from raycompat.models.backbones import (
@@ -53,6 +53,7 @@ from raycompat.models.backbones import (
 )
 from raycompat.models.export import export_model, load_classifier
 from raycompat.pipeline.ray_session import cluster_cpus_gpus
+from raycompat.pipeline.train_errors import StopOnRaycompatError, fit
 from raycompat.retrieval.evaluate import cross_model_matrix
 from raycompat.training.compat_term import build_compat_term
 from raycompat.training.loop import embed, make_loader, seed_everything, train_epoch
@@ -190,6 +191,11 @@ def config_fingerprint(cfg: PipelineConfig, role: str) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def _preflight_old(cfg: PipelineConfig) -> None:
+    """Refuse a dataset that does not load or classes it lacks on the driver, before any worker starts."""
+    resolve_old_classes(cfg.protocol, load_dataset(cfg.data, cfg.seed).num_classes)
+
+
 def _preflight_new(cfg: PipelineConfig, layout: Layout) -> None:
     """Refuse bad inputs on the driver, as one-line errors, before any worker starts."""
     for split in ("train", "test"):
@@ -230,6 +236,8 @@ def build_trainer(cfg: PipelineConfig, role: str, scaling: Optional[ScalingConfi
     name = old_model_name(cfg) if role == "old" else new_model_name(cfg)
     if role == "new":
         _preflight_new(cfg, layout)
+    else:
+        _preflight_old(cfg)
     scaling = scaling or scaling_config(cfg)
     epochs = (cfg.old if role == "old" else cfg.new).optim.epochs
     log.info("training %s model %r: %d epochs, %d workers", role, name, epochs, scaling.num_workers)
@@ -244,7 +252,7 @@ def build_trainer(cfg: PipelineConfig, role: str, scaling: Optional[ScalingConfi
             storage_path=str(storage_path or layout.ray_storage),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), StopOnRaycompatError()],
         ),
     )
 
@@ -257,7 +265,7 @@ def run_training(cfg: PipelineConfig, role: str, scaling: Optional[ScalingConfig
     ``run_name``, ``storage_path`` and ``model_dir`` override the defaults (see :func:`build_trainer`).
     """
     trainer = build_trainer(cfg, role, scaling, callbacks, run_name, storage_path, model_dir)
-    result = trainer.fit()
+    result = fit(trainer)
     if result.error:
         raise result.error
     model_dir = artifacts.as_location(trainer.train_loop_config["model_dir"])
