@@ -21,10 +21,14 @@ DEFAULT_DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
 def _load(args: argparse.Namespace):
+    from raycompat import storage
     from raycompat.config import load_pipeline_config
 
     overrides = {"output_dir": args.out} if getattr(args, "out", None) else None
-    return load_pipeline_config(args.config, overrides)
+    cfg = load_pipeline_config(args.config, overrides)
+    # Every stage writes under output_dir: a file in the way or a read-only mount fails here, before Ray starts.
+    storage.check_writable_dir(cfg.output_dir, "--out" if overrides else f"{args.config}: output_dir")
+    return cfg
 
 
 def _stage_bar(total: int, desc: str):
@@ -375,6 +379,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# What a re-run picks up after Ctrl-C, per command (the one line printed on an interrupt).
+_KEPT_ON_INTERRUPT = {
+    "demo": "the shards and epoch checkpoints committed so far stay under output_dir",
+    "extract": "shards already committed stay in the feature stores",
+    "transform": "parts already committed stay in the output store",
+    "train-old": "the latest epoch checkpoint stays under <output_dir>/ray",
+    "train": "the latest epoch checkpoint stays under <output_dir>/ray",
+    "train-fct": "the latest epoch checkpoint stays under <output_dir>/ray",
+    "tune": "finished trials and checkpoints stay in the search directory",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Our own progress at INFO; other libraries (faiss's loader, Ray's internals) only when they warn.
@@ -386,3 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     except RaycompatError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        kept = _KEPT_ON_INTERRUPT.get(args.command)
+        print(f"interrupted: {kept}; run the same command again to resume" if kept else
+              "interrupted; run the same command again", file=sys.stderr)
+        return 130

@@ -309,6 +309,15 @@ class PipelineConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
     backfill: BackfillSectionConfig = field(default_factory=BackfillSectionConfig)
 
+    def validate(self, key: str) -> None:
+        # Model names are directories (models/<name>, features/<name>-<split>): two models with
+        # one name would overwrite each other's exported model and feature stores.
+        new_name = self.new.name or f"new-{self.new.method}"
+        check(new_name != self.old.name, join(key, "new.name"),
+              f"the new model is named {new_name!r} like old.name: its export would overwrite the old model's")
+        check(self.side.name not in (self.old.name, new_name), join(key, "side.name"),
+              f"{self.side.name!r} is also the old or new model's name: their feature stores would collide")
+
 
 def with_absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
     """``cfg`` with ``output_dir`` and ``data.root`` made absolute against this process's directory.

@@ -236,6 +236,10 @@ def build_trainer(cfg: PipelineConfig, role: str, scaling: Optional[ScalingConfi
     name = old_model_name(cfg) if role == "old" else new_model_name(cfg)
     if role == "new":
         _preflight_new(cfg, layout)
+        if cfg.new.method != "independent" and cfg.new.compat.weight == 0:
+            # Valid (an ablation), but usually a slip: warn rather than refuse.
+            log.warning("new.compat.lambda is 0: method %s trains like independent (no compatibility term)",
+                        cfg.new.method)
     else:
         _preflight_old(cfg)
     scaling = scaling or scaling_config(cfg)
