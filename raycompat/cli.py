@@ -269,10 +269,15 @@ def _submit_dispatch(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_extractor(args: argparse.Namespace) -> int:
+    from raycompat.errors import DataError
     from raycompat.models.extractor import load_extractor
     from raycompat.models.http_server import make_server
 
-    server = make_server(load_extractor(args.model), args.host, args.port)
+    extractor = load_extractor(args.model)
+    try:
+        server = make_server(extractor, args.host, args.port)
+    except OSError as exc:
+        raise DataError(f"serve-extractor: cannot listen on {args.host}:{args.port} ({exc.strerror or exc})") from None
     host, port = server.server_address[:2]
     print(f"serving {args.model} at http://{host}:{port}/extract (POST a .npy uint8 batch); Ctrl-C stops")
     try:

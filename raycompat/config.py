@@ -163,6 +163,14 @@ class OldConfig:
     extractor: Optional[str] = None
     name: str = "old"
     version: str = "1"
+    # An http(s) extractor: seconds to wait for each answer, and retries (with backoff) after a
+    # timeout, a refused connection or a 5xx.
+    http_timeout_s: float = 30.0
+    http_retries: int = 2
+
+    def validate(self, key: str) -> None:
+        check(self.http_timeout_s > 0, join(key, "http_timeout_s"), f"must be positive, got {self.http_timeout_s}")
+        check(self.http_retries >= 0, join(key, "http_retries"), f"must be >= 0, got {self.http_retries}")
 
 
 @dataclass

@@ -85,3 +85,21 @@ def test_ctrl_c_exits_130_with_one_line_saying_what_is_kept(tmp_path, capsys, mo
     code, err = _run(capsys, command, "--config", str(_config(tmp_path)))
     # demo's progress bar also writes to stderr, without ending its line.
     assert code == 130 and any(text.endswith(line) for text in err) and not any("Traceback" in t for t in err)
+
+
+def test_serve_extractor_on_a_busy_port_is_one_line(tmp_path, capsys, monkeypatch):
+    import socket
+
+    (tmp_path / "ones_extractor.py").write_text("import numpy as np\n\n\ndef ones(images):\n"
+                                                "    return np.ones((len(images), 2), np.float32)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    try:
+        code, err = _run(capsys, "serve-extractor", "--model", "ones_extractor:ones", "--port", str(port))
+    finally:
+        busy.close()
+    assert code == 2
+    assert err == [f"error: serve-extractor: cannot listen on 127.0.0.1:{port} (Address already in use)"]

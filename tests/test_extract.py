@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from raycompat.config import DataConfig, ExtractConfig, ModelConfig, PipelineConfig
+from raycompat.config import DataConfig, ExtractConfig, ModelConfig, OldConfig, PipelineConfig
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStore, read_quarantine
 from raycompat.errors import ConfigError, DataError, FeatureStoreError
@@ -160,14 +160,46 @@ def _nan_shard(tmp_path: Path, monkeypatch) -> tuple[Shard, set[str]]:
     return Shard(str(tmp_path / "shard.parquet"), 10, "00000", (4, 4, 2)), {"r3", "r7"}
 
 
-def _featurised(shard: Shard) -> pa.Table:
+def _featurised(shard: Shard, spec: ExtractorSpec = ExtractorSpec("nan", "1", "nan_extractor:mean_or_nan")
+                ) -> pa.Table:
     import pyarrow.fs as pafs
 
     from raycompat.pipeline.extract import _ExtractPieces
 
-    actor = _ExtractPieces(["nan_extractor:mean_or_nan"], [3], ImageCodec("list", (1, 2, 2)), True,
-                           pafs.LocalFileSystem(), 4, 1, "cpu")
+    actor = _ExtractPieces([spec], [3], ImageCodec("list", (1, 2, 2)), True, pafs.LocalFileSystem(), 4, 1, "cpu")
     return actor(pa.table({"path": [shard.path], "first": [0], "count": [3]}))
+
+
+def test_an_http_extractor_that_never_answers_fails_after_the_configured_timeout_and_retries(tmp_path, monkeypatch):
+    import socket
+
+    from raycompat.pipeline.run import old_extractor_spec
+
+    shard, _ = _nan_shard(tmp_path, monkeypatch)
+    # Listening but never accepting: the kernel completes connections, nothing ever answers.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/extract"
+    cfg = PipelineConfig(old=OldConfig(extractor=url, http_timeout_s=0.3, http_retries=1))
+    start = time.perf_counter()
+    try:
+        with pytest.raises(DataError, match=rf"^extractor {url}: no answer within 0.3 s, 2 tries "
+                                            r"\(old.http_timeout_s, old.http_retries\)$"):
+            _featurised(shard, old_extractor_spec(cfg))
+    finally:
+        silent.close()
+    assert time.perf_counter() - start < 3
+
+
+def test_http_timeout_and_retries_are_validated_config_keys():
+    from raycompat.configio import from_dict
+
+    assert (OldConfig().http_timeout_s, OldConfig().http_retries) == (30.0, 2)
+    with pytest.raises(ConfigError, match=r"^old.http_timeout_s: must be positive, got 0"):
+        from_dict(PipelineConfig, {"old": {"http_timeout_s": 0}})
+    with pytest.raises(ConfigError, match=r"^old.http_retries: must be >= 0, got -1"):
+        from_dict(PipelineConfig, {"old": {"http_retries": -1}})
 
 
 def test_non_finite_features_fail_naming_record_and_shard(tmp_path, monkeypatch):
