@@ -435,3 +435,17 @@ def test_evaluate_refuses_a_store_rewritten_after_it_was_written(tmp_path):
     _shuffle_rows(tmp_path / "old" / "part-00000.parquet")
     with pytest.raises(DataError, match=rf"feature store {tmp_path / 'old'}: part part-00000\.parquet"):
         evaluate_stores(tmp_path / "old", tmp_path / "new")
+
+
+def test_evaluate_names_the_store_and_record_of_non_finite_features(tmp_path):
+    from raycompat.evaluation import evaluate_stores
+
+    _store(tmp_path / "old")
+    writer = FeatureStoreWriter(tmp_path / "new", "new", "1", DIM)
+    part = _part(0, 22, seed=5)
+    part["features"][[4, 9]] = np.nan
+    writer.write_part("00000", **part)
+    writer.finalize()
+    with pytest.raises(DataError, match=rf"^feature store {tmp_path / 'new'}: 2 of 22 records have NaN or inf "
+                                        r"features \(first: 'x4'\): re-extract it$"):
+        evaluate_stores(tmp_path / "old", tmp_path / "new")

@@ -772,6 +772,19 @@ class FeatureStore:
         return values[inverse]
 
 
+def require_finite(uri: str, ids: np.ndarray, values: np.ndarray) -> None:
+    """Raise DataError naming the store and the first record when a row of ``values`` has NaN or inf.
+
+    Extraction never commits such rows; a store written otherwise would poison every search.
+    """
+    bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+    if bad.any():
+        raise DataError(
+            f"feature store {uri}: {int(bad.sum())} of {len(values)} records have NaN or inf features "
+            f"(first: {ids[int(np.argmax(bad))]!r}): re-extract it"
+        )
+
+
 class QuarantineWriter:
     """Collects (id, source, reason) rows for records that could not be featurised.
 

@@ -42,7 +42,7 @@ from raycompat.artifacts import Location
 from raycompat.config import PipelineConfig, with_absolute_paths
 from raycompat.configio import from_dict, to_dict
 from raycompat.data.datasets import load_dataset
-from raycompat.data.feature_store import FeatureStore
+from raycompat.data.feature_store import FeatureStore, require_finite
 from raycompat.data.protocols import old_training_set, resolve_old_classes
 from raycompat.errors import DataError
 from raycompat.layout import Layout
@@ -88,7 +88,9 @@ def flatten_metrics(matrix: dict[str, dict]) -> dict[str, float]:
 def _load_old_features(cfg: PipelineConfig, layout: Layout, split: str, ids: np.ndarray) -> np.ndarray:
     store = FeatureStore.open(layout.store(old_model_name(cfg), split), expect_model=cfg.old.name,
                               expect_version=cfg.old.version)
-    return store.lookup(ids)
+    features = store.lookup(ids)
+    require_finite(store.uri, ids, features)
+    return features
 
 
 def train_loop_per_worker(config: dict) -> None:
