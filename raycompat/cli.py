@@ -389,9 +389,9 @@ _KEPT_ON_INTERRUPT = {
     "demo": "the shards and epoch checkpoints committed so far stay under output_dir",
     "extract": "shards already committed stay in the feature stores",
     "transform": "parts already committed stay in the output store",
-    "train-old": "the latest epoch checkpoint stays under <output_dir>/ray",
-    "train": "the latest epoch checkpoint stays under <output_dir>/ray",
-    "train-fct": "the latest epoch checkpoint stays under <output_dir>/ray",
+    "train-old": "the epoch checkpoints committed so far stay under <output_dir>/ray",
+    "train": "the epoch checkpoints committed so far stay under <output_dir>/ray",
+    "train-fct": "the epoch checkpoints committed so far stay under <output_dir>/ray",
     "tune": "finished trials and checkpoints stay in the search directory",
 }
 
