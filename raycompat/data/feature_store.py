@@ -83,7 +83,8 @@ _ROW_GROUP_BYTES = 64 << 20
 _READ_BATCH = 65536
 _HEADER_KEYS = ("format_version", "model", "version", "dim", "columns")
 # Parts whose sha256 this process already checked: (filesystem, path, sha256) -> (size, mtime_ns)
-# when hashed. A rewritten file changes its mtime (or size) and is hashed again.
+# when hashed. A rewritten file changes its mtime (or size) and is hashed again; on a filesystem
+# that reports no mtime, only a change of size is noticed within one process.
 _VERIFIED: dict[tuple[str, str, str], tuple[int | None, int | None]] = {}
 
 QUARANTINE_SCHEMA = pa.schema(
