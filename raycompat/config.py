@@ -56,6 +56,9 @@ class ProtocolConfig:
     def validate(self, key: str) -> None:
         check(0.0 < self.old_fraction <= 1.0, join(key, "old_fraction"), f"must be in (0, 1], got {self.old_fraction}")
         if self.old_classes is not None:
+            # Silently ignored otherwise: the user would believe the old model saw only these classes.
+            check(self.kind == "class_split", join(key, "old_classes"),
+                  f"only kind class_split uses it (kind is {self.kind}, which trains the old model on every class)")
             check(len(self.old_classes) > 0, join(key, "old_classes"), "must not be empty")
             check(len(set(self.old_classes)) == len(self.old_classes), join(key, "old_classes"), "has duplicates")
             check(min(self.old_classes) >= 0, join(key, "old_classes"), "class ids must be >= 0")

@@ -103,3 +103,12 @@ def test_serve_extractor_on_a_busy_port_is_one_line(tmp_path, capsys, monkeypatc
         busy.close()
     assert code == 2
     assert err == [f"error: serve-extractor: cannot listen on 127.0.0.1:{port} (Address already in use)"]
+
+
+def test_old_classes_with_a_data_split_is_refused(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'run'}\nprotocol: {{kind: data_split, old_classes: [0, 1]}}\n")
+    code, err = _run(capsys, "eval", "--config", str(config))
+    assert code == 2
+    assert err == [f"error: {config}: protocol.old_classes: only kind class_split uses it (kind is data_split, "
+                   "which trains the old model on every class)"]
