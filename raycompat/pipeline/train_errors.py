@@ -16,8 +16,7 @@ import signal
 import threading
 from typing import Any
 
-from ray.train import UserCallback
-from ray.train.v2.api.exceptions import ControllerError
+from ray.train import ControllerError, UserCallback
 
 from raycompat.errors import RaycompatError
 from raycompat.pipeline.sources import raycompat_errors_from_ray
