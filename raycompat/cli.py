@@ -21,10 +21,14 @@ DEFAULT_DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
 def _load(args: argparse.Namespace):
+    from raycompat import storage
     from raycompat.config import load_pipeline_config
 
     overrides = {"output_dir": args.out} if getattr(args, "out", None) else None
-    return load_pipeline_config(args.config, overrides)
+    cfg = load_pipeline_config(args.config, overrides)
+    # Every stage writes under output_dir: a file in the way or a read-only mount fails here, before Ray starts.
+    storage.check_writable_dir(cfg.output_dir, "--out" if overrides else f"{args.config}: output_dir")
+    return cfg
 
 
 def _stage_bar(total: int, desc: str):
@@ -277,10 +281,15 @@ def _submit_dispatch(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_extractor(args: argparse.Namespace) -> int:
+    from raycompat.errors import DataError
     from raycompat.models.extractor import load_extractor
     from raycompat.models.http_server import make_server
 
-    server = make_server(load_extractor(args.model), args.host, args.port)
+    extractor = load_extractor(args.model)
+    try:
+        server = make_server(extractor, args.host, args.port)
+    except OSError as exc:
+        raise DataError(f"serve-extractor: cannot listen on {args.host}:{args.port} ({exc.strerror or exc})") from None
     host, port = server.server_address[:2]
     print(f"serving {args.model} at http://{host}:{port}/extract (POST a .npy uint8 batch); Ctrl-C stops")
     try:
@@ -411,6 +420,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# What a re-run picks up after Ctrl-C, per command (the one line printed on an interrupt).
+_KEPT_ON_INTERRUPT = {
+    "demo": "the shards and epoch checkpoints committed so far stay under output_dir",
+    "extract": "shards already committed stay in the feature stores",
+    "transform": "parts already committed stay in the output store",
+    "train-old": "the epoch checkpoints committed so far stay under <output_dir>/ray",
+    "train": "the epoch checkpoints committed so far stay under <output_dir>/ray",
+    "train-fct": "the epoch checkpoints committed so far stay under <output_dir>/ray",
+    "tune": "finished trials and checkpoints stay in the search directory",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Our own progress at INFO; other libraries (faiss's loader, Ray's internals) only when they warn.
@@ -422,3 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     except RaycompatError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        kept = _KEPT_ON_INTERRUPT.get(args.command)
+        print(f"interrupted: {kept}; run the same command again to resume" if kept else
+              "interrupted; run the same command again", file=sys.stderr)
+        return 130

@@ -62,6 +62,9 @@ class ProtocolConfig:
     def validate(self, key: str) -> None:
         check(0.0 < self.old_fraction <= 1.0, join(key, "old_fraction"), f"must be in (0, 1], got {self.old_fraction}")
         if self.old_classes is not None:
+            # Silently ignored otherwise: the user would believe the old model saw only these classes.
+            check(self.kind == "class_split", join(key, "old_classes"),
+                  f"only kind class_split uses it (kind is {self.kind}, which trains the old model on every class)")
             check(len(self.old_classes) > 0, join(key, "old_classes"), "must not be empty")
             check(len(set(self.old_classes)) == len(self.old_classes), join(key, "old_classes"), "has duplicates")
             check(min(self.old_classes) >= 0, join(key, "old_classes"), "class ids must be >= 0")
@@ -175,6 +178,14 @@ class OldConfig:
     classifier: Optional[str] = None
     name: str = "old"
     version: str = "1"
+    # An http(s) extractor: seconds to wait for each answer, and retries (with backoff) after a
+    # timeout, a refused connection or a 5xx.
+    http_timeout_s: float = 30.0
+    http_retries: int = 2
+
+    def validate(self, key: str) -> None:
+        check(self.http_timeout_s > 0, join(key, "http_timeout_s"), f"must be positive, got {self.http_timeout_s}")
+        check(self.http_retries >= 0, join(key, "http_retries"), f"must be >= 0, got {self.http_retries}")
 
 
 @dataclass
@@ -331,6 +342,13 @@ class PipelineConfig:
         check(self.new.method != "bct" or self.old.extractor is None or self.old.classifier is not None,
               join(key, "old.classifier"), "new.method bct needs the old classifier's weights when old.extractor "
               "is set (a .pt tensor (num_old_classes, d_old), or an exported model's classifier.pt)")
+        # Model names are directories (models/<name>, features/<name>-<split>): two models with
+        # one name would overwrite each other's exported model and feature stores.
+        new_name = self.new.name or f"new-{self.new.method}"
+        check(new_name != self.old.name, join(key, "new.name"),
+              f"the new model is named {new_name!r} like old.name: its export would overwrite the old model's")
+        check(self.side.name not in (self.old.name, new_name), join(key, "side.name"),
+              f"{self.side.name!r} is also the old or new model's name: their feature stores would collide")
 
 
 def with_absolute_paths(cfg: PipelineConfig) -> PipelineConfig:

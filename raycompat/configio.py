@@ -94,7 +94,9 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, validating every key (see module doc)."""
     where = prefix or "<top level>"
     if data is None:
-        data = {}
+        # An empty file is almost always a mistake (a wrong path, an unsaved editor buffer):
+        # taken as "all defaults" it would start a full-size run into the default output_dir.
+        raise ConfigError(f"{path}: the file is empty (or only comments); an all-defaults config must say so, e.g. {{}}")
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)
@@ -133,7 +135,7 @@ def to_dict(obj: Any) -> Any:
 
 
 def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping, turning a missing file or a syntax error into a ConfigError."""
+    """Read a YAML mapping, turning a missing or empty file or a syntax error into a ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -144,7 +146,9 @@ def read_yaml(path: str | Path) -> dict:
         where = f":{mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
     if data is None:
-        data = {}
+        # An empty file is almost always a mistake (a wrong path, an unsaved editor buffer):
+        # taken as "all defaults" it would start a full-size run into the default output_dir.
+        raise ConfigError(f"{path}: the file is empty (or only comments); an all-defaults config must say so, e.g. {{}}")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data

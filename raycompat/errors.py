@@ -15,3 +15,7 @@ class DataError(RaycompatError):
 
 class FeatureStoreError(RaycompatError):
     """A feature store is missing, corrupt, or from another model/version than expected."""
+
+
+class StoreChecksumError(FeatureStoreError, DataError):
+    """A feature-store part's bytes differ from the sha256 its manifest promises."""

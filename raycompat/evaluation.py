@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raycompat.data.feature_store import FeatureStore
+from raycompat.data.feature_store import FeatureStore, require_finite
 from raycompat.errors import DataError
 from raycompat.retrieval.evaluate import cross_model_matrix
 from raycompat.retrieval.metrics import negative_flips
@@ -37,6 +37,8 @@ def evaluate_stores(old_store: str | Path, new_store: str | Path, chunk_size: in
     if new.row_count != len(ids_old):
         raise DataError(f"{new_store} holds {new.row_count} items but {old_store} holds {len(ids_old)}")
     f_new = new.lookup(ids_old)
+    require_finite(old.uri, ids_old, f_old)
+    require_finite(new.uri, ids_old, f_new)
     d_old = f_old.shape[1]
     if d_old > f_new.shape[1]:
         raise DataError(f"old features have dim {d_old} > new features' {f_new.shape[1]}: no compatible slice")

@@ -199,3 +199,28 @@ def sha256_file(fs: pafs.FileSystem, path: str) -> str:
         while chunk := f.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_writable_dir(location: str | os.PathLike[str], what: str) -> None:
+    """Raise DataError, naming ``what``, when local ``location`` cannot be a directory this process writes.
+
+    Creates the directory (and its parents) and removes a probe file written in it: a read-only
+    mount or a file in the way fails here, before any Ray worker would. Other URIs are not
+    probed: an object store has no directories, and a probe there would cost a request.
+    """
+    if not is_local(location):
+        return
+    _, path = resolve(location)
+    ancestor = path
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise DataError(f"{what} {path}: {ancestor} is a file, not a directory")
+    probe = os.path.join(path, f"{TEMP_PREFIX}{uuid.uuid4().hex}-write-probe")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise DataError(f"{what} {path} is not writable ({exc.strerror or exc})") from None

@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from raycompat.config import DataConfig, ExtractConfig, ModelConfig, PipelineConfig
+from raycompat.config import DataConfig, ExtractConfig, ModelConfig, OldConfig, PipelineConfig
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStore, read_quarantine
 from raycompat.errors import ConfigError, DataError, FeatureStoreError
@@ -135,6 +135,101 @@ def test_pieces_group_row_groups_of_one_shard_to_a_minimum():
     for shard in (["a", 5], ["b", 1], ["d", 2]):
         covered = [g for p in pieces if p["path"] == shard[0] for g in range(p["first"], p["first"] + p["count"])]
         assert covered == list(range(shard[1]))
+
+
+NAN_MODULE = '''
+"""Test extractor: the mean pixel, NaN for images whose first pixel is odd."""
+import numpy as np
+
+
+def mean_or_nan(images):
+    feats = np.repeat(images.reshape(len(images), -1).mean(axis=1, keepdims=True), 3, axis=1)
+    feats[images.reshape(len(images), -1)[:, 0] % 2 == 1, 1] = np.nan
+    return feats.astype(np.float32)
+'''
+
+
+def _nan_shard(tmp_path: Path, monkeypatch) -> tuple[Shard, set[str]]:
+    """One 10-row shard of 2x2 list images (rows 3 and 7 make the NaN extractor return NaN)."""
+    (tmp_path / "nan_extractor.py").write_text(NAN_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    images = [[2 * i + (i in (3, 7))] * 4 for i in range(10)]
+    table = pa.table({"id": [f"r{i}" for i in range(10)],
+                      "image": pa.array(images, pa.list_(pa.uint8())), "label": list(range(10))})
+    pq.write_table(table, tmp_path / "shard.parquet", row_group_size=4)
+    return Shard(str(tmp_path / "shard.parquet"), 10, "00000", (4, 4, 2)), {"r3", "r7"}
+
+
+def _featurised(shard: Shard, spec: ExtractorSpec = ExtractorSpec("nan", "1", "nan_extractor:mean_or_nan")
+                ) -> pa.Table:
+    import pyarrow.fs as pafs
+
+    from raycompat.pipeline.extract import _ExtractPieces
+
+    actor = _ExtractPieces([spec], [3], ImageCodec("list", (1, 2, 2)), True, pafs.LocalFileSystem(), 4, 1, "cpu")
+    return actor(pa.table({"path": [shard.path], "first": [0], "count": [3]}))
+
+
+def test_an_http_extractor_that_never_answers_fails_after_the_configured_timeout_and_retries(tmp_path, monkeypatch):
+    import socket
+
+    from raycompat.pipeline.run import old_extractor_spec
+
+    shard, _ = _nan_shard(tmp_path, monkeypatch)
+    # Listening but never accepting: the kernel completes connections, nothing ever answers.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/extract"
+    cfg = PipelineConfig(old=OldConfig(extractor=url, http_timeout_s=0.3, http_retries=1))
+    start = time.perf_counter()
+    try:
+        with pytest.raises(DataError, match=rf"^extractor {url}: no answer within 0.3 s, 2 tries "
+                                            r"\(old.http_timeout_s, old.http_retries\)$"):
+            _featurised(shard, old_extractor_spec(cfg))
+    finally:
+        silent.close()
+    assert time.perf_counter() - start < 3
+
+
+def test_http_timeout_and_retries_are_validated_config_keys():
+    from raycompat.configio import from_dict
+
+    assert (OldConfig().http_timeout_s, OldConfig().http_retries) == (30.0, 2)
+    with pytest.raises(ConfigError, match=r"^old.http_timeout_s: must be positive, got 0"):
+        from_dict(PipelineConfig, {"old": {"http_timeout_s": 0}})
+    with pytest.raises(ConfigError, match=r"^old.http_retries: must be >= 0, got -1"):
+        from_dict(PipelineConfig, {"old": {"http_retries": -1}})
+
+
+def test_non_finite_features_fail_naming_record_and_shard(tmp_path, monkeypatch):
+    from raycompat.data.feature_store import FeatureStoreWriter
+    from raycompat.pipeline.extract import _ShardCommitter
+
+    shard, bad = _nan_shard(tmp_path, monkeypatch)
+    rows = _featurised(shard)
+    writer = FeatureStoreWriter(tmp_path / "store", "nan", "1", 3)
+    with pytest.raises(DataError, match=rf"{shard.path}: record r3: extractor nan_extractor:mean_or_nan "
+                                        r"returned non-finite features \(NaN or inf\)"):
+        _ShardCommitter([shard], [writer], [3], None, None).add(rows)
+    assert writer.completed_parts() == set()
+
+
+def test_non_finite_features_are_quarantined_and_the_store_stays_finite(tmp_path, monkeypatch):
+    from raycompat.data.feature_store import FeatureStoreWriter, QuarantineWriter
+    from raycompat.pipeline.extract import _ShardCommitter
+
+    shard, bad = _nan_shard(tmp_path, monkeypatch)
+    writer = FeatureStoreWriter(tmp_path / "store", "nan", "1", 3)
+    committer = _ShardCommitter([shard], [writer], [3], [QuarantineWriter(tmp_path / "store")], None)
+    committer.add(_featurised(shard))
+    writer.finalize()
+    store = FeatureStore.open(tmp_path / "store").to_numpy()
+    assert sorted(store["id"]) == sorted({f"r{i}" for i in range(10)} - bad)
+    assert np.isfinite(store["feature"]).all()
+    quarantined = read_quarantine(tmp_path / "store").to_pylist()
+    assert sorted(r["id"] for r in quarantined) == sorted(bad)
+    assert all("non-finite" in r["reason"] and r["source"] == shard.path for r in quarantined)
 
 
 # --- Ray ---------------------------------------------------------------------------------

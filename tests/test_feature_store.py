@@ -119,11 +119,44 @@ def test_checksum_detects_tampered_file(tmp_path):
     raw[10] ^= 0xFF  # inside the first data page: the footer (and row counts) stay readable
     path.write_bytes(bytes(raw))
 
-    FeatureStore.open(tmp_path / "s")  # without verify only footers are read
-    with pytest.raises(FeatureStoreError, match=r"part-00001\.parquet has sha256 .*_manifest.json says"):
+    FeatureStore.open(tmp_path / "s", verify=False)  # without verify only footers are read
+    with pytest.raises(FeatureStoreError, match=r"part part-00001\.parquet has sha256 .*_manifest.json says"):
         FeatureStore.open(tmp_path / "s", verify=True)
     with pytest.raises(FeatureStoreError, match=r"part '00001'.*differs from its record"):
         writer.finalize()
+
+
+def _shuffle_rows(path: Path) -> None:
+    """Rewrite a part as valid Parquet with its feature rows permuted (ids stay): footers still agree."""
+    table = pq.read_table(path)
+    order = np.roll(np.arange(table.num_rows), 1)
+    table = table.set_column(table.schema.get_field_index("feature"), table.schema.field("feature"),
+                             table.column("feature").take(pa.array(order)))
+    pq.write_table(table, path)
+
+
+def test_every_open_verifies_checksums_and_names_store_and_part(tmp_path):
+    _store(tmp_path / "s")
+    before = FeatureStore.open(tmp_path / "s").to_numpy()
+    _shuffle_rows(tmp_path / "s" / "part-00001.parquet")
+    with pytest.raises(DataError, match=rf"feature store {tmp_path / 's'}: part part-00001\.parquet has sha256"):
+        FeatureStore.open(tmp_path / "s")
+    assert before["feature"].shape == (22, DIM)
+
+
+def test_verified_parts_are_hashed_once_per_process_until_rewritten(tmp_path, monkeypatch):
+    _store(tmp_path / "s")
+    hashed = []
+    real = storage.sha256_file
+    monkeypatch.setattr(storage, "sha256_file", lambda fs, path: hashed.append(path) or real(fs, path))
+    FeatureStore.open(tmp_path / "s")
+    FeatureStore.open(tmp_path / "s")
+    assert sorted(Path(p).name for p in hashed) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    hashed.clear()
+    _shuffle_rows(tmp_path / "s" / "part-00002.parquet")
+    with pytest.raises(DataError, match=r"part part-00002\.parquet"):
+        FeatureStore.open(tmp_path / "s")
+    assert [Path(p).name for p in hashed] == ["part-00002.parquet"]
 
 
 def test_missing_file_and_wrong_row_count_refused(tmp_path):
@@ -391,3 +424,28 @@ def test_storage_helpers(tmp_path, monkeypatch):
     assert storage.list_files(fs, path) == ["a.json"]
     assert storage.list_files(fs, storage.join(path, "missing")) == []
     assert storage.exists(fs, target) and not storage.exists(fs, storage.join(path, "b"))
+
+
+def test_evaluate_refuses_a_store_rewritten_after_it_was_written(tmp_path):
+    from raycompat.evaluation import evaluate_stores
+
+    _store(tmp_path / "old")
+    _store(tmp_path / "new", model="new")
+    assert evaluate_stores(tmp_path / "old", tmp_path / "new")["n_items"] == 22
+    _shuffle_rows(tmp_path / "old" / "part-00000.parquet")
+    with pytest.raises(DataError, match=rf"feature store {tmp_path / 'old'}: part part-00000\.parquet"):
+        evaluate_stores(tmp_path / "old", tmp_path / "new")
+
+
+def test_evaluate_names_the_store_and_record_of_non_finite_features(tmp_path):
+    from raycompat.evaluation import evaluate_stores
+
+    _store(tmp_path / "old")
+    writer = FeatureStoreWriter(tmp_path / "new", "new", "1", DIM)
+    part = _part(0, 22, seed=5)
+    part["features"][[4, 9]] = np.nan
+    writer.write_part("00000", **part)
+    writer.finalize()
+    with pytest.raises(DataError, match=rf"^feature store {tmp_path / 'new'}: 2 of 22 records have NaN or inf "
+                                        r"features \(first: 'x4'\): re-extract it$"):
+        evaluate_stores(tmp_path / "old", tmp_path / "new")

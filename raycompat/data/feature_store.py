@@ -58,7 +58,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raycompat import storage
-from raycompat.errors import DataError, FeatureStoreError
+from raycompat.errors import DataError, FeatureStoreError, StoreChecksumError
 
 if TYPE_CHECKING:
     import torch
@@ -82,6 +82,10 @@ _COLUMN_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ROW_GROUP_BYTES = 64 << 20
 _READ_BATCH = 65536
 _HEADER_KEYS = ("format_version", "model", "version", "dim", "columns")
+# Parts whose sha256 this process already checked: (filesystem, path, sha256) -> (size, mtime_ns)
+# when hashed. A rewritten file changes its mtime (or size) and is hashed again; on a filesystem
+# that reports no mtime, only a change of size is noticed within one process.
+_VERIFIED: dict[tuple[str, str, str], tuple[int | None, int | None]] = {}
 
 QUARANTINE_SCHEMA = pa.schema(
     [
@@ -524,14 +528,16 @@ class FeatureStore:
         expect_model: str | None = None,
         expect_version: str | None = None,
         expect_dim: int | None = None,
-        verify: bool = False,
+        verify: bool = True,
     ) -> FeatureStore:
         """Open the store at ``uri`` after validating it.
 
         Checks the manifest exists and is complete, every listed file exists with its row
-        count and schema, the row counts add up, and (``verify``) every file's sha256.
-        Raises FeatureStoreError on any failure, or when the store holds another model,
-        version or dim than an ``expect_*`` given.
+        count and schema, the row counts add up, and (``verify``) every file's sha256: a
+        file is hashed once per process while its size and mtime stay the same.
+        Raises FeatureStoreError on any failure (StoreChecksumError, also a DataError,
+        naming the store and part on a checksum mismatch), or when the store holds
+        another model, version or dim than an ``expect_*`` given.
         """
         text = os.fspath(uri)
         fs, root = storage.resolve(uri)
@@ -568,8 +574,8 @@ class FeatureStore:
             where = f"feature store {self.uri}: {entry['name']}"
             if not storage.exists(self._fs, path):
                 raise FeatureStoreError(f"{where} is listed in {MANIFEST} but missing")
-            if verify and (digest := storage.sha256_file(self._fs, path)) != entry["sha256"]:
-                raise FeatureStoreError(f"{where} has sha256 {digest}, {MANIFEST} says {entry['sha256']}")
+            if verify:
+                self._verify_part(path, entry["name"], entry["sha256"])
             with _parquet(self._fs, path, where) as parquet:
                 if not parquet.schema_arrow.equals(schema):
                     raise FeatureStoreError(f"{where} has schema {parquet.schema_arrow}, expected {schema}")
@@ -582,6 +588,21 @@ class FeatureStore:
             raise FeatureStoreError(
                 f"feature store {self.uri}: files hold {total} rows, {MANIFEST} says {self.manifest['row_count']}"
             )
+
+    def _verify_part(self, path: str, name: str, sha256: str) -> None:
+        """Hash one part unless this process hashed the same unchanged file already."""
+        info = self._fs.get_file_info(path)
+        key = (self._fs.type_name, path, sha256)
+        stamp = (info.size, info.mtime_ns)
+        if _VERIFIED.get(key) == stamp:
+            return
+        digest = storage.sha256_file(self._fs, path)
+        if digest != sha256:
+            raise StoreChecksumError(
+                f"feature store {self.uri}: part {name} has sha256 {digest}, {MANIFEST} says {sha256} "
+                "(the file changed after the store was written: re-extract it)"
+            )
+        _VERIFIED[key] = stamp
 
     @property
     def model(self) -> str:
@@ -750,6 +771,19 @@ class FeatureStore:
                 f"(first missing: {first!r})"
             )
         return values[inverse]
+
+
+def require_finite(uri: str, ids: np.ndarray, values: np.ndarray) -> None:
+    """Raise DataError naming the store and the first record when a row of ``values`` has NaN or inf.
+
+    Extraction never commits such rows; a store written otherwise would poison every search.
+    """
+    bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+    if bad.any():
+        raise DataError(
+            f"feature store {uri}: {int(bad.sum())} of {len(values)} records have NaN or inf features "
+            f"(first: {ids[int(np.argmax(bad))]!r}): re-extract it"
+        )
 
 
 class QuarantineWriter:

@@ -42,6 +42,10 @@ def resolve_old_classes(cfg: ProtocolConfig, num_classes: int) -> list[int]:
         raise ConfigError(f"protocol.old_classes: class id {bad[0]} outside the dataset's 0..{num_classes - 1}")
     if not classes:
         raise ConfigError("protocol.old_classes: the old model needs at least one class")
+    if len(set(classes)) == num_classes:
+        raise ConfigError(f"protocol.old_classes: covers all {num_classes} classes of the dataset, so no class is "
+                          "new; leave at least one out, or use protocol.kind: data_split for old and new models "
+                          "on the same classes")
     return sorted(classes)
 
 

@@ -14,6 +14,7 @@ Nothing else about the old model (weights, classifier, training data) is used.
 
 from __future__ import annotations
 
+import http.client
 import importlib
 import io
 import logging
@@ -114,9 +115,14 @@ def _http(url: str, timeout_s: float, retries: int) -> Callable[[np.ndarray], np
                 detail = exc.read()[:200].decode(errors="replace")
                 if exc.code < 500 or attempt == retries:
                     raise DataError(f"extractor {url}: HTTP {exc.code} ({detail})") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
                 if attempt == retries:
-                    raise DataError(f"extractor {url}: unreachable after {retries + 1} tries ({exc})") from None
+                    # urlopen wraps a timeout while connecting in URLError; one while reading is raw.
+                    reason = getattr(exc, "reason", exc)
+                    if isinstance(reason, TimeoutError):
+                        raise DataError(f"extractor {url}: no answer within {timeout_s:g} s, {retries + 1} tries "
+                                        "(old.http_timeout_s, old.http_retries)") from None
+                    raise DataError(f"extractor {url}: unreachable after {retries + 1} tries ({reason})") from None
             log.warning("extractor %s: attempt %d failed, retrying", url, attempt + 1)
             time.sleep(0.2 * 2**attempt)
         raise AssertionError("unreachable")
@@ -124,10 +130,13 @@ def _http(url: str, timeout_s: float, retries: int) -> Callable[[np.ndarray], np
     return run
 
 
-def load_extractor(spec: str, device: str | None = None, timeout_s: float = 60.0, retries: int = 2) -> Extractor:
+def load_extractor(spec: str, device: str | None = None, timeout_s: float = 30.0, retries: int = 2) -> Extractor:
     """Turn a TorchScript path, model dir, ``module:callable`` or http(s) URL into an Extractor.
 
     A TorchScript file or model dir may be a storage URI (``s3://.../models/old``).
+    ``timeout_s`` and ``retries`` apply to an http(s) URL: each request waits that long for
+    an answer and is tried ``retries`` more times (with backoff) after a timeout, a refused
+    connection or a 5xx.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith(("http://", "https://")):

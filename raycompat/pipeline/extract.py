@@ -20,8 +20,8 @@ re-run skips shards committed in all stores and ``write_part`` skips parts a sto
 already has, so every id ends up exactly once and a committed part is never rewritten.
 Stores are finalized (validated, manifest complete) only when every shard is in.
 
-Corrupt records (undecodable or wrong-sized images) come back from the actors as
-error rows: with ``extract.on_error: fail`` the first one stops the job with its id
+Corrupt records (undecodable or wrong-sized images, or images an extractor returned
+NaN or inf features for) come back from the actors as error rows: with ``extract.on_error: fail`` the first one stops the job with its id
 and shard; with ``quarantine`` they are written with their reason to each store's
 quarantine table before the shard's part is committed, and the rest completes.
 """
@@ -45,7 +45,7 @@ from raycompat.config import ExtractConfig, PipelineConfig
 from raycompat.data.feature_store import FeatureStoreWriter, QuarantineWriter
 from raycompat.errors import ConfigError, DataError
 from raycompat.layout import Layout
-from raycompat.models.extractor import load_extractor
+from raycompat.models.extractor import Extractor, load_extractor
 from raycompat.pipeline.ray_session import cluster_cpus_gpus, init_ray
 from raycompat.pipeline.sources import (
     GallerySource,
@@ -68,12 +68,19 @@ BATCHES_PER_PIECE = 4
 class ExtractorSpec:
     """One model to run: its store is ``features/<name>-<split>``, tagged ``name``/``version``.
 
-    ``spec`` is what :func:`raycompat.models.extractor.load_extractor` accepts.
+    ``spec`` is what :func:`raycompat.models.extractor.load_extractor` accepts; an http(s)
+    spec waits ``timeout_s`` per request and retries ``retries`` times.
     """
 
     name: str
     version: str
     spec: str
+    timeout_s: float = 30.0
+    retries: int = 2
+
+    def load(self, device: str) -> Extractor:
+        """The extractor, on ``device``."""
+        return load_extractor(self.spec, device=device, timeout_s=self.timeout_s, retries=self.retries)
 
 
 class ProgressHook(Protocol):
@@ -141,14 +148,15 @@ class _ExtractPieces:
     """Ray Data callable class: read pieces of shards, decode, and run every extractor on them.
 
     Each actor loads the extractors once. Output per record: id, label, source (the shard
-    path), error (null, or why the record could not be featurised) and ``feature_<i>``
-    per extractor (zeros on error rows). Images never leave the actor.
+    path), ``feature_<i>`` per extractor (zeros on error rows) and error (null, or why the
+    record could not be featurised: an undecodable image, or non-finite features from any
+    extractor). Images never leave the actor.
     """
 
-    def __init__(self, specs: list[str], dims: list[int], codec: ImageCodec, has_label: bool,
+    def __init__(self, specs: list[ExtractorSpec], dims: list[int], codec: ImageCodec, has_label: bool,
                  filesystem: pafs.FileSystem, batch_size: int, threads: int, device: str) -> None:
         torch.set_num_threads(threads)
-        self._extractors = [load_extractor(spec, device=device) for spec in specs]
+        self._extractors = [spec.load(device) for spec in specs]
         self._dims = dims
         self._codec = codec
         self._has_label = has_label
@@ -178,7 +186,6 @@ class _ExtractPieces:
             "id": ids,
             "label": batch.column("label").cast(pa.int64()) if self._has_label else pa.nulls(n, pa.int64()),
             "source": pa.repeat(path, n).cast(pa.string()),
-            "error": pa.array([errors.get(i) for i in range(n)], pa.string()),
         }
         for index, (extract, dim) in enumerate(zip(self._extractors, self._dims)):
             out = np.zeros((n, dim), np.float32)
@@ -186,8 +193,13 @@ class _ExtractPieces:
                 feats = extract(pixels)
                 if feats.shape[1] != dim:
                     raise DataError(f"extractor {extract.spec}: returned dim {feats.shape[1]}, the probe saw {dim}")
+                # A NaN or inf feature would poison every search over the store: the record is
+                # an error row like an undecodable image (failed or quarantined by on_error).
+                for row in ok[~np.isfinite(feats).all(axis=1)]:
+                    errors.setdefault(int(row), f"extractor {extract.spec} returned non-finite features (NaN or inf)")
                 out[ok] = feats
             columns[f"feature_{index}"] = pa.FixedSizeListArray.from_arrays(pa.array(out.reshape(-1)), dim)
+        columns["error"] = pa.array([errors.get(i) for i in range(n)], pa.string())
         return pa.table(columns)
 
 
@@ -273,14 +285,14 @@ class _ShardCommitter:
                             f"{self._received.get(path, 0)} of {shard.rows} rows came back")
 
 
-def _probe_dims(source: GallerySource, specs: list[str], max_shards: int = 8) -> list[int]:
+def _probe_dims(source: GallerySource, specs: list[ExtractorSpec], max_shards: int = 8) -> list[int]:
     """Feature dim of each extractor, from one image of the first shards; fails fast on a bad spec."""
     for shard in [s for s in source.shards if s.rows][:max_shards]:
         with source.filesystem.open_input_file(shard.path) as f:
             batch = next(pq.ParquetFile(f).iter_batches(batch_size=_PROBE_ROWS, columns=["image"]))
         ok, pixels, _ = decode_images(batch.column("image"), source.codec)
         if len(ok):
-            return [load_extractor(spec, device="cpu")(pixels[:1]).shape[1] for spec in specs]
+            return [spec.load("cpu")(pixels[:1]).shape[1] for spec in specs]
     raise DataError(f"gallery source {source.uri}: no decodable image in the first rows of its first shards")
 
 
@@ -298,7 +310,7 @@ def _stream(cfg: ExtractConfig, source: GallerySource, pending: list[Shard], ext
     features = ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(
         _ExtractPieces,
         fn_constructor_kwargs={
-            "specs": [e.spec for e in extractors], "dims": dims, "codec": source.codec,
+            "specs": extractors, "dims": dims, "codec": source.codec,
             "has_label": source.has_label, "filesystem": source.filesystem, "batch_size": cfg.batch_size,
             "threads": plan.threads, "device": "cuda" if plan.num_gpus > 0 else "cpu",
         },
@@ -335,7 +347,7 @@ def run_extraction(
         raise ConfigError(f"extractors must be non-empty with unique names, got {names}")
     init_ray(cfg.ray)
     source = gallery_source(cfg, split, source_uri)
-    dims = _probe_dims(source, [e.spec for e in extractors])
+    dims = _probe_dims(source, extractors)
     layout = Layout.of(cfg.output_dir)
     paths = {e.name: str(layout.store(e.name, split)) for e in extractors}
     writers = [FeatureStoreWriter(paths[e.name], e.name, e.version, dim) for e, dim in zip(extractors, dims)]

@@ -58,6 +58,7 @@ from raycompat.models.fct_config import TransformationConfig
 from raycompat.models.transformation import Transformation
 from raycompat.pipeline.ray_session import init_ray
 from raycompat.pipeline.train import scaling_config
+from raycompat.pipeline.train_errors import StopOnRaycompatError, fit
 from raycompat.training.fct import build_transformation, iterate_batches, make_optimizer, train_epoch
 
 log = logging.getLogger(__name__)
@@ -331,9 +332,10 @@ def train_transformation_stage(cfg: PipelineConfig, use_side_info: bool, uncerta
             storage_path=str(layout.ray_storage),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[StopOnRaycompatError()],
         ),
     )
-    result = trainer.fit()
+    result = fit(trainer)
     if result.error:
         raise result.error
     log.info("transformation %s saved to %s; last epoch %s", name, model_dir, result.metrics)

@@ -42,7 +42,7 @@ Progress = Callable[[str], None]
 def old_extractor_spec(cfg: PipelineConfig) -> ExtractorSpec:
     """The black box to extract old features with: the configured one, else the exported old model."""
     spec = cfg.old.extractor or str(child(Layout.of(cfg.output_dir).model_dir(old_model_name(cfg)), "extractor.pt"))
-    return ExtractorSpec(cfg.old.name, cfg.old.version, spec)
+    return ExtractorSpec(cfg.old.name, cfg.old.version, spec, cfg.old.http_timeout_s, cfg.old.http_retries)
 
 
 def new_extractor_spec(cfg: PipelineConfig) -> ExtractorSpec:

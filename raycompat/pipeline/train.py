@@ -48,8 +48,8 @@ from raycompat.artifacts import Location
 from raycompat.config import PipelineConfig, with_absolute_paths
 from raycompat.configio import from_dict, to_dict
 from raycompat.data.datasets import load_dataset
-from raycompat.data.feature_store import FeatureStore
-from raycompat.data.protocols import old_training_set, validation_split
+from raycompat.data.feature_store import FeatureStore, require_finite
+from raycompat.data.protocols import old_training_set, resolve_old_classes, validation_split
 from raycompat.errors import DataError
 from raycompat.layout import Layout
 from raycompat.models.backbones import (
@@ -59,6 +59,7 @@ from raycompat.models.backbones import (
 )
 from raycompat.models.export import export_model, load_classifier, load_classifier_file
 from raycompat.pipeline.ray_session import cluster_cpus_gpus
+from raycompat.pipeline.train_errors import StopOnRaycompatError, fit
 from raycompat.release_gate import save_outcomes
 from raycompat.retrieval.evaluate import cross_model_matrix
 from raycompat.training.compat_term import build_compat_term
@@ -103,7 +104,9 @@ def old_classifier(cfg: PipelineConfig) -> tuple[torch.Tensor, list[int]]:
 def _load_old_features(cfg: PipelineConfig, layout: Layout, split: str, ids: np.ndarray) -> np.ndarray:
     store = FeatureStore.open(layout.store(old_model_name(cfg), split), expect_model=cfg.old.name,
                               expect_version=cfg.old.version)
-    return store.lookup(ids)
+    features = store.lookup(ids)
+    require_finite(store.uri, ids, features)
+    return features
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -219,6 +222,11 @@ def config_fingerprint(cfg: PipelineConfig, role: str) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def _preflight_old(cfg: PipelineConfig) -> None:
+    """Refuse a dataset that does not load or classes it lacks on the driver, before any worker starts."""
+    resolve_old_classes(cfg.protocol, load_dataset(cfg.data, cfg.seed).num_classes)
+
+
 def _preflight_new(cfg: PipelineConfig, layout: Layout) -> None:
     """Refuse bad inputs on the driver, as one-line errors, before any worker starts.
 
@@ -262,6 +270,12 @@ def build_trainer(cfg: PipelineConfig, role: str, scaling: Optional[ScalingConfi
     name = old_model_name(cfg) if role == "old" else new_model_name(cfg)
     if role == "new":
         _preflight_new(cfg, layout)
+        if cfg.new.method != "independent" and cfg.new.compat.weight == 0:
+            # Valid (an ablation), but usually a slip: warn rather than refuse.
+            log.warning("new.compat.lambda is 0: method %s trains like independent (no compatibility term)",
+                        cfg.new.method)
+    else:
+        _preflight_old(cfg)
     scaling = scaling or scaling_config(cfg)
     epochs = (cfg.old if role == "old" else cfg.new).optim.epochs
     log.info("training %s model %r: %d epochs, %d workers", role, name, epochs, scaling.num_workers)
@@ -276,7 +290,7 @@ def build_trainer(cfg: PipelineConfig, role: str, scaling: Optional[ScalingConfi
             storage_path=str(storage_path or layout.ray_storage),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), StopOnRaycompatError()],
         ),
     )
 
@@ -289,7 +303,7 @@ def run_training(cfg: PipelineConfig, role: str, scaling: Optional[ScalingConfig
     ``run_name``, ``storage_path`` and ``model_dir`` override the defaults (see :func:`build_trainer`).
     """
     trainer = build_trainer(cfg, role, scaling, callbacks, run_name, storage_path, model_dir)
-    result = trainer.fit()
+    result = fit(trainer)
     if result.error:
         raise result.error
     model_dir = artifacts.as_location(trainer.train_loop_config["model_dir"])
