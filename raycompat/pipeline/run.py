@@ -24,7 +24,7 @@ from raycompat.evaluation import evaluate_stores
 from raycompat.layout import Layout
 from raycompat.models.export import load_model_meta
 from raycompat.pipeline.backfill_stage import stage_backfill_report
-from raycompat.pipeline.extract import ExtractorSpec, run_extraction
+from raycompat.pipeline.extract import ExtractorSpec, ProgressHook, run_extraction
 from raycompat.pipeline.ray_session import init_ray
 from raycompat.pipeline.train import new_model_name, old_model_name, run_training
 from raycompat.report import write_eval_report
@@ -55,8 +55,10 @@ def stage_train_old(cfg: PipelineConfig) -> dict:
     return run_training(cfg, "old").metrics
 
 
-def stage_extract_old(cfg: PipelineConfig, splits: tuple[str, ...] = ("train", "test")) -> dict:
-    return {split: {k: str(v) for k, v in run_extraction(cfg, split, [old_extractor_spec(cfg)]).items()}
+def stage_extract_old(cfg: PipelineConfig, splits: tuple[str, ...] = ("train", "test"),
+                      progress: Optional[ProgressHook] = None) -> dict:
+    return {split: {k: str(v) for k, v in run_extraction(cfg, split, [old_extractor_spec(cfg)],
+                                                         progress=progress).items()}
             for split in splits}
 
 
@@ -64,8 +66,8 @@ def stage_train_new(cfg: PipelineConfig) -> dict:
     return run_training(cfg, "new").metrics
 
 
-def stage_extract_new(cfg: PipelineConfig) -> dict:
-    return {k: str(v) for k, v in run_extraction(cfg, "test", [new_extractor_spec(cfg)]).items()}
+def stage_extract_new(cfg: PipelineConfig, progress: Optional[ProgressHook] = None) -> dict:
+    return {k: str(v) for k, v in run_extraction(cfg, "test", [new_extractor_spec(cfg)], progress=progress).items()}
 
 
 def stage_evaluate(cfg: PipelineConfig) -> dict:
@@ -101,16 +103,22 @@ def stage_names(cfg: PipelineConfig) -> list[str]:
     return [name for name, _ in STAGES] + (["backfill report"] if cfg.backfill.enabled else [])
 
 
-def run_pipeline(cfg: PipelineConfig, progress: Optional[Progress] = None) -> Location:
-    """Run every stage end to end on the configured cluster; returns the report path."""
+def run_pipeline(cfg: PipelineConfig, progress: Optional[Progress] = None,
+                 records: Optional[ProgressHook] = None) -> Location:
+    """Run every stage end to end on the configured cluster; returns the report path.
+
+    ``progress`` gets each stage's name as it starts; ``records``, when given, counts the
+    extraction stages' rows (instead of Ray Data's own progress output).
+    """
     init_ray(cfg.ray)
     step = progress or (lambda name: None)
+    hooks = {stage_extract_old: {"progress": records}, stage_extract_new: {"progress": records}} if records else {}
     timings: dict[str, float] = {}
     result: dict = {}
     for name, stage in STAGES:
         step(name)
         t0 = time.perf_counter()
-        result = stage(cfg)
+        result = stage(cfg, **hooks.get(stage, {}))
         timings[name] = round(time.perf_counter() - t0, 1)
         log.info("stage %r done in %.1f s", name, timings[name])
     backfill = None
