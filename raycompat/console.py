@@ -21,8 +21,6 @@ from typing import Iterator, Optional
 
 from raycompat.artifacts import local_path
 
-log = logging.getLogger(__name__)
-
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # The training loop's per-epoch line (raycompat.pipeline.train): "rank 0 epoch 3: {'loss': ...}".
 _EPOCH_LINE = re.compile(r"rank 0 epoch (\d+): (\{.*\})")
@@ -92,6 +90,19 @@ class LiveLine:
         self._bar.close()
 
 
+class _WarningsAbove(logging.Handler):
+    """Our own warnings (e.g. the dataset fallback) stay on the console, printed above the live line."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(logging.WARNING)
+        self._stream = stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(f"{record.levelname.lower()}: {record.getMessage()}", file=self._stream)
+
+
 def _divert_stream_handlers(handler: logging.Handler) -> None:
     """Replace every console handler of every logger (Ray and Ray Data install their own) by ``handler``."""
     loggers = [logging.getLogger()] + [lg for lg in logging.root.manager.loggerDict.values()
@@ -150,6 +161,8 @@ def quiet_console(log_file: Path, stages: list[str], epochs: dict[str, int]) -> 
     # Ray Data's progress bars (or, off a terminal, its progress log blocks): the live line replaces them.
     ray.data.DataContext.get_current().enable_progress_bars = False
     console = QuietConsole(LiveLine(stages, epochs, sys.stderr), sink, handler)
+    ours = _WarningsAbove(sys.stderr)
+    logging.getLogger("raycompat").addHandler(ours)
     try:
         yield console
     finally:
@@ -162,6 +175,7 @@ def quiet_console(log_file: Path, stages: list[str], epochs: dict[str, int]) -> 
         sys.stderr = saved_stderr
         logging.captureWarnings(False)
         root.removeHandler(handler)
+        logging.getLogger("raycompat").removeHandler(ours)
         root.setLevel(saved_level)
         sink.close()
 

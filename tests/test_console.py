@@ -44,6 +44,34 @@ def test_live_line_shows_epoch_and_loss_of_rank_0_and_rows_per_second():
     assert "extract new features: 4/10 rows" in text and "rows/s" in text and "epoch 5" not in text
 
 
+def test_quiet_console_sends_chatter_to_the_log_and_keeps_our_warnings(tmp_path, capfd):
+    import logging
+    import warnings
+
+    from raycompat.console import quiet_console
+
+    log_file = tmp_path / "logs" / "run.log"
+    with quiet_console(log_file, ["only stage"], {}) as console:
+        console.live.stage("only stage")
+        logging.getLogger("faiss.loader").info("Loading faiss with AVX2 support.")
+        logging.getLogger("raycompat.data").info("dataset digits: 10 train")
+        logging.getLogger("raycompat.data").warning("falling back to the bundled digits dataset")
+        warnings.warn("a library's FutureWarning", FutureWarning)
+        os.write(2, b"[E core_worker.cc:1] C++ chatter on fd 2\n")
+    err = capfd.readouterr().err
+    assert "warning: falling back to the bundled digits dataset" in err and "only stage" in err
+    for chatter in ("Loading faiss", "dataset digits: 10 train", "FutureWarning", "core_worker"):
+        assert chatter not in err, chatter
+    log = log_file.read_text()
+    for line in ("faiss.loader: Loading faiss with AVX2 support.", "raycompat.data: dataset digits: 10 train",
+                 "falling back to the bundled digits dataset", "FutureWarning: a library's FutureWarning",
+                 "C++ chatter on fd 2"):
+        assert line in log, line
+    # Afterwards the console is the console again.
+    os.write(2, b"after\n")
+    assert "after" in capfd.readouterr().err and "after" not in log_file.read_text()
+
+
 def tiny_demo_config(out: Path) -> dict:
     """The demo on a few hundred digits, one epoch per model, one worker."""
     return {
