@@ -60,6 +60,7 @@ class LiveLine:
 
     @property
     def total(self) -> Optional[float]:
+        """Rows the current extraction has to do (set by run_extraction)."""
         return self._rows_total
 
     @total.setter

@@ -22,7 +22,7 @@ CHATTER = {
     "Ray worker prefix": re.compile(r"\([^()]*pid=\d+"),
     "Ray Data progress": re.compile(r"logging_progress|Running Dataset|Total Progress|streaming_executor|Execution plan"),
     "Ray core": re.compile(r"core_worker\.cc|PreemptionWatcher|Found multiple active Ray instances"),
-    "Ray auth": re.compile(r"[Tt]oken authentication|auth_token"),
+    "Ray auth": re.compile(r"token", re.IGNORECASE),
     "Ray logging": re.compile(r"\t(INFO|WARNING|ERROR) \w+\.py:\d+ --"),
 }
 
