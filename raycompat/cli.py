@@ -46,27 +46,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from raycompat.pipeline.run import run_pipeline, stage_names
 
     cfg = _load(args)
-    bar = _stage_bar(len(stage_names(cfg)), "demo")
-    seen: list[str] = []
+    if args.verbose:
+        bar = _stage_bar(len(stage_names(cfg)), "demo")
+        seen: list[str] = []
 
-    def progress(stage: str) -> None:
-        if seen:
-            bar.update(1)
-        seen.append(stage)
-        bar.set_postfix_str(stage)
+        def progress(stage: str) -> None:
+            if seen:
+                bar.update(1)
+            seen.append(stage)
+            bar.set_postfix_str(stage)
 
-    report = run_pipeline(cfg, progress)
-    bar.update(1)
-    bar.close()
+        report = run_pipeline(cfg, progress)
+        bar.update(1)
+        bar.close()
+        log_file = None
+    else:
+        report, log_file = _quiet_demo(cfg)
     print(read_text(report))
     layout = Layout.of(cfg.output_dir)
     print(f"outputs under {layout.root}:\n  report   {report}\n"
           f"  metrics  {child(layout.eval_dir, 'metrics.json')}\n"
           + (f"  backfill {child(layout.eval_dir, 'backfill', 'report.html')}\n" if cfg.backfill.enabled else "") +
           f"  models   {child(layout.root, 'models')}\n"
-          f"  features {child(layout.root, 'features')}")
+          f"  features {child(layout.root, 'features')}"
+          + (f"\n  log      {log_file} (Ray, Ray Data, workers, warnings; -v shows them here)" if log_file else ""))
     print(gate_verdict(json.loads(read_text(child(layout.eval_dir, "metrics.json")))["release_gate"]))
     return 0
+
+
+def _quiet_demo(cfg):
+    """The demo with one live line; everything else in a log file. Returns the report and the log file."""
+    import ray
+
+    from raycompat.console import log_path_for, quiet_console
+    from raycompat.pipeline.ray_session import init_ray
+    from raycompat.pipeline.run import run_pipeline, stage_names
+
+    log_file = log_path_for(cfg.output_dir, "demo")
+    epochs = {"train old model": cfg.old.optim.epochs, "train new model": cfg.new.optim.epochs}
+    print(f"log: {log_file}", file=sys.stderr)
+    with quiet_console(log_file, stage_names(cfg), epochs) as console:
+        init_ray(cfg.ray)
+        console.attach_ray()
+        report = run_pipeline(cfg, console.live.stage, records=console.live)
+        # Disconnect while the output is still diverted: Ray's last worker lines arrive until then.
+        ray.shutdown()
+    return report, log_file
 
 
 def _with_ray(fn: Callable) -> Callable:

@@ -8,6 +8,7 @@ from typing import Optional
 
 from raycompat import artifacts
 from raycompat.artifacts import Location
+from raycompat.backfill.document import recommendation_sentence
 from raycompat.config import PipelineConfig
 from raycompat.release_gate import gate_lines
 
@@ -30,6 +31,8 @@ def backfill_summary(report_html: Location) -> list[str]:
     rel = artifacts.name(artifacts.parent(report_html))
     lines = [
         "## Backfill: what upgrading this gallery costs",
+        "",
+        recommendation_sentence(data),
         "",
         f"{data['title']}. Full report: [{rel}/report.html]({rel}/report.html) "
         f"(also [{rel}/report.md]({rel}/report.md)); costs: {data['inputs']['provenance']['costs']}.",

@@ -208,6 +208,9 @@ def test_eval_report_with_backfill_summary_is_written_at_the_location(root, cach
     assert report == artifacts.child(layout.eval_dir, "report.md")
     text = artifacts.read_text(report)
     assert "[backfill/report.html](backfill/report.html)" in text and "| compatible |" in text
+    # The section opens with the backfill report's answer (default target: reach old/old soonest).
+    section = text.split("## Backfill: what upgrading this gallery costs\n\n")[1]
+    assert section.startswith("Recommendation: to reach old/old top-1 80.00 soonest, use compatible:")
     assert json.loads(artifacts.read_text(artifacts.child(layout.eval_dir, "metrics.json"))) == result
     summary = json.loads(artifacts.read_text(artifacts.child(backfill_dir, "report.json")))
     assert summary["inputs"]["provenance"]["quality"] == str(quality)

@@ -378,16 +378,82 @@ def test_html_renders_in_headless_chromium(tmp_path, qpath):
     assert (rgb.min(axis=2) < 0.9).mean() > 0.01
 
 
-def test_example_config_runs_with_a_quality_file(tmp_path, qpath):
-    data = yaml.safe_load((REPO / "configs" / "backfill_example_1e9.yaml").read_text())
-    assert data["gallery"]["size"] == "1e9"
-    data["quality"]["path"] = str(qpath)
-    data["strategies"][3]["name"] = "FCT transform"
-    run_backfill_report(write_config(tmp_path, data), tmp_path / "out")
+def test_example_config_runs_as_shipped(tmp_path, monkeypatch):
+    # As the README runs it: from the checkout, against the committed quality benchmark JSON.
+    monkeypatch.chdir(REPO)
+    config = REPO / "configs" / "backfill_example_1e9.yaml"
+    assert yaml.safe_load(config.read_text())["gallery"]["size"] == "1e9"
+    run_backfill_report(config, tmp_path / "out")
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["inputs"]["config"]["gallery"]["size"] == 10**9
     full = next(s for s in report["strategies"] if s["kind"] == "full_backfill")
     assert full["seconds"] == pytest.approx(1e9 / (8 * 2000))
+    r = report["recommendation"]
+    assert r["reached"] and r["strategy"] in r["reaching"]
+    first = (tmp_path / "out" / "report.md").read_text().split("\n\n")[1]
+    assert first.startswith("Recommendation: ") and r["strategy"] in first
+
+
+def break_even_rows(md: str) -> list[list[str]]:
+    table = md.split("## Break-even points")[1].split("\n## ")[0]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in table.splitlines()
+            if ln.startswith("|") and not ln.startswith("|---")][1:]
+
+
+@pytest.mark.parametrize("target, strategy", [
+    ({"reach": "new/new", "by": "time"}, "full"),
+    ({"reach": "new/new", "by": "time", "within": 2.5}, "fct + 25%"),  # 86.0 >= 88.0 - 2.5, sooner than full
+    ({"reach": "old/old", "by": "cost"}, "compatible"),  # new/old 82 >= old/old 80 at no cost
+])
+def test_report_opens_with_the_recommended_strategy(tmp_path, qpath, target, strategy):
+    data = config_data(qpath)
+    data["target"] = target
+    run_backfill_report(write_config(tmp_path, data), tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    r = report["recommendation"]
+    plan = next(s for s in report["strategies"] if s["name"] == strategy)
+    assert r["strategy"] == strategy and r["reached"]
+    assert r["final"] == plan["final"]["top1"] and r["seconds"] == plan["seconds"]
+    reach_value = (NEW_NEW if target["reach"] == "new/new" else OLD_OLD)["top1"]
+    assert r["target"] == reach_value
+    # Every strategy whose final top-1 reaches the target is counted, and only those.
+    assert set(r["reaching"]) == {s["name"] for s in report["strategies"]
+                                  if s["final"]["top1"] >= reach_value - target.get("within", 0)}
+    md = (tmp_path / "out" / "report.md").read_text()
+    first = md.split("\n\n")[1]  # right after the title, before the tables
+    assert first.startswith(f"Recommendation: to reach {target['reach']} top-1 {reach_value:.2f}")
+    assert f"use {strategy}: final top-1 {plan['final']['top1']:.2f}" in first
+    assert md.index("Recommendation:") < md.index("## Inputs")
+
+
+def test_report_names_the_closest_strategy_when_none_reaches_the_target(tmp_path, qpath):
+    data = config_data(qpath)
+    data["strategies"] = [s for s in data["strategies"] if s["kind"] != "full_backfill"]
+    data["target"] = {"reach": "new/new"}
+    run_backfill_report(write_config(tmp_path, data), tmp_path / "out")
+    r = json.loads((tmp_path / "out" / "report.json").read_text())["recommendation"]
+    assert not r["reached"] and r["reaching"] == [] and r["strategy"] == "fct + 25%"
+    first = (tmp_path / "out" / "report.md").read_text().split("\n\n")[1]
+    assert first.startswith("Recommendation: none of the 5 strategies reaches new/new top-1 88.00; the closest is "
+                            "fct + 25%")
+
+
+def test_break_even_rows_are_merged_across_metrics_and_identical_strategies(tmp_path, qpath):
+    data = config_data(qpath)
+    # Two strategies doing the same work overtake the compatible model at the same moment.
+    data["strategies"].append({**data["strategies"][3], "name": "fct again"})
+    run_backfill_report(write_config(tmp_path, data), tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    rows = break_even_rows((tmp_path / "out" / "report.md").read_text())
+    keys = [(r[1], r[3]) for r in rows]
+    assert len(keys) == len(set(keys)), rows  # no two rows say the same thing
+    fct = [r for r in rows if "fct again" in r[0]]
+    assert len(fct) == 1 and fct[0][0] == "fct; fct + 25%; fct again" and fct[0][2] == "top1, mAP", rows
+    # Every shown break-even is still in some row: (leader, metric) pairs before and after merging.
+    shown = {(b["leader"], b["metric"]) for b in report["break_even"] if b["other"] == "compatible"
+             and b["metric"] in ("top1", "mAP") and b["leader"] != "compatible"}
+    listed = {(leader, m) for r in rows for leader in r[0].split("; ") for m in r[2].split(", ")}
+    assert listed == shown
 
 
 def test_cost_inputs_from_measurements(tmp_path):

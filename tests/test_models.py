@@ -1,4 +1,6 @@
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -51,6 +53,18 @@ def test_torchscript_adapter_matches_model(exported):
         feats = load_extractor(spec, device="cpu")(images)
         assert feats.dtype == np.float32
         np.testing.assert_allclose(feats, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_torchscript_adapter_takes_read_only_arrays_without_warning(exported):
+    # Ray's object store hands tasks read-only arrays (the cost measurement's images).
+    out, images, expected = exported
+    frozen = images.copy()
+    frozen.flags.writeable = False
+    extractor = load_extractor(str(out), device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        feats = extractor(frozen)
+    np.testing.assert_allclose(feats, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_python_callable_adapter():

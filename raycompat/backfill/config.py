@@ -130,6 +130,21 @@ class SimulationConfig:
 
 
 @dataclass
+class TargetConfig:
+    """The question the report opens with: which strategy is done soonest (or cheapest) at a quality."""
+
+    # old/old: no worse than today's model; new/new: the new model's own quality (the best the strategies' methods reach).
+    reach: Literal["old/old", "new/new"] = "old/old"
+    metric: Literal["top1", "top5", "mAP"] = "top1"
+    by: Literal["time", "cost"] = "time"
+    # Percentage points below the target quality that still count as reaching it.
+    within: float = 0.0
+
+    def validate(self, key: str) -> None:
+        check(0 <= self.within <= 100, join(key, "within"), f"must be in [0, 100], got {self.within}")
+
+
+@dataclass
 class BackfillConfig:
     """Everything the backfill report needs."""
 
@@ -140,6 +155,7 @@ class BackfillConfig:
     quality: QualityConfig
     strategies: list[StrategyConfig]
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
     # Free-form provenance lines shown at the top of the report (command, machine, date, caveats).
     notes: list[str] = field(default_factory=list)
 

@@ -93,21 +93,45 @@ def _shown(b: dict[str, Any], kinds: dict[str, str], has_compatible: bool) -> bo
     return b["status"] == "overtakes"
 
 
+def recommendation_sentence(report: dict[str, Any]) -> str:
+    """The report's answer in one sentence: which strategy to pick for the configured target, with its numbers."""
+    r = report["recommendation"]
+    metric = {"top1": "top-1", "top5": "top-5", "mAP": "mAP"}[r["metric"]]
+    goal = "soonest" if r["by"] == "time" else "cheapest"
+    target = f"{r['reach']} {metric} {r['target']:.2f}" if r["target"] is not None else f"{r['reach']} {metric}"
+    if r["within"]:
+        target += f" (within {r['within']:g} percentage point{'' if r['within'] == 1 else 's'})"
+    done = ("ready at once, nothing to re-embed or transform" if r["seconds"] == 0 else
+            f"done after {fmt_duration(r['seconds'])} for {fmt_dollars(r['dollars'])}")
+    n = len(report["strategies"])
+    if not r["reached"]:
+        return (f"Recommendation: none of the {n} strategies reaches {target}; the closest is "
+                f"{r['strategy']}: final {metric} {r['final']:.2f}, {done}.")
+    return (f"Recommendation: to reach {target} {goal}, use {r['strategy']}: final {metric} {r['final']:.2f}, "
+            f"{done} ({len(r['reaching'])} of {n} strategies reach it).")
+
+
 def _break_even(report: dict[str, Any]) -> list[Block]:
     kinds = {s["name"]: s["kind"] for s in report["strategies"]}
     has_compatible = "compatible" in kinds.values()
-    rows = []
+    # One row per (strategy, overtaken, moment): the metrics it overtakes on at that moment share the row,
+    # then strategies with identical rows share one (FCT variants all overtake when the transform ends).
+    moments: dict[tuple, list[dict[str, Any]]] = {}
     for b in report["break_even"]:
-        if not _shown(b, kinds, has_compatible):
-            continue
-        if b["status"] == "overtakes":
-            text = (f"after {fmt_duration(b['seconds'])}, having spent {fmt_dollars(b['leader_dollars'])} "
-                    f"(reaches {b['quality']:.2f})")
-        elif b["status"] == "ahead_from_start":
+        if _shown(b, kinds, has_compatible):
+            moments.setdefault((b["leader"], b["other"], b["status"], b["seconds"], b["leader_dollars"]), []).append(b)
+    merged: dict[tuple, list[str]] = {}
+    for (leader, other, status, seconds, dollars), group in moments.items():
+        metrics = ", ".join(b["metric"] for b in group)
+        if status == "overtakes":
+            reached = ", ".join(f"{b['metric']} {b['quality']:.2f}" for b in group)
+            text = f"after {fmt_duration(seconds)}, having spent {fmt_dollars(dollars)} (reaches {reached})"
+        elif status == "ahead_from_start":
             text = "ahead from the start"
         else:
             text = "never overtakes"
-        rows.append([b["leader"], b["other"], b["metric"], text])
+        merged.setdefault((other, metrics, text), []).append(leader)
+    rows = [["; ".join(leaders), other, metrics, text] for (other, metrics, text), leaders in merged.items()]
     what = "a compatible model" if has_compatible else "another strategy"
     return [("h2", "Break-even points"),
             ("p", f"When a strategy's quality first rises above {what}'s, and what it has cost by then."),
@@ -116,7 +140,7 @@ def _break_even(report: dict[str, Any]) -> list[Block]:
 
 def report_blocks(report: dict[str, Any], plots: tuple[str, str]) -> list[Block]:
     """The report as render blocks; ``plots`` names the quality-vs-cost and quality-vs-time PNGs."""
-    blocks: list[Block] = [("h1", report["title"])]
+    blocks: list[Block] = [("h1", report["title"]), ("p", recommendation_sentence(report))]
     if report["notes"]:
         blocks.append(("ul", report["notes"]))
     blocks += _inputs(report)

@@ -68,6 +68,27 @@ def _plan_json(p: StrategyPlan) -> dict[str, Any]:
     }
 
 
+def recommend(cfg: BackfillConfig, quality: QualityTable, plans: list[StrategyPlan]) -> dict[str, Any]:
+    """The strategy done soonest (``target.by: time``) or cheapest (``cost``) whose final quality reaches the target.
+
+    The target is ``target.reach`` (old/old or new/new) on ``target.metric``, the highest
+    value among the strategies' methods, less ``target.within``. When none reaches it,
+    the strategy with the highest final quality is named instead (``reached`` false).
+    """
+    t = cfg.target
+    values = [quality.methods[p.method][t.reach][t.metric] for p in plans if t.reach in quality.methods[p.method]]
+    target = max(values) if values else None
+    reaching = [p for p in plans if target is not None and p.final[t.metric] >= target - t.within]
+    if reaching:
+        order = (lambda p: (p.seconds, p.total_dollars)) if t.by == "time" else (lambda p: (p.total_dollars, p.seconds))
+        best = min(reaching, key=order)
+    else:
+        best = max(plans, key=lambda p: p.final[t.metric])
+    return {"reach": t.reach, "metric": t.metric, "by": t.by, "within": t.within, "target": target,
+            "reached": bool(reaching), "strategy": best.name, "seconds": best.seconds, "dollars": best.total_dollars,
+            "final": best.final[t.metric], "reaching": [p.name for p in reaching]}
+
+
 def build_report(cfg: BackfillConfig, config_path: str | Path, quality: QualityTable,
                  plans: list[StrategyPlan], sim: Simulation) -> dict[str, Any]:
     """All report numbers as one JSON-ready mapping."""
@@ -84,6 +105,7 @@ def build_report(cfg: BackfillConfig, config_path: str | Path, quality: QualityT
             "backfill": _rates_json(cluster_rates(cfg, "backfill")),
             "transform": _rates_json(cluster_rates(cfg, "transform")),
         },
+        "recommendation": recommend(cfg, quality, plans),
         "assumptions": list(ASSUMPTIONS),
         "strategies": [_plan_json(p) for p in plans],
         "simulation": {

@@ -79,9 +79,11 @@ def _torchscript(path: Path, device: str) -> Callable[[np.ndarray], np.ndarray]:
         raise DataError(f"{path}: not a loadable TorchScript file ({str(exc).splitlines()[0]})") from None
 
     def run(images: np.ndarray) -> np.ndarray:
+        # Arrays from Ray's object store are read-only, which torch.from_numpy warns about: copy those.
+        batch = torch.from_numpy(np.require(images, requirements="W"))
         with torch.inference_mode():
             try:
-                return module(torch.from_numpy(images).to(device)).float().cpu().numpy()
+                return module(batch.to(device)).float().cpu().numpy()
             except RuntimeError as exc:
                 lines = [ln for ln in str(exc).splitlines() if ln.strip()]
                 raise DataError(f"{path}: model failed on a batch of shape {images.shape} ({lines[-1] if lines else exc})") from None

@@ -27,7 +27,7 @@ from raycompat.evaluation import evaluate_stores
 from raycompat.layout import Layout
 from raycompat.models.export import load_model_meta
 from raycompat.pipeline.backfill_stage import stage_backfill_report
-from raycompat.pipeline.extract import ExtractorSpec, run_extraction
+from raycompat.pipeline.extract import ExtractorSpec, ProgressHook, run_extraction
 from raycompat.pipeline.ray_session import init_ray
 from raycompat.pipeline.train import VALIDATION_OUTCOMES, new_model_name, old_classifier, old_model_name, run_training
 from raycompat.release_gate import cheapest_backfill, load_outcomes, release_gate
@@ -69,8 +69,10 @@ def stage_train_old(cfg: PipelineConfig) -> dict:
     return run_training(cfg, "old").metrics
 
 
-def stage_extract_old(cfg: PipelineConfig, splits: tuple[str, ...] = ("train", "test")) -> dict:
-    return {split: {k: str(v) for k, v in run_extraction(cfg, split, [old_extractor_spec(cfg)]).items()}
+def stage_extract_old(cfg: PipelineConfig, splits: tuple[str, ...] = ("train", "test"),
+                      progress: Optional[ProgressHook] = None) -> dict:
+    return {split: {k: str(v) for k, v in run_extraction(cfg, split, [old_extractor_spec(cfg)],
+                                                         progress=progress).items()}
             for split in splits}
 
 
@@ -78,8 +80,8 @@ def stage_train_new(cfg: PipelineConfig) -> dict:
     return run_training(cfg, "new").metrics
 
 
-def stage_extract_new(cfg: PipelineConfig) -> dict:
-    return {k: str(v) for k, v in run_extraction(cfg, "test", [new_extractor_spec(cfg)]).items()}
+def stage_extract_new(cfg: PipelineConfig, progress: Optional[ProgressHook] = None) -> dict:
+    return {k: str(v) for k, v in run_extraction(cfg, "test", [new_extractor_spec(cfg)], progress=progress).items()}
 
 
 def validation_outcomes(cfg: PipelineConfig) -> Optional[dict[str, QueryOutcomes]]:
@@ -143,19 +145,25 @@ def stage_names(cfg: PipelineConfig) -> list[str]:
     return [name for name, _ in _stages(cfg)] + (["backfill report"] if cfg.backfill.enabled else [])
 
 
-def run_pipeline(cfg: PipelineConfig, progress: Optional[Progress] = None) -> Location:
-    """Run every stage end to end on the configured cluster; returns the report path."""
+def run_pipeline(cfg: PipelineConfig, progress: Optional[Progress] = None,
+                 records: Optional[ProgressHook] = None) -> Location:
+    """Run every stage end to end on the configured cluster; returns the report path.
+
+    ``progress`` gets each stage's name as it starts; ``records``, when given, counts the
+    extraction stages' rows (instead of Ray Data's own progress output).
+    """
     if cfg.new.method == "bct" and cfg.old.classifier is not None:
         # Read it now: a bad file is refused before the old features are extracted, not after.
         old_classifier(cfg)
     init_ray(cfg.ray)
     step = progress or (lambda name: None)
+    hooks = {stage_extract_old: {"progress": records}, stage_extract_new: {"progress": records}} if records else {}
     timings: dict[str, float] = {}
     result: dict = {}
     for name, stage in _stages(cfg):
         step(name)
         t0 = time.perf_counter()
-        result = stage(cfg)
+        result = stage(cfg, **hooks.get(stage, {}))
         timings[name] = round(time.perf_counter() - t0, 1)
         log.info("stage %r done in %.1f s", name, timings[name])
     backfill = None

@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -153,24 +152,18 @@ def max_concurrent(trial: TrialConfig) -> int:
 
 
 def init_tune_ray(cfg: RayConfig, **local_kwargs) -> None:
-    """Connect like :func:`init_ray`; a local runtime starts with the dashboard on and its State API pinned.
+    """Connect like :func:`init_ray`; a local runtime starts with the dashboard on.
 
     Tune kills a trial it stops early, and with it the trial's Train controller; Train v2
     then frees the workers' placement group from a detached cleaner that looks the
     controller up through the State API, which the dashboard serves (without it the group
-    stays reserved: Ray #54305). The cleaner finds the API server by auto-detection, which
-    fails, or finds the wrong cluster, when another Ray instance runs on the machine; the
-    leaked groups then starve the queued trials. So a runtime started here tells its
-    workers its API server address.
+    stays reserved: Ray #54305; the leaked groups then starve the queued trials).
+    :func:`init_ray` points the workers at this runtime's own API server.
     """
     if ray.is_initialized() or cfg.address or os.environ.get("RAY_ADDRESS"):
         init_ray(cfg)
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
-    init_ray(cfg, include_dashboard=True, dashboard_port=port, runtime_env={"env_vars": env}, **local_kwargs)
+    init_ray(cfg, include_dashboard=True, **local_kwargs)
 
 
 def _check_old_stores(cfg: PipelineConfig) -> None:
