@@ -78,7 +78,7 @@ def _config(tmp_path):
 def test_ctrl_c_exits_130_with_one_line_saying_what_is_kept(tmp_path, capsys, monkeypatch, command, stage, line):
     import raycompat.pipeline.run as run
 
-    def interrupted(*args):
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(run, stage, interrupted)
