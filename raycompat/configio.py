@@ -94,9 +94,9 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, validating every key (see module doc)."""
     where = prefix or "<top level>"
     if data is None:
-        # An empty file is almost always a mistake (a wrong path, an unsaved editor buffer):
-        # taken as "all defaults" it would start a full-size run into the default output_dir.
-        raise ConfigError(f"{path}: the file is empty (or only comments); an all-defaults config must say so, e.g. {{}}")
+        # A section written with no keys (``eval:``) takes its defaults; an empty file is
+        # refused earlier, by read_yaml.
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)

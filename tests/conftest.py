@@ -23,6 +23,26 @@ S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
                "AWS_EC2_METADATA_DISABLED": "true"}
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread: tensors in these tests are tiny, and intra-op threads only add
+    synchronisation, which thrashes on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained_old(tmp_path_factory):
+    """An old model trained in Ray Train's local mode, and its features in the stores a new run reads."""
+    from fixtures.training import train_old_with_stores
+
+    return train_old_with_stores(tmp_path_factory.mktemp("run"))
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """``host:port`` of a real S3 API (moto's server) on 127.0.0.1, for this test session.

@@ -24,7 +24,7 @@ from PIL import Image
 from ray.train import ScalingConfig
 from sklearn.datasets import load_digits
 
-from test_training import small_cfg, write_store
+from fixtures.training import small_cfg, write_store
 
 from raycompat.cli import main
 from raycompat.config import ModelConfig, PipelineConfig, load_pipeline_config, with_absolute_paths

@@ -81,3 +81,11 @@ def test_relative_output_dir_becomes_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = with_absolute_paths(load_pipeline_config(write(tmp_path, "output_dir: runs/x\n")))
     assert cfg.output_dir == str(tmp_path / "runs" / "x")
+
+
+def test_a_section_without_keys_takes_its_defaults(tmp_path):
+    """``eval:`` with nothing under it is YAML null: the section's defaults, not an error."""
+    path = tmp_path / "c.yaml"
+    path.write_text("output_dir: out\neval:\ndata: {name: digits}\n")
+    cfg = load_pipeline_config(path)
+    assert cfg.eval == PipelineConfig().eval and cfg.data.name == "digits"

@@ -13,13 +13,7 @@ from raycompat.training.fct import build_transformation, train_transformation, t
 SMALL = {"hidden": [64], "old_width": 64, "side_width": 32, "epochs": 20, "batch_size": 128, "lr": 3e-3}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation, which thrashes on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def split_latent(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ import yaml
 from ray.train import ScalingConfig
 
 from conftest import s3_uri
-from test_training import small_cfg, write_store
+from fixtures.training import small_cfg, write_store
 from raycompat import artifacts
 from raycompat.artifacts import child
 from raycompat.config import DataConfig, PipelineConfig

@@ -8,10 +8,8 @@ import pytest
 import ray
 from ray.train import ScalingConfig
 
-from test_training import small_cfg, write_store
-from raycompat.data.datasets import load_digits
+from fixtures.training import small_cfg
 from raycompat.layout import Layout
-from raycompat.models.extractor import load_extractor
 from raycompat.pipeline.train import VALIDATION_OUTCOMES, default_run_name, run_training
 from raycompat.release_gate import load_outcomes
 
@@ -26,15 +24,9 @@ def ray_session():
 
 
 @pytest.fixture(scope="module")
-def old_stores(tmp_path_factory, ray_session):
-    cfg = small_cfg(tmp_path_factory.mktemp("run"))
-    result = run_training(cfg, "old", scaling=ScalingConfig(num_workers=0))
-    ds, layout = load_digits(), Layout.of(cfg.output_dir)
-    ex = load_extractor(str(result.model_dir), device="cpu")
-    for split in ("train", "test"):
-        s = getattr(ds, split)
-        write_store(layout, "old", "1", split, s.ids, s.labels, ex(s.images))
-    return cfg
+def old_stores(trained_old, ray_session):
+    """The shared old model's config, with this module's Ray session up."""
+    return trained_old[0]
 
 
 def two_workers() -> ScalingConfig:

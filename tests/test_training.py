@@ -5,9 +5,10 @@ import pytest
 import torch
 from ray.train import ScalingConfig
 
-from raycompat.config import DataConfig, NewConfig, PipelineConfig
+from fixtures.training import small_cfg, write_store
+from raycompat.config import DataConfig, NewConfig
 from raycompat.data.datasets import load_digits
-from raycompat.data.feature_store import FeatureStore, FeatureStoreWriter
+from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import DataError, FeatureStoreError
 from raycompat.layout import Layout
 from raycompat.models.extractor import load_extractor
@@ -15,18 +16,6 @@ from raycompat.pipeline.train import run_training
 from raycompat.training.compat_term import build_compat_term
 from raycompat.tune_space import ObjectiveConfig, score
 
-
-def small_cfg(out, method="independent", **compat) -> PipelineConfig:
-    cfg = PipelineConfig(output_dir=str(out), data=DataConfig(name="digits"))
-    cfg.old.model.width = cfg.new.model.width = 8
-    cfg.old.model.embed_dim = 16
-    cfg.new.model.embed_dim = 24
-    cfg.old.optim.epochs = 2
-    cfg.new.optim.epochs = 2
-    cfg.new.method = method
-    for k, v in compat.items():
-        setattr(cfg.new.compat, k, v)
-    return cfg
 
 
 def features(n=60, d=8, classes=3, seed=0):
@@ -142,23 +131,6 @@ def test_bad_inputs_are_clear_errors():
         build_compat_term(NewConfig(method="bct"), old, labels, 3, torch.device("cpu"))
 
 
-def write_store(layout, name, version, split, ids, labels, feats):
-    w = FeatureStoreWriter(layout.store(name, split), name, version, feats.shape[1])
-    w.write_part("part-00000", ids, labels, feats)
-    w.finalize()
-
-
-@pytest.fixture(scope="module")
-def trained_old(tmp_path_factory):
-    """An old model trained in local mode, and its features written to the stores a new run reads."""
-    cfg = small_cfg(tmp_path_factory.mktemp("run"))
-    result = run_training(cfg, "old", scaling=ScalingConfig(num_workers=0))
-    ds, layout = load_digits(), Layout.of(cfg.output_dir)
-    ex = load_extractor(str(result.model_dir), device="cpu")
-    for split in ("train", "test"):
-        s = getattr(ds, split)
-        write_store(layout, "old", "1", split, s.ids, s.labels, ex(s.images))
-    return cfg, result
 
 
 def test_old_model_trains_and_exports(trained_old):
