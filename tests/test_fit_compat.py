@@ -21,11 +21,11 @@ from raycompat.config import DataConfig, PipelineConfig, RayConfig, load_pipelin
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStoreWriter
 from raycompat.errors import ConfigError
-from raycompat.fit_compat import DEFAULT_SPACES, Budget, build_search, choose_winner
+from raycompat.fit_compat import DEFAULT_SPACES, Budget, build_search, choose_winner, winner_record
 from raycompat.layout import Layout
 from raycompat.models.extractor import load_extractor
-from raycompat.pipeline.fit_compat import EpochBudgetStopper, run_fit_compat
-from raycompat.pipeline.tune import init_tune_ray
+from raycompat.pipeline.fit_compat import EpochBudgetStopper, export_winner, run_fit_compat
+from raycompat.pipeline.tune import init_tune_ray, trial_scaling
 from raycompat.tune_space import apply_params
 
 OLD_DIM = 16
@@ -158,6 +158,14 @@ def test_cli_refuses_an_independent_method_with_exit_2_before_ray_starts(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_the_stage_is_a_job_entrypoint():
+    from raycompat.pipeline.jobs import entrypoint
+
+    assert entrypoint("fit-compat", ["--config", "c.yaml"]) == "python jobs/fit_compat.py --config c.yaml"
+    job = Path(__file__).resolve().parents[1] / "jobs" / "fit_compat.py"
+    assert 'run("fit-compat")' in job.read_text()
+
+
 # --- a real search --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -227,6 +235,17 @@ def test_fit_compat_chooses_by_validation_exports_the_winner_within_budget_and_r
     assert counted <= 4 * 2
     assert summary["budget"]["total"] == counted and summary["budget"]["within_budget"]
     assert json.loads((root / "budget.json").read_text())["trials"] == {t["trial_id"]: t["epochs"] for t in trials}
+
+    # A trial stopped after epoch 1 is continued from its checkpoint, not retrained. 3 trials of 2 epochs
+    # share 5 epochs, so one reported exactly 1: the winner (checked above) or another, continued here.
+    early = next((t for t in trials if t["epochs"] == 1 and t["trial_id"] != winner["trial_id"]), None)
+    assert early is not None or expected["epochs"] == 1, trials
+    if early is not None:
+        other = apply_params(cfg, {**early["config"], "new.name": "continued"})
+        out = export_winner(other, root, early, winner_record(early, str(root)), trial_scaling(cfg.fit_compat.trial))
+        cont = json.loads((out / "train_metrics.json").read_text())
+        assert (cont["epoch"], cont["resumed_from"]) == (2, 1)
+        assert cont["fit_compat"]["params"] == early["config"]
 
     # Running it again resumes: same search, same winner, the exported model left as it is.
     mtime = (model_dir / "extractor.pt").stat().st_mtime_ns

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from typing import Any, Optional
 
@@ -30,7 +31,7 @@ from ray import tune
 
 from raycompat import artifacts
 from raycompat.artifacts import Location, child
-from raycompat.config import PipelineConfig
+from raycompat.config import PipelineConfig, with_absolute_paths
 from raycompat.configio import dump_config
 from raycompat.fit_compat import Budget, build_search, choose_winner, winner_record
 from raycompat.layout import Layout
@@ -101,9 +102,11 @@ def _is_exported_winner(model_dir: Location, record: dict[str, Any], epochs: int
     return metrics.get("fit_compat") == record and int(metrics.get("epoch", 0)) == epochs
 
 
-def _export_winner(cfg: PipelineConfig, search_root: Location, winner: dict[str, Any],
+def export_winner(cfg: PipelineConfig, search_root: Location, winner: dict[str, Any],
                    record: dict[str, Any], trial_resources) -> Location:
-    """The winner trained to the full schedule, exported to ``models/<new model name>``."""
+    """The winner trained to the full schedule, exported to ``models/<new model name>`` of ``cfg`` (the
+    winner's pipeline config): its trial's export when it trained every epoch, else its trial's Train run
+    continued from the last checkpoint. Nothing is trained when the export already is the winner's."""
     epochs = cfg.new.optim.epochs
     model_dir = Layout.of(cfg.output_dir).model_dir(new_model_name(cfg))
     if _is_exported_winner(model_dir, record, epochs):
@@ -124,6 +127,8 @@ def _export_winner(cfg: PipelineConfig, search_root: Location, winner: dict[str,
                     shutil.copyfile(path, out / path.relative_to(source))
         return model_dir
     log.info("trial %s stopped at epoch %d: continuing its run to epoch %d", trial_id, winner["epochs"], epochs)
+    # Listed in the dashboard's Train tab like the trials' runs (they set it in their own processes).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     result = run_training(cfg, "new", trial_resources, run_name=trial_id, storage_path=child(search_root, "train"),
                           model_dir=model_dir)
     metrics = {**result.metrics, "fit_compat": record}
@@ -138,6 +143,8 @@ def run_fit_compat(cfg: PipelineConfig, verbose: int = 1) -> dict[str, Any]:
 
     Bad config raises ConfigError naming the key before Ray starts.
     """
+    # Absolute: the stopper's state and the exports must not move with a trial's working directory.
+    cfg = with_absolute_paths(cfg)
     search = build_search(cfg)
     budget = Budget(cfg.fit_compat.budget, cfg.new.optim.epochs)
     root = Layout.of(cfg.output_dir).tune_dir(search.name)
@@ -149,7 +156,7 @@ def run_fit_compat(cfg: PipelineConfig, verbose: int = 1) -> dict[str, Any]:
     winner = results["best"]
     record = winner_record(winner, str(root))
     winner_cfg = apply_params(search.pipeline, winner["config"])
-    model_dir = _export_winner(winner_cfg, root, winner, record, trial_scaling(search.trial))
+    model_dir = export_winner(winner_cfg, root, winner, record, trial_scaling(search.trial))
     spent = {t["trial_id"]: t["epochs"] for t in results["trials"]}
     summary = {"winner": record, "model_dir": str(model_dir), "reference": results["reference"],
                "threshold": results["threshold"], "budget": budget.account(spent, winner["epochs"])}
