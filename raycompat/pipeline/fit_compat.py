@@ -28,6 +28,7 @@ import shutil
 from typing import Any, Optional
 
 from ray import tune
+from ray.train import ScalingConfig
 
 from raycompat import artifacts
 from raycompat.artifacts import Location, child
@@ -102,8 +103,8 @@ def _is_exported_winner(model_dir: Location, record: dict[str, Any], epochs: int
     return metrics.get("fit_compat") == record and int(metrics.get("epoch", 0)) == epochs
 
 
-def export_winner(cfg: PipelineConfig, search_root: Location, winner: dict[str, Any],
-                   record: dict[str, Any], trial_resources) -> Location:
+def export_winner(cfg: PipelineConfig, search_root: Location, winner: dict[str, Any], record: dict[str, Any],
+                  scaling: ScalingConfig) -> Location:
     """The winner trained to the full schedule, exported to ``models/<new model name>`` of ``cfg`` (the
     winner's pipeline config): its trial's export when it trained every epoch, else its trial's Train run
     continued from the last checkpoint. Nothing is trained when the export already is the winner's."""
@@ -129,7 +130,7 @@ def export_winner(cfg: PipelineConfig, search_root: Location, winner: dict[str, 
     log.info("trial %s stopped at epoch %d: continuing its run to epoch %d", trial_id, winner["epochs"], epochs)
     # Listed in the dashboard's Train tab like the trials' runs (they set it in their own processes).
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
-    result = run_training(cfg, "new", trial_resources, run_name=trial_id, storage_path=child(search_root, "train"),
+    result = run_training(cfg, "new", scaling, run_name=trial_id, storage_path=child(search_root, "train"),
                           model_dir=model_dir)
     metrics = {**result.metrics, "fit_compat": record}
     artifacts.write_text(child(model_dir, TRAIN_METRICS), json.dumps(metrics, indent=2, sort_keys=True) + "\n")
