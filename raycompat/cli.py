@@ -234,6 +234,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit_compat(args: argparse.Namespace) -> int:
+    from raycompat.errors import ConfigError
+    from raycompat.pipeline.fit_compat import run_fit_compat
+
+    cfg = _load(args)
+    try:
+        summary = run_fit_compat(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{args.config}: {exc}") from None
+    w, b = summary["winner"], summary["budget"]
+    print(f"winner: trial {w['trial_id']} {w['params']}, exported to {summary['model_dir']}; "
+          f"trained {b['total']} of {b['budget_epochs']} budgeted epochs; search under {w['search']}")
+    return 0
+
+
 def cmd_backfill_report(args: argparse.Namespace) -> int:
     from raycompat.backfill.report import run_backfill_report
 
@@ -406,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--config", required=True, help="search config YAML (see raycompat/configs/tune_*.yaml)")
     tn.add_argument("--out", help="override the pipeline output_dir")
     tn.set_defaults(fn=cmd_tune)
+    add("fit-compat", cmd_fit_compat, "Tune the compatibility weights (fit_compat section) for this old model and "
+        "data with Ray Tune on the validation split, then export the winner as the new model (models/new-<method>/).")
     br = sub.add_parser("backfill-report", help="Cost/quality report of every upgrade strategy at your gallery size.",
                         description="Simulate the backfill of each strategy on your cluster from measured "
                         "throughputs and quality curves; writes report.html, report.md, report.json.")

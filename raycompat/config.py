@@ -321,6 +321,67 @@ class BackfillSectionConfig:
 
 
 @dataclass
+class TrialConfig:
+    """Resources of one trial: a driver (the Tune function) plus its own Train workers.
+
+    Fractional CPUs let trials share cores; ``max_concurrent`` (null = as many as
+    the cluster's CPUs/GPUs fit) queues the rest, so nothing oversubscribes.
+    """
+
+    num_workers: int = 1
+    cpus_per_worker: float = 0.75
+    gpus_per_worker: float = 0.0
+    driver_cpus: float = 0.25
+    max_concurrent: Optional[int] = None
+    # Retries of a failed trial (its Train run resumes from its latest checkpoint).
+    max_failures: int = 0
+
+    def validate(self, key: str) -> None:
+        check(self.num_workers > 0, join(key, "num_workers"),
+              f"must be positive (Tune needs Train workers to report), got {self.num_workers}")
+        check(self.cpus_per_worker > 0, join(key, "cpus_per_worker"), f"must be positive, got {self.cpus_per_worker}")
+        check(self.gpus_per_worker >= 0, join(key, "gpus_per_worker"), f"must be >= 0, got {self.gpus_per_worker}")
+        check(self.driver_cpus > 0, join(key, "driver_cpus"), f"must be positive, got {self.driver_cpus}")
+        check(self.max_concurrent is None or self.max_concurrent > 0, join(key, "max_concurrent"), "must be positive")
+        check(self.max_failures >= 0, join(key, "max_failures"), f"must be >= 0, got {self.max_failures}")
+
+    @property
+    def cpus(self) -> float:
+        return self.driver_cpus + self.num_workers * self.cpus_per_worker
+
+    @property
+    def gpus(self) -> float:
+        return self.num_workers * self.gpus_per_worker
+
+
+@dataclass
+class FitCompatConfig:
+    """``raycompat fit-compat``: a compact Tune search of the compatibility weights for this old model and data
+    (:mod:`raycompat.fit_compat`), the winner exported as the pipeline's new model."""
+
+    # Everything the stage trains, in training runs of new.optim.epochs epochs: the reference run,
+    # the trials' epochs and the final run.
+    budget: float = 4.0
+    # Searched keys, as in a Tune search's space; {} = the method's default (raycompat.fit_compat.DEFAULT_SPACES).
+    space: dict[str, Any] = field(default_factory=dict)
+    num_samples: int = 4
+    # Sampling seed of the search (null = a different sample each run).
+    seed: Optional[int] = 0
+    # Allowed new/new top-1 drop (percent points) below the independent model's.
+    delta: float = 2.0
+    # The search's directory: <output_dir>/tune/<name>.
+    name: str = "fit-compat"
+    trial: TrialConfig = field(default_factory=TrialConfig)
+
+    def validate(self, key: str) -> None:
+        check(self.budget > 0, join(key, "budget"), f"must be positive (training runs), got {self.budget}")
+        check(self.num_samples > 0, join(key, "num_samples"), f"must be positive, got {self.num_samples}")
+        check(self.delta >= 0, join(key, "delta"), f"must be >= 0, got {self.delta}")
+        check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), join(key, "name"),
+              f"must be a plain directory name, got {self.name!r}")
+
+
+@dataclass
 class PipelineConfig:
     output_dir: str = "runs/demo"
     seed: int = 0
@@ -336,6 +397,7 @@ class PipelineConfig:
     fct: TransformationConfig = field(default_factory=TransformationConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     backfill: BackfillSectionConfig = field(default_factory=BackfillSectionConfig)
+    fit_compat: FitCompatConfig = field(default_factory=FitCompatConfig)
 
     def validate(self, key: str) -> None:
         # A configured black box comes without a classifier: BCT's must be named, not guessed.

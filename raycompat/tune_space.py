@@ -47,7 +47,8 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type
 
 import numpy as np
 
-from raycompat.config import CompatConfig, PipelineConfig, load_pipeline_config
+# TrialConfig lives in raycompat.config (the pipeline's fit_compat section holds one); imported here for searches.
+from raycompat.config import CompatConfig, PipelineConfig, TrialConfig, load_pipeline_config
 from raycompat.configio import check, deep_merge, from_dict, join, read_yaml, to_dict, yaml_key
 from raycompat.errors import ConfigError
 
@@ -122,40 +123,6 @@ class SearchAlgConfig:
     algorithm: Literal["random", "optuna"] = "random"
     # null = a different sample each run.
     seed: Optional[int] = 0
-
-
-@dataclass
-class TrialConfig:
-    """Resources of one trial: a driver (the Tune function) plus its own Train workers.
-
-    Fractional CPUs let trials share cores; ``max_concurrent`` (null = as many as
-    the cluster's CPUs/GPUs fit) queues the rest, so nothing oversubscribes.
-    """
-
-    num_workers: int = 1
-    cpus_per_worker: float = 0.75
-    gpus_per_worker: float = 0.0
-    driver_cpus: float = 0.25
-    max_concurrent: Optional[int] = None
-    # Retries of a failed trial (its Train run resumes from its latest checkpoint).
-    max_failures: int = 0
-
-    def validate(self, key: str) -> None:
-        check(self.num_workers > 0, join(key, "num_workers"),
-              f"must be positive (Tune needs Train workers to report), got {self.num_workers}")
-        check(self.cpus_per_worker > 0, join(key, "cpus_per_worker"), f"must be positive, got {self.cpus_per_worker}")
-        check(self.gpus_per_worker >= 0, join(key, "gpus_per_worker"), f"must be >= 0, got {self.gpus_per_worker}")
-        check(self.driver_cpus > 0, join(key, "driver_cpus"), f"must be positive, got {self.driver_cpus}")
-        check(self.max_concurrent is None or self.max_concurrent > 0, join(key, "max_concurrent"), "must be positive")
-        check(self.max_failures >= 0, join(key, "max_failures"), f"must be >= 0, got {self.max_failures}")
-
-    @property
-    def cpus(self) -> float:
-        return self.driver_cpus + self.num_workers * self.cpus_per_worker
-
-    @property
-    def gpus(self) -> float:
-        return self.num_workers * self.gpus_per_worker
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import ray
 from ray import tune
@@ -254,7 +254,8 @@ def _searcher(search: SearchConfig, concurrency: int):
     return BasicVariantGenerator(random_state=search.search.seed, max_concurrent=concurrency)
 
 
-def _tuner(search: SearchConfig, root: Location, trainable, callbacks: Optional[list], verbose: int) -> tune.Tuner:
+def _tuner(search: SearchConfig, root: Location, trainable, callbacks: Optional[list], verbose: int,
+           stopper: Optional[tune.Stopper] = None) -> tune.Tuner:
     if tune.Tuner.can_restore(str(root)):
         log.info("resuming the search in %s", root)
         return tune.Tuner.restore(str(root), trainable, resume_unfinished=True)
@@ -279,19 +280,23 @@ def _tuner(search: SearchConfig, root: Location, trainable, callbacks: Optional[
         ),
         run_config=tune.RunConfig(
             name=search.name, storage_path=str(artifacts.parent(root)), callbacks=callbacks, verbose=verbose,
+            stop=stopper,
             failure_config=tune.FailureConfig(max_failures=search.trial.max_failures),
         ),
     )
 
 
 def run_tune(config: str | Path | SearchConfig, output_dir: Optional[str | Path] = None,
-             callbacks: Optional[list] = None, verbose: int = 1) -> Location:
+             callbacks: Optional[list] = None, verbose: int = 1, stopper: Optional[tune.Stopper] = None,
+             choose: Optional[Callable[[list[dict]], dict]] = None) -> Location:
     """Run, or resume, a search; returns its directory ``<output_dir>/tune/<name>`` (see module doc).
 
     ``config``: a search YAML path or a :class:`SearchConfig`; ``output_dir`` overrides the
     pipeline's (the old feature stores must be there); ``callbacks``: extra Tune callbacks
     (they are saved with the search and come back on resume); ``verbose``: Tune's console
-    output (0 silent). Bad input raises ConfigError/FeatureStoreError before any trial starts;
+    output (0 silent); ``stopper``: a Tune Stopper (saved with the search, like callbacks; a search
+    it stops with ``stop_all`` is complete); ``choose``: picks the best of ``results.json``'s trials
+    (default: :func:`summarize`'s rule). Bad input raises ConfigError/FeatureStoreError before any trial starts;
     an interrupted search raises :class:`SearchInterrupted` (run it again to resume).
     """
     # A private, validated copy: relative paths are made absolute in it.
@@ -312,15 +317,15 @@ def run_tune(config: str | Path | SearchConfig, output_dir: Optional[str | Path]
     trainable = tune.with_resources(tune.with_parameters(compat_trial, setup=setup), {"cpu": search.trial.driver_cpus})
     log.info("search %s: %s; results in %s (tensorboard --logdir %s)", search.name,
              ", ".join(search.space), root, root)
-    grid = _tuner(search, root, trainable, callbacks, verbose).fit()
+    grid = _tuner(search, root, trainable, callbacks, verbose, stopper).fit()
     # An interrupted fit() returns normally, with the trials it stopped marked finished in memory;
     # the state it saved first (what a resume reads) still has them unfinished.
     saved = tune.ExperimentAnalysis(str(root)).trials
     done = sum(t.status in ("TERMINATED", "ERROR") for t in saved)
-    if done < expected_trials(search):
+    if done < expected_trials(search) and not (stopper is not None and stopper.stop_all()):
         raise SearchInterrupted(f"search {search.name} interrupted with {done} of {expected_trials(search)} trials "
                                 f"finished; run it again to resume ({root})")
-    summary = summarize(grid, search, reference)
+    summary = summarize(grid, search, reference, choose)
     write_outputs(summary, search, root)
     return root
 
@@ -329,12 +334,13 @@ def _pair(metrics: dict[str, Any], pair: str) -> dict[str, float]:
     return {k: float(metrics[f"{pair}/{k}"]) for k in ("top1", "top5", "mAP") if f"{pair}/{k}" in metrics}
 
 
-def summarize(grid: tune.ResultGrid, search: SearchConfig, reference: Optional[dict[int, float]]) -> dict[str, Any]:
+def summarize(grid: tune.ResultGrid, search: SearchConfig, reference: Optional[dict[int, float]],
+              choose: Optional[Callable[[list[dict]], dict]] = None) -> dict[str, Any]:
     """Every trial's params, final new/new and new/old, objective and status; the best trial.
 
-    The best is the best ``objective`` among trials that trained every epoch (among
-    all trials that reported, when none did): a trial ASHA stopped early is not a
-    config one would deploy.
+    The best is ``choose(trials)``, by default the best ``objective`` among trials that
+    trained every epoch (among all trials that reported, when none did): a trial ASHA
+    stopped early is not a config one would deploy.
     """
     epochs = search.pipeline.new.optim.epochs
     trials = []
@@ -357,9 +363,12 @@ def summarize(grid: tune.ResultGrid, search: SearchConfig, reference: Optional[d
     if not reported:
         raise RaycompatError(f"search {search.name}: no trial reported a result; first error: "
                              f"{next((t['error'] for t in trials if t['error']), 'none')}")
-    pool = [t for t in reported if t["status"] == "completed"] or reported
-    sign = 1 if search.objective.mode == "max" else -1
-    best = max(pool, key=lambda t: sign * t["objective"])
+    if choose is not None:
+        best = choose(trials)
+    else:
+        pool = [t for t in reported if t["status"] == "completed"] or reported
+        sign = 1 if search.objective.mode == "max" else -1
+        best = max(pool, key=lambda t: sign * t["objective"])
     c = search.objective.constraint
     final = None if reference is None else reference_at(reference, epochs)
     return {
