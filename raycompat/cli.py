@@ -20,12 +20,19 @@ log = logging.getLogger("raycompat")
 DEFAULT_DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, check=None):
+    """The command's pipeline config, checked (``check(cfg)``, the command's own checks) before the output probe."""
     from raycompat import storage
     from raycompat.config import load_pipeline_config
+    from raycompat.errors import ConfigError
 
     overrides = {"output_dir": args.out} if getattr(args, "out", None) else None
     cfg = load_pipeline_config(args.config, overrides)
+    if check is not None:
+        try:
+            check(cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"{args.config}: {exc}") from None
     # Every stage writes under output_dir: a file in the way or a read-only mount fails here, before Ray starts.
     storage.check_writable_dir(cfg.output_dir, "--out" if overrides else f"{args.config}: output_dir")
     return cfg
@@ -235,10 +242,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_fit_compat(args: argparse.Namespace) -> int:
+    from raycompat.config import with_absolute_paths
     from raycompat.errors import ConfigError
-    from raycompat.pipeline.fit_compat import run_fit_compat
+    from raycompat.pipeline.fit_compat import build_search, run_fit_compat
 
-    cfg = _load(args)
+    # The stage's own refusals come before the output probe, which creates output_dir.
+    cfg = _load(args, check=lambda c: build_search(with_absolute_paths(c)))
     try:
         summary = run_fit_compat(cfg)
     except ConfigError as exc:
