@@ -237,3 +237,43 @@ def test_old_neighbors_bad_input(neighborhood):
         OldNeighborLoss(old, old_labels, scale=1.0)(new, idx[:3], old_labels[idx[:3]])
     with pytest.raises(ConfigError, match="fewer than the old features"):
         OldNeighborLoss(old, old_labels, scale=1.0)(new[:, :3], idx, old_labels[idx])
+
+
+def _hand_instance(feat, idx, old, scale, candidates):
+    """Item by item: -log(exp(own) / (exp(own) + sum over the other candidates)), own old feature = row idx."""
+    total = 0.0
+    for f, i in zip(feat, idx):
+        sims = {j: scale * sum(a * b for a, b in zip(_unit(f[:len(old[j])]), _unit(old[j]))) for j in candidates}
+        own = scale * sum(a * b for a, b in zip(_unit(f[:len(old[i])]), _unit(old[i])))
+        total -= own - math.log(math.exp(own) + sum(math.exp(v) for j, v in sims.items() if j != i))
+    return total / len(idx)
+
+
+def test_old_neighbors_instance_part_matches_hand_formula(neighborhood):
+    new, idx, old, old_labels = neighborhood
+    y = old_labels[idx]
+    # The instance part is added with its weight, over every item (class 3's lone item too),
+    # and with a bank its candidates are the bank's (the own feature is always scored).
+    for bank in (0, 7):
+        with_inst = OldNeighborLoss(old, old_labels, scale=8.0, bank=bank, seed=3, instance=0.5)
+        cand = with_inst.candidates(idx).tolist()
+        base = OldNeighborLoss(old, old_labels, scale=8.0, bank=bank, seed=3)(new, idx, y).item()
+        hand = _hand_instance(new.tolist(), idx.tolist(), old.tolist(), 8.0, cand)
+        assert with_inst(new, idx, y).item() == pytest.approx(base + 0.5 * hand, rel=1e-6)
+    # Large scales do not overflow: the shift includes the own logit.
+    far = OldNeighborLoss(old.float(), old_labels, scale=400.0, instance=1.0)(new.float(), idx, y)
+    assert torch.isfinite(far)
+    with pytest.raises(ConfigError, match="instance weight must be >= 0"):
+        OldNeighborLoss(old, old_labels, scale=1.0, instance=-1.0)
+
+
+def test_old_neighbors_instance_part_is_lowest_on_own_old_feature(neighborhood):
+    _, idx, old, old_labels = neighborhood
+    y = old_labels[idx]
+    loss = OldNeighborLoss(old, old_labels, scale=16.0, instance=1.0)
+    only = OldNeighborLoss(old, old_labels, scale=16.0)
+    pad = torch.zeros(len(idx), 2, dtype=torch.float64)
+    on_own = torch.cat([old[idx], pad], dim=1)
+    on_neighbor = torch.cat([old[[3, 1, 11, 0, 5]], pad], dim=1)  # another member of the class (11: itself)
+    # The instance part alone: loss - neighbourhood part.
+    assert (loss(on_own, idx, y) - only(on_own, idx, y)) < (loss(on_neighbor, idx, y) - only(on_neighbor, idx, y))
