@@ -74,21 +74,15 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "independent": ("independent", {}),
     "l2": ("l2", {"lambda": 1.0}),
     "committed": ("nifcl", COMMITTED),
-    "centred": ("nifcl", _variant(center="prototypes")),
-    "centred_all": ("nifcl", _variant(center="all")),
     "no_align": ("nifcl", _variant(align=0.0)),
     "no_neighbors": ("nifcl", _variant(neighbors={"weight": 0.0})),
     "lambda10": ("nifcl", _variant(**{"lambda": 10.0})),
     "lambda3": ("nifcl", _variant(**{"lambda": 3.0})),
-    "centred_lambda10": ("nifcl", _variant(center="prototypes", **{"lambda": 10.0})),
-    "centred_align1": ("nifcl", _variant(center="prototypes", align=1.0)),
-    "centred_nb3": ("nifcl", _variant(center="prototypes", neighbors={"weight": 3.0})),
     "align1": ("nifcl", _variant(align=1.0)),
     "nb_heavy": ("nifcl", _variant(align=0.0, neighbors={"weight": 3.0, "scale": 64.0}, **{"lambda": 10.0})),
     "no_align_nb64_w2": ("nifcl", _variant(align=0.0, neighbors={"weight": 2.0, "scale": 64.0})),
-    "inst1": ("nifcl", _variant(align=0.0, neighbors={"instance": 1.0})),
-    "inst1_nb64": ("nifcl", _variant(align=0.0, neighbors={"instance": 1.0, "scale": 64.0})),
-    "inst1_align1": ("nifcl", _variant(align=1.0, neighbors={"instance": 1.0})),
+    "no_align_nb230": ("nifcl", _variant(align=0.0, neighbors={"scale": 230.0})),
+    "nb_heavy230": ("nifcl", _variant(align=0.0, neighbors={"weight": 3.0, "scale": 230.0}, **{"lambda": 10.0})),
     "align03": ("nifcl", _variant(align=0.3)),
     "no_align_nb64": ("nifcl", _variant(align=0.0, neighbors={"scale": 64.0})),
     "no_align_nb128": ("nifcl", _variant(align=0.0, neighbors={"scale": 128.0})),
@@ -221,16 +215,34 @@ def criteria(rows: list[dict], old_old: dict) -> dict[str, dict]:
 
 def render(doc: dict) -> str:
     """robustness.md from robustness.json."""
+    m = doc["machine"]
     lines = ["# NIFCL robustness: protocols the recipe was not tuned on", "",
-             f"Command(s): see each block. Machine: {doc['machine']}. Updated {doc['updated']}.", "",
-             "Selection used the validation rows only; test rows are for the final recipe.", ""]
+             "Commands: under each table (run from the repository root; "
+             "`python benchmarks/robustness.py --merge OUT.json...` writes this file from their `--out` files).",
+             f"Machine: {m['platform']}, {m['cores']} cores (shared), torch {m['torch']}, one torch thread. "
+             f"Updated {doc['updated']}.", "",
+             "Every choice was made on the `val` tables (a stratified, seeded share of the training split, "
+             "query = gallery = validation, leave-one-out); `test` tables measure the chosen recipe and its "
+             "predecessor only. Criteria: new/old top-1 and mAP > old/old; new/new top-1 >= independent - 2.",
+             "`committed` is the recipe before this benchmark (align 3); `no_align` (align 0, all else equal) "
+             "is the recipe committed now. Variants (compat keys changed from `committed`):", ""]
+    for name, (method, compat) in VARIANTS.items():
+        changed = {k: v for k, v in compat.items() if COMMITTED.get(k) != v} if method == "nifcl" else compat
+        lines.append(f"- `{name}`: {method} {json.dumps(changed) if changed else ''}".rstrip())
+    lines.append("")
     for key, block in doc["runs"].items():
         oo = block["old/old"]
-        lines += [f"## {key}", "", f"`{block['command']}`", "",
+        lines += [f"## {key}", "", *[f"    {c}" for c in block["commands"]], "",
                   f"{block['n_train']} training images ({block['n_val']} of them carved off as validation), "
                   f"{block['n_eval']} evaluated, {block['epochs']} epochs, seed {block['seed']}. "
-                  f"old/old: top-1 {oo['top1']:.2f}, mAP {oo['mAP']:.2f}.", "",
-                  "| variant | new/new top-1 | new/old top-1 | new/old mAP | criteria |", "|---|---|---|---|---|"]
+                  f"old/old: top-1 {oo['top1']:.2f}, mAP {oo['mAP']:.2f}.", ""]
+        geo = block.get("old_geometry")
+        if geo:
+            lines += [f"Old training features: dim {geo['dim']}, unit-feature mean norm {geo['unit_mean_norm']:.3f}, "
+                      f"spread (RMS distance of unit features to their mean) {geo['spread_rms']:.3f}, "
+                      f"pairwise cosine {geo['cos_mean']:.3f} +- {geo['cos_std']:.3f}, prototype cosines mean "
+                      f"{geo['prototype_cos_mean']:.3f}, max {geo['prototype_cos_max']:.4f}.", ""]
+        lines += ["| variant | new/new top-1 | new/old top-1 | new/old mAP | criteria |", "|---|---|---|---|---|"]
         crit = block["criteria"]
         for r in block["rows"]:
             c = crit.get(r["variant"])
@@ -244,7 +256,9 @@ def render(doc: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Command line: see the module docstring."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--protocol", required=True, choices=["data_split", "foreign", "class_split", "digits_reversed"])
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                    help="no run: merge these --out files into benchmarks/results/robustness.json and render the .md")
+    ap.add_argument("--protocol", choices=["data_split", "foreign", "class_split", "digits_reversed"])
     ap.add_argument("--split", choices=["val", "test"], default="val")
     ap.add_argument("--variants", nargs="+", default=["independent", "committed"], choices=sorted(VARIANTS))
     ap.add_argument("--n-train", type=int, default=6000)
@@ -256,6 +270,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--write-results", action="store_true",
                     help="merge into benchmarks/results/robustness.json and re-render robustness.md")
     args = ap.parse_args(argv)
+    if args.merge:
+        write_results([json.loads(p.read_text()) for p in args.merge])
+        return
+    if args.protocol is None:
+        ap.error("--protocol is required (unless --merge)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(1)
     setup = prepare(args.protocol, args.n_train, args.n_test, args.epochs, args.val_fraction, args.seed)
@@ -278,13 +297,46 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         args.out.write_text(json.dumps(block, indent=1))
     if args.write_results:
-        path = RESULTS / "robustness.json"
-        doc = json.loads(path.read_text()) if path.exists() else {"runs": {}}
-        doc["runs"][f"{args.protocol} {args.split} {args.n_train}x{args.epochs}"] = block
-        doc["machine"] = machine()
-        doc["updated"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        path.write_text(json.dumps(doc, indent=1) + "\n")
-        (RESULTS / "robustness.md").write_text(render(doc) + "\n")
+        write_results([block])
+
+
+def _without_gone_variants(command: str) -> str:
+    words, out, in_variants = command.split(), [], False
+    for w in words:
+        in_variants = w == "--variants" or (in_variants and not w.startswith("--"))
+        if not (in_variants and w != "--variants" and w not in VARIANTS):
+            out.append(w)
+    return " ".join(out)
+
+
+def write_results(blocks: list[dict]) -> None:
+    """Merge run blocks into benchmarks/results/robustness.json (keyed by protocol, split, size) and render the .md."""
+    path = RESULTS / "robustness.json"
+    doc = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+    for block in blocks:
+        # Rows of variants no longer in VARIANTS (their code is gone) cannot be reproduced: left out,
+        # and out of the command (each variant trains from its own seed, so the rest do not change).
+        block = {**block, "rows": [r for r in block["rows"] if r["variant"] in VARIANTS],
+                 "command": _without_gone_variants(block["command"])}
+        key = f"{block['protocol']} {block['split']} {block['n_train']}x{block['epochs']}"
+        if key in doc["runs"]:
+            # Same protocol, split and size: the same data and old model, so rows of several
+            # commands join one table (a variant measured again replaces its row).
+            earlier = doc["runs"][key]
+            if earlier["old/old"] != block["old/old"]:
+                raise ValueError(f"{key}: old/old differs from the stored run's: not the same old model or data")
+            names = {r["variant"] for r in block["rows"]}
+            rows = [r for r in earlier["rows"] if r["variant"] not in names] + block["rows"]
+            commands = [c for c in earlier["commands"] if c != block["command"]] + [block["command"]]
+            block = {**block, "rows": rows, "commands": commands,
+                     "criteria": criteria(rows, block["old/old"])}
+        else:
+            block = {**block, "commands": [block["command"]]}
+        doc["runs"][key] = block
+    doc["machine"] = machine()
+    doc["updated"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    (RESULTS / "robustness.md").write_text(render(doc) + "\n")
 
 
 if __name__ == "__main__":

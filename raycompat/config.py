@@ -121,12 +121,9 @@ class NeighborConfig:
     scale: float = 16.0
     # Old features drawn per batch as candidate neighbours; 0 = all of the training set's.
     bank: int = 4096
-    # Weight of the instance part: the item's own old feature should be its nearest old feature.
-    instance: float = 0.0
 
     def validate(self, key: str) -> None:
         check(self.weight >= 0, join(key, "weight"), "must be >= 0")
-        check(self.instance >= 0, join(key, "instance"), "must be >= 0")
         check(self.scale > 0, join(key, "scale"), "must be positive")
         check(self.bank >= 0, join(key, "bank"), "must be >= 0 (0 = all old features)")
 
@@ -146,10 +143,6 @@ class CompatConfig:
     # lambda * (L_influence + align * L_align) (raycompat.compat.losses.prototype_alignment).
     align: float = 0.0
     neighbors: NeighborConfig = field(default_factory=NeighborConfig)
-    # NIFCL only: centre the old features (minus their mean over the new training data) before
-    # the pseudo classifier, the random walk's graph and the alignment targets; "all" also the
-    # old-neighbourhood term's candidates. A training-time device: evaluation is unchanged.
-    center: Literal["none", "prototypes", "all"] = "none"
 
     def validate(self, key: str) -> None:
         check(self.weight >= 0, join(key, "lambda"), "must be >= 0")

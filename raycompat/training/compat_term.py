@@ -70,10 +70,6 @@ def build_compat_term(
         influence = InfluenceLoss(weight, c.scale).to(device)
         return lambda new, idx, y: influence(new, labels=y)
     # nifcl
-    raw = feats
-    if c.center != "none":
-        unit = torch.nn.functional.normalize(feats, dim=1)
-        feats = unit - unit.mean(dim=0, keepdim=True)
     refined = None
     if c.random_walk.enabled:
         refined = refine(feats, lab, num_classes, c.random_walk, soft_labels=c.soft_targets)
@@ -88,7 +84,7 @@ def build_compat_term(
     # are discriminative directions, not places where old features lie.
     align = PrototypeAlignmentLoss(prototypes).to(device) if c.align > 0 else None
     nb = c.neighbors
-    neighbors = OldNeighborLoss(feats if c.center == "all" else raw, lab, nb.scale, nb.bank, seed, nb.instance).to(device) if nb.weight > 0 else None
+    neighbors = OldNeighborLoss(feats, lab, nb.scale, nb.bank, seed).to(device) if nb.weight > 0 else None
     soft = refined is not None and c.soft_targets
 
     def term(new: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -35,21 +35,19 @@ class OldNeighborLoss(nn.Module):
     labels: torch.Tensor
 
     def __init__(self, old_feats: torch.Tensor, labels: torch.Tensor, scale: float, bank: int = 0,
-                 seed: int = 0, instance: float = 0.0) -> None:
+                 seed: int = 0) -> None:
         super().__init__()
         if scale <= 0:
             raise ConfigError(f"old-neighbourhood loss scale must be positive, got {scale}")
         if bank < 0:
             raise ConfigError(f"old-neighbourhood bank must be >= 0 (0 = all old features), got {bank}")
-        if instance < 0:
-            raise ConfigError(f"old-neighbourhood instance weight must be >= 0, got {instance}")
         self.register_buffer("feats", frozen_unit_rows(old_feats, "old features"))
         if labels.shape != (self.feats.shape[0],) or bool((labels < 0).any()):
             raise DataError(f"labels must be class indices of shape [{self.feats.shape[0]}], "
                             f"got shape {tuple(labels.shape)}")
         # One-hot labels: class sums of the neighbour weights are then one matrix product.
         self.register_buffer("onehot", F.one_hot(labels.detach().long()).float())
-        self.scale, self.bank, self.seed, self.instance = float(scale), int(bank), int(seed), float(instance)
+        self.scale, self.bank, self.seed = float(scale), int(bank), int(seed)
 
     def candidates(self, idx: torch.Tensor) -> torch.Tensor:
         """Positions of the old features a batch of items ``idx`` is scored against (sorted)."""
@@ -74,10 +72,8 @@ class OldNeighborLoss(nn.Module):
         feats, onehot = (self.feats, self.onehot) if every else (self.feats[cand], self.onehot[cand])
         query = F.normalize(compatible_slice(new_feat, feats.shape[1]), dim=1)
         logits = self.scale * query @ feats.to(query.dtype).T
-        own_logit = self.scale * (query * self.feats[idx].to(query.dtype)).sum(dim=1)
-        # Shifted by the row maximum, own logit included (a constant per row: the ratios do not change).
-        shift = torch.maximum(logits.detach().max(dim=1).values, own_logit.detach())
-        weights = (logits - shift[:, None]).exp()
+        # Shifted by the row maximum (a constant per row: the ratio below does not change).
+        weights = (logits - logits.detach().max(dim=1, keepdim=True).values).exp()
         # Leave each item's own old feature out; cand is sorted, so its column is a binary search.
         col = torch.searchsorted(cand, idx).clamp_max(len(cand) - 1)
         own = cand[col] == idx
@@ -86,13 +82,8 @@ class OldNeighborLoss(nn.Module):
         onehot = onehot.to(weights.dtype)
         same = (weights @ onehot).gather(1, labels[:, None]).squeeze(1)
         valid = onehot.sum(dim=0)[labels] - own.to(weights.dtype) > 0
-        total = weights.sum(dim=1)
-        inst = 0.0
-        if self.instance > 0:
-            # The item's own old feature against the other candidates: -log softmax of its column.
-            inst = self.instance * ((total + (own_logit - shift).exp()).log() - (own_logit - shift)).mean()
         if not bool(valid.any()):
-            return new_feat.sum() * 0.0 + inst
+            return new_feat.sum() * 0.0
         # clamp: with a large scale, far same-class neighbours can underflow to 0 against the row maximum.
-        loss = total.log() - same.clamp_min(torch.finfo(weights.dtype).tiny).log()
-        return loss[valid].mean() + inst
+        loss = weights.sum(dim=1).log() - same.clamp_min(torch.finfo(weights.dtype).tiny).log()
+        return loss[valid].mean()
