@@ -15,7 +15,7 @@ rest reach the compatibility term. ``--split val`` evaluates on the validation s
 (reported for the final recipe only). Runs in-process, no Ray, one torch thread.
 
     PYTHONPATH=$PWD python benchmarks/robustness.py --protocol foreign --split val \\
-        --variants independent committed centred --out /tmp/foreign_val.json
+        --variants independent committed no_align --out /tmp/foreign_val.json
 
 ``--write-results`` merges the rows into benchmarks/results/robustness.json and re-renders
 robustness.md.
