@@ -94,10 +94,13 @@ def _quiet_demo(cfg):
     print(f"log: {log_file}", file=sys.stderr)
     with quiet_console(log_file, stage_names(cfg), epochs) as console:
         init_ray(cfg.ray)
-        console.attach_ray()
-        report = run_pipeline(cfg, console.live.stage, records=console.live)
-        # Disconnect while the output is still diverted: Ray's last worker lines arrive until then.
-        ray.shutdown()
+        try:
+            console.attach_ray()
+            report = run_pipeline(cfg, console.live.stage, records=console.live)
+        finally:
+            # Disconnect while the output is still diverted (Ray's last worker lines arrive until
+            # then), also on an error or Ctrl-C: the runtime this command started goes with it.
+            ray.shutdown()
     return report, log_file
 
 
