@@ -3,7 +3,7 @@
 Protocols (``--protocol``):
 
 - ``data_split``: Fashion-MNIST, the old model (small_cnn width 16, 64-d) sees 25% of every class;
-- ``foreign``: Fashion-MNIST, the old model is :class:`benchmarks.blackboxes.RandomConvFeatures`
+- ``foreign``: Fashion-MNIST, the old model is :class:`raycompat.models.random_features.RandomConvFeatures`
   (untrained, 96-d, not normalised, not centred); the new model's embed_dim is 96;
 - ``class_split``: Fashion-MNIST, the old model sees classes 0-4 (the protocol the recipe was tuned on);
 - ``digits_reversed``: scikit-learn digits, the old model sees classes 5-9.
@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.blackboxes import RandomConvFeatures  # noqa: E402
+from raycompat.models.random_features import RandomConvFeatures  # noqa: E402
 from raycompat.config import ModelConfig, NewConfig, OptimConfig, ProtocolConfig  # noqa: E402
 from raycompat.configio import from_dict  # noqa: E402
 from raycompat.data.datasets import Dataset, ImageSet, load_digits, load_fashion_mnist, stratified_subsample  # noqa: E402

@@ -234,6 +234,30 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_suite(args: argparse.Namespace) -> int:
+    from raycompat import storage
+    from raycompat.configio import load_config
+    from raycompat.pipeline.bench_suite import run_suite
+    from raycompat.suite.config import SuiteConfig
+
+    cfg = load_config(args.config, SuiteConfig, {"output_dir": args.out} if args.out else None)
+    storage.check_writable_dir(cfg.output_dir, "--out" if args.out else f"{args.config}: output_dir")
+    storage.check_writable_dir(args.out_dir, "--out-dir")
+    total = len(cfg.protocols) * len(cfg.seeds)
+    bar = _stage_bar(total, "bench suite")
+    bar.unit = "unit"
+
+    def progress(unit: str) -> None:
+        bar.update(1)
+        bar.set_postfix_str(unit)
+
+    command = shlex.join(["raycompat", *sys.argv[1:]])
+    path = run_suite(cfg, args.out_dir, name=args.name, command=command, progress=progress)
+    bar.close()
+    print(f"results: {path}, {path.with_suffix('.md')}")
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from raycompat.artifacts import child
     from raycompat.pipeline.tune import run_tune
@@ -417,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--transformation", help="trained transformation dir (default: the config's, if trained)")
     mc.add_argument("--read-bandwidth", default="500 MB/s", help="storage read rate per unit (not measured)")
     mc.add_argument("--dollars-per-hour", type=float, default=0.0, help="price of one unit (not measured)")
-    bench = sub.add_parser("bench", help="Benchmarks (quality).", description="Benchmarks.")
+    bench = sub.add_parser("bench", help="Benchmarks (quality, suite).", description="Benchmarks.")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     bq = bench_sub.add_parser("quality", help="Train old (unless old.extractor names a black box) and new models "
                               "for every method of bench.methods (plus FCT and FastFill) and write <name>.json / "
@@ -428,6 +452,15 @@ def build_parser() -> argparse.ArgumentParser:
     bq.add_argument("--out-dir", required=True, help="where the results go")
     bq.add_argument("--name", default="quality", help="results are <out-dir>/<name>.json, <name>.md, <name>_curves.png")
     bq.set_defaults(fn=cmd_bench_quality)
+    bs = bench_sub.add_parser("suite", help="The protocol suite: one NIFCL recipe and every baseline on several "
+                              "protocols and seeds (one Ray task per protocol and seed, resumable); writes "
+                              "<name>.json / <name>.md.",
+                              description="Protocol suite: several protocols x seeds, mean and spread, criteria.")
+    bs.add_argument("--config", required=True, help="suite config (see raycompat/configs/suite.yaml)")
+    bs.add_argument("--out", help="override output_dir (where finished units are kept) from the config")
+    bs.add_argument("--out-dir", required=True, help="where the results go")
+    bs.add_argument("--name", default="suite", help="results are <out-dir>/<name>.json, <name>.md")
+    bs.set_defaults(fn=cmd_bench_suite)
     tn = sub.add_parser("tune", help="Ray Tune search over the compatibility-loss weights.",
                         description="Ray Tune search (ASHA) over loss weights; resumes an interrupted search.")
     tn.add_argument("--config", required=True, help="search config YAML (see raycompat/configs/tune_*.yaml)")

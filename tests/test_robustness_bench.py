@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.blackboxes import RandomConvFeatures
+from raycompat.models.random_features import RandomConvFeatures
 from benchmarks.robustness import carve_validation, old_geometry
 from raycompat.data.datasets import ImageSet
 from raycompat.models.extractor import load_extractor
@@ -33,7 +33,7 @@ def test_random_conv_box_is_fixed_by_its_seed_and_not_centred():
 
 def test_random_conv_box_loads_as_a_module_callable():
     torch.set_num_threads(1)
-    box = load_extractor("benchmarks.blackboxes:RandomConvFeatures")
+    box = load_extractor("raycompat.models.random_features:RandomConvFeatures")
     x = _images()
     assert np.array_equal(box(x), RandomConvFeatures()(x)) and box.dim == 96
 

@@ -1,11 +1,11 @@
-"""Foreign black boxes for the robustness benchmark: old models raycompat did not train.
+"""An untrained black box for the robustness benchmark and the protocol suite: an old model raycompat did not train.
 
 :class:`RandomConvFeatures` is an untrained, fixed random-convolution feature
 extractor (seeded): two random 3x3 convolutions with ReLU and average pooling,
 then per-channel means and maxima. Its features are not normalised and not
 centred (ReLU outputs: every coordinate is >= 0, so all features share one large
 mean direction) and have ``dim`` (96) dimensions, unlike the 64 of the models
-raycompat trains. Usable as ``old.extractor: benchmarks.blackboxes:RandomConvFeatures``
+raycompat trains. Usable as ``old.extractor: raycompat.models.random_features:RandomConvFeatures``
 (uint8 images (N, C, H, W) in, float32 (N, dim) out; see
 :mod:`raycompat.models.extractor`).
 """

@@ -1,0 +1,120 @@
+"""Average suite units over seeds, check the acceptance criteria, render ``suite.md``.
+
+``suite.json``: ``{"selection_split": "validation", "protocols": {NAME: {"seeds": [...], "methods":
+{METHOD: {PAIR: {"top1", "top1_std", "mAP", "mAP_std"}}}}}}`` on the test split (PAIR ``old/old``,
+``new/new``, ``new/old``, ``new/h(old)`` for FCT), with the same block on the validation split under
+``"validation"``. Standard deviations are over seeds (population, ddof 0; 0 with one seed).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+
+METRICS = ("top1", "mAP")
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std())
+
+
+def _method_pairs(units: list[dict], label: str, split: str) -> dict[str, dict[str, float]]:
+    out = {}
+    pairs = [p for p in units[0]["methods"][label] if "/" in p]
+    for pair in ["old/old", *pairs]:
+        rows = [(u["old/old"] if pair == "old/old" else u["methods"][label][pair])[split] for u in units]
+        entry = {}
+        for m in METRICS:
+            entry[m], entry[f"{m}_std"] = _stats([r[m] for r in rows])
+        out[pair] = entry
+    return out
+
+
+def protocol_block(units: list[dict], split: str) -> dict[str, Any]:
+    """One protocol's means and spreads over its units (one per seed) on ``split`` (``val`` or ``test``)."""
+    units = sorted(units, key=lambda u: u["seed"])
+    labels = [m for m in units[0]["methods"]]
+    for u in units:
+        if list(u["methods"]) != labels:
+            raise ValueError(f"protocol {u['protocol']}: seed {u['seed']} has methods {list(u['methods'])}, "
+                             f"seed {units[0]['seed']} has {labels}")
+    return {"seeds": [u["seed"] for u in units],
+            "methods": {label: _method_pairs(units, label, split) for label in labels}}
+
+
+def criteria(block: dict[str, Any], recipe: str) -> dict[str, Any]:
+    """The recipe's criteria on one protocol's means: new/old top-1 and mAP > old/old, new/new >= independent - 2."""
+    methods = block["methods"]
+    r, ind = methods[recipe], methods["independent"]
+    checks = {"new/old top-1 > old/old": r["new/old"]["top1"] > r["old/old"]["top1"],
+              "new/old mAP > old/old": r["new/old"]["mAP"] > r["old/old"]["mAP"],
+              "new/new top-1 >= independent - 2": r["new/new"]["top1"] >= ind["new/new"]["top1"] - 2}
+    return {"checks": checks, "met": all(checks.values()),
+            "shortfall": {"new/old top-1 - old/old": r["new/old"]["top1"] - r["old/old"]["top1"],
+                          "new/old mAP - old/old": r["new/old"]["mAP"] - r["old/old"]["mAP"],
+                          "new/new top-1 - (independent - 2)": r["new/new"]["top1"] - ind["new/new"]["top1"] + 2}}
+
+
+def gap_closed(block: dict[str, Any]) -> float | None:
+    """Share of the old/old -> new/new top-1 gap fct+side closes (mean over seeds), None without fct+side."""
+    fct = block["methods"].get("fct+side")
+    if fct is None:
+        return None
+    gap = fct["new/new"]["top1"] - fct["old/old"]["top1"]
+    return None if gap <= 0 else (fct["new/h(old)"]["top1"] - fct["old/old"]["top1"]) / gap
+
+
+def summarize(units: Iterable[dict], recipe: str) -> dict[str, Any]:
+    """The suite document (without provenance) from every unit."""
+    by_protocol: dict[str, list[dict]] = {}
+    for u in units:
+        by_protocol.setdefault(u["protocol"], []).append(u)
+    test = {name: protocol_block(us, "test") for name, us in by_protocol.items()}
+    val = {name: protocol_block(us, "val") for name, us in by_protocol.items()}
+    return {"selection_split": "validation", "recipe": recipe, "protocols": test,
+            "validation": {"protocols": val},
+            "criteria": {name: {"test": criteria(test[name], recipe), "validation": criteria(val[name], recipe)}
+                         for name in test},
+            "fct_gap_closed": {name: gap_closed(test[name]) for name in test}}
+
+
+def _cell(entry: dict[str, float], metric: str, seeds: int) -> str:
+    mean, std = entry[metric], entry[f"{metric}_std"]
+    return f"{mean:.2f} ± {std:.2f}" if seeds > 1 else f"{mean:.2f}"
+
+
+def render(doc: dict[str, Any]) -> str:
+    """``suite.md``: provenance, the criteria per protocol, then one table per protocol (test, then validation)."""
+    recipe = doc["recipe"]
+    lines = ["# Protocol suite", "", f"    {doc['command']}", "",
+             f"- machine: {doc['machine']['cores']} cores, torch {doc['machine']['torch']}, "
+             f"{doc['machine']['platform']}; date {doc['date']}; wall time {doc['wall_s']:.0f} s "
+             f"({doc['units_run']} of {doc['units_total']} units run by this command, the rest resumed)",
+             f"- selection: every choice read the validation split only; the recipe `{recipe}` is one setting for "
+             "every protocol (its keys are in `config` of suite.json). Test numbers are means over seeds "
+             "± standard deviation over seeds.",
+             "- metrics in percent; query = gallery = the split, leave-one-out; cosine, exact faiss search",
+             "", "## Criteria (recipe, test split, mean over seeds)", "",
+             "| protocol | new/old top-1 − old/old | new/old mAP − old/old | new/new − (independent − 2) | "
+             "met on test | met on validation | fct+side gap closed |", "|---|---:|---:|---:|---|---|---:|"]
+    for name, c in doc["criteria"].items():
+        s = c["test"]["shortfall"]
+        g = doc["fct_gap_closed"][name]
+        lines.append(f"| {name} | {s['new/old top-1 - old/old']:+.2f} | {s['new/old mAP - old/old']:+.2f} | "
+                     f"{s['new/new top-1 - (independent - 2)']:+.2f} | {'yes' if c['test']['met'] else 'NO'} | "
+                     f"{'yes' if c['validation']['met'] else 'NO'} | {'-' if g is None else f'{100 * g:.0f}%'} |")
+    for split, blocks in (("test", doc["protocols"]), ("validation", doc["validation"]["protocols"])):
+        for name, block in blocks.items():
+            n = len(block["seeds"])
+            lines += ["", f"## {name} ({split}, seeds {block['seeds']})", "",
+                      "| method | pair | top-1 | mAP |", "|---|---|---:|---:|"]
+            first = True
+            for label, pairs in block["methods"].items():
+                for pair, entry in pairs.items():
+                    if pair == "old/old" and not first:
+                        continue
+                    first = False
+                    lines.append(f"| {label} | {pair} | {_cell(entry, 'top1', n)} | {_cell(entry, 'mAP', n)} |")
+    return "\n".join(lines) + "\n"

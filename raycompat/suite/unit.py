@@ -1,0 +1,144 @@
+"""One unit of the protocol suite: a (protocol, seed) trained and measured in-process, no Ray.
+
+The training split is subsampled (stratified, seeded) and a stratified, seeded validation share is
+held out before anything trains: the old model, the side-info model, every new model and FCT's
+transformation see the rest only, and only the old features of that rest reach a compatibility term.
+Every model is then measured twice: on the validation split (query = gallery = validation,
+leave-one-out: what the recipe was chosen on) and on the test split (reported).
+
+Pairs: ``old/old``, and per method ``new/new`` and ``new/old`` (new queries against the old gallery,
+through the compatible slice); ``fct+side`` reports ``new/h(old)``: independent's queries against
+the old gallery transformed by h(old, side).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from raycompat.config import DataConfig, ModelConfig, OptimConfig, ProtocolConfig
+from raycompat.data.datasets import Dataset, ImageSet, load_dataset
+from raycompat.data.protocols import old_training_set, validation_split
+from raycompat.models.backbones import CosineClassifier, EmbeddingClassifier, EmbeddingModel
+from raycompat.models.random_features import RandomConvFeatures
+from raycompat.models.side_info import build_side_info_model, train_side_info
+from raycompat.retrieval.evaluate import evaluate
+from raycompat.suite.config import ProtocolSpec, SuiteConfig
+from raycompat.training.compat_term import build_compat_term
+from raycompat.training.fct import build_transformation, train_transformation, transform_features
+from raycompat.training.loop import embed, make_loader, seed_everything, train_epoch
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("val", "test")
+
+
+def train_net(model_cfg: ModelConfig, optim: OptimConfig, data: ImageSet, image_shape, num_classes: int, seed: int,
+              compat=None, weight: float = 0.0) -> EmbeddingClassifier:
+    """The pipeline's training loop in-process: seeded, AdamW, cosine classifier head, one device (CPU)."""
+    seed_everything(seed)
+    net = EmbeddingClassifier(EmbeddingModel(model_cfg, image_shape),
+                              CosineClassifier(model_cfg.embed_dim, num_classes, optim.scale))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    loader = make_loader(data.images, data.labels, optim.batch_size, shuffle=True, seed=seed)
+    for epoch in range(optim.epochs):
+        loader.generator.manual_seed(seed + epoch)
+        stats = train_epoch(net, loader, optimizer, torch.device("cpu"), compat, weight)
+        log.info("epoch %d/%d: %s", epoch + 1, optim.epochs, {k: round(v, 4) for k, v in stats.items()})
+    net.eval()
+    return net
+
+
+def _protocol_config(spec: ProtocolSpec, seed: int) -> ProtocolConfig:
+    if spec.kind == "class_split":
+        return ProtocolConfig(kind="class_split", old_classes=list(spec.old_classes))
+    return ProtocolConfig(kind="data_split", old_fraction=spec.old_fraction, seed=seed)
+
+
+def _pairs(query: dict[str, np.ndarray], gallery: dict[str, np.ndarray], sets: dict[str, ImageSet]) -> dict:
+    """``evaluate`` of query features against gallery features on every split, slicing queries to the gallery dim."""
+    out = {}
+    for split in SPLITS:
+        q, g, s = query[split], gallery[split], sets[split]
+        out[split] = evaluate(q[:, :g.shape[1]], s.labels, g, s.labels, query_ids=s.ids, gallery_ids=s.ids)
+    return out
+
+
+def load_protocol_data(cfg: SuiteConfig, spec: ProtocolSpec, seed: int) -> tuple[Dataset, dict[str, ImageSet]]:
+    """The protocol's dataset (training split without validation) and its ``train``/``val``/``test`` sets."""
+    data = DataConfig(name=spec.dataset, max_train=cfg.n_train, max_test=cfg.n_test, validation=cfg.validation,
+                      validation_seed=seed)
+    ds, val = validation_split(load_dataset(data, seed), data)
+    return ds, {"train": ds.train, "val": val, "test": ds.test}
+
+
+def run_unit(cfg: SuiteConfig, protocol: str, seed: int, threads: int = 1) -> dict[str, Any]:
+    """Train and measure every method of ``cfg`` on ``protocol`` with ``seed``; a JSON-ready dict."""
+    torch.set_num_threads(threads)
+    spec = cfg.protocols[protocol]
+    started = time.perf_counter()
+    ds, sets = load_protocol_data(cfg, spec, seed)
+    old_net, old_clf, old_images = None, None, None
+    if spec.trained_old:
+        old_set = old_training_set(ds, _protocol_config(spec, seed))
+        old_net = train_net(cfg.old_model, cfg.optim, old_set.data, ds.image_shape, len(old_set.classes), seed)
+        old_clf = (old_net.classifier.weight.detach().clone(), list(old_set.classes))
+        old_images = old_set.data.images
+        old = {k: embed(old_net.model, s.images) for k, s in sets.items()}
+    else:
+        box = RandomConvFeatures(dim=spec.box_dim, seed=seed)
+        old = {k: box(s.images) for k, s in sets.items()}
+    embed_dim = max(cfg.new_model.embed_dim, old["train"].shape[1])
+    result: dict[str, Any] = {"protocol": protocol, "seed": seed, "n_train": len(sets["train"]),
+                              "n_val": len(sets["val"]), "n_test": len(sets["test"]), "old_dim": old["train"].shape[1],
+                              "new_dim": embed_dim, "old/old": _pairs(old, old, sets), "methods": {}}
+    new_feats: dict[str, dict[str, np.ndarray]] = {}
+    nets: dict[str, EmbeddingClassifier] = {}
+    for label, method in cfg.methods.items():
+        if method.method == "bct" and not spec.trained_old:
+            continue  # no real old classifier exists for an untrained box
+        new_cfg = cfg.new_config(label, embed_dim)
+        term = build_compat_term(new_cfg, old["train"], sets["train"].labels, ds.num_classes, torch.device("cpu"),
+                                 old_classifier=old_clf if method.method == "bct" else None, seed=seed)
+        t0 = time.perf_counter()
+        net = train_net(new_cfg.model, new_cfg.optim, sets["train"], ds.image_shape, ds.num_classes, seed + 1000,
+                        term, new_cfg.compat.weight)
+        feats = {k: embed(net.model, sets[k].images) for k in SPLITS}
+        new_feats[label], nets[label] = feats, net
+        result["methods"][label] = {"train_s": round(time.perf_counter() - t0, 1),
+                                    "new/new": _pairs(feats, feats, sets), "new/old": _pairs(feats, old, sets)}
+        log.info("%s seed %d %s: test new/old %s", protocol, seed, label, result["methods"][label]["new/old"]["test"])
+    if cfg.fct_side and spec.trained_old:
+        result["methods"]["fct+side"] = _fct_side(cfg, ds, sets, old, old_images, new_feats["independent"],
+                                                  nets["independent"], seed)
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def _fct_side(cfg: SuiteConfig, ds: Dataset, sets: dict[str, ImageSet], old: dict[str, np.ndarray],
+              old_images: np.ndarray, target: dict[str, np.ndarray], target_net: EmbeddingClassifier,
+              seed: int) -> dict[str, Any]:
+    """FCT with side-info: psi on the old training images, h(old, psi) trained to the independent model."""
+    t0 = time.perf_counter()
+    channels, height, _ = ds.image_shape
+    side_cfg, h_cfg = cfg.fct.side, cfg.fct.transformation
+    psi = build_side_info_model(side_cfg, channels, height, seed)
+    train_side_info(psi, torch.from_numpy(old_images), side_cfg.epochs, side_cfg.batch_size, side_cfg.lr, seed)
+    with torch.inference_mode():
+        side = {k: torch.cat([psi(torch.from_numpy(s.images[i:i + 1024])) for i in range(0, len(s), 1024)])
+                for k, s in sets.items()}
+    train_new = torch.from_numpy(embed(target_net.model, sets["train"].images))
+    h = build_transformation(h_cfg, old["train"].shape[1], side_cfg.dim, train_new.shape[1], seed)
+    labels: Optional[torch.Tensor] = None
+    clf: Optional[torch.Tensor] = None
+    if h_cfg.mu_disc > 0:
+        labels = torch.from_numpy(sets["train"].labels.astype(np.int64))
+        clf = target_net.classifier.weight.detach()
+    train_transformation(h, torch.from_numpy(old["train"]), side["train"], train_new, labels, clf, h_cfg, seed)
+    transformed = {k: transform_features(h, torch.from_numpy(old[k]), side[k])[0].numpy() for k in SPLITS}
+    return {"train_s": round(time.perf_counter() - t0, 1), "new/new": _pairs(target, target, sets),
+            "new/h(old)": _pairs(target, transformed, sets)}

@@ -1,0 +1,141 @@
+"""The protocol suite: averaging over seeds, the criteria, config refusals, one unit in-process."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from raycompat.configio import from_dict, load_config
+from raycompat.errors import ConfigError
+from raycompat.suite.config import SuiteConfig
+from raycompat.suite.summary import criteria, gap_closed, protocol_block, render, summarize
+
+TINY = {
+    "seeds": [0, 1],
+    "n_train": 400,
+    "n_test": 150,
+    "optim": {"epochs": 1, "batch_size": 64, "lr": 0.002},
+    "old_model": {"arch": "small_cnn", "width": 4, "embed_dim": 16},
+    "new_model": {"arch": "small_cnn", "width": 4, "embed_dim": 16},
+    "protocols": {"digits_a": {"dataset": "digits", "kind": "class_split", "old_classes": [0, 1, 2, 3, 4]}},
+    "recipe": "nifcl",
+    "methods": {"independent": {"method": "independent"},
+                "nifcl": {"method": "nifcl", "compat": {"lambda": 1.0}}},
+    "fct": {"side": {"dim": 4, "epochs": 1, "width": 4}, "transformation": {"epochs": 2, "hidden": [16]}},
+}
+
+
+def _m(top1: float, mAP: float) -> dict:
+    return {"top1": top1, "mAP": mAP}
+
+
+def _unit(seed: int, old: tuple, ind: tuple, rec_nn: tuple, rec_no: tuple, fct: tuple | None = None) -> dict:
+    both = lambda m: {"val": _m(*m), "test": _m(*m)}  # noqa: E731
+    methods = {"independent": {"new/new": both(ind), "new/old": both((5.0, 5.0))},
+               "nifcl": {"new/new": both(rec_nn), "new/old": both(rec_no)}}
+    if fct is not None:
+        methods["fct+side"] = {"new/new": both(ind), "new/h(old)": both(fct)}
+    return {"protocol": "p", "seed": seed, "old/old": both(old), "methods": methods, "wall_s": 1.0}
+
+
+def test_means_and_spreads_over_seeds_match_numpy():
+    units = [_unit(1, (70, 40), (80, 50), (79, 60), (72, 45)), _unit(0, (74, 44), (84, 52), (81, 62), (76, 47))]
+    block = protocol_block(units, "test")
+    assert block["seeds"] == [0, 1]
+    entry = block["methods"]["nifcl"]["new/old"]
+    assert entry["top1"] == pytest.approx(np.mean([72, 76])) and entry["top1_std"] == pytest.approx(np.std([72, 76]))
+    assert entry["mAP"] == pytest.approx(46.0) and entry["mAP_std"] == pytest.approx(1.0)
+    assert block["methods"]["nifcl"]["old/old"]["top1"] == pytest.approx(72.0)
+
+
+def test_criteria_pass_and_each_one_can_fail():
+    ok = protocol_block([_unit(0, (70, 40), (80, 50), (79, 60), (72, 45))], "test")
+    assert criteria(ok, "nifcl")["met"]
+    top1_tie = protocol_block([_unit(0, (70, 40), (80, 50), (79, 60), (70, 45))], "test")
+    c = criteria(top1_tie, "nifcl")
+    assert not c["met"] and not c["checks"]["new/old top-1 > old/old"]  # a tie is not better
+    low_map = protocol_block([_unit(0, (70, 40), (80, 50), (79, 60), (72, 39))], "test")
+    assert not criteria(low_map, "nifcl")["checks"]["new/old mAP > old/old"]
+    weak = protocol_block([_unit(0, (70, 40), (80, 50), (77.9, 60), (72, 45))], "test")
+    c = criteria(weak, "nifcl")
+    assert not c["checks"]["new/new top-1 >= independent - 2"]
+    assert c["shortfall"]["new/new top-1 - (independent - 2)"] == pytest.approx(-0.1)
+
+
+def test_fct_gap_closed_is_the_share_of_the_old_to_new_top1_gap():
+    block = protocol_block([_unit(0, (70, 40), (80, 50), (79, 60), (72, 45), fct=(78, 49))], "test")
+    assert gap_closed(block) == pytest.approx(0.8)
+    assert gap_closed(protocol_block([_unit(0, (70, 40), (80, 50), (79, 60), (72, 45))], "test")) is None
+
+
+def test_units_with_different_methods_refuse_to_average():
+    a, b = _unit(0, (70, 40), (80, 50), (79, 60), (72, 45)), _unit(1, (70, 40), (80, 50), (79, 60), (72, 45))
+    del b["methods"]["nifcl"]
+    with pytest.raises(ValueError, match="seed 1 has methods"):
+        protocol_block([a, b], "test")
+
+
+def test_summary_schema_and_render():
+    units = [_unit(0, (70, 40), (80, 50), (79, 60), (72, 45), fct=(78, 49))]
+    doc = summarize(units, "nifcl")
+    assert doc["selection_split"] == "validation"
+    assert set(doc["protocols"]["p"]["methods"]["nifcl"]) == {"old/old", "new/new", "new/old"}
+    assert set(doc["protocols"]["p"]["methods"]["fct+side"]["new/h(old)"]) == {"top1", "top1_std", "mAP", "mAP_std"}
+    doc.update({"command": "raycompat bench suite", "machine": {"cores": 2, "torch": "t", "platform": "x"},
+                "date": "d", "wall_s": 1.0, "units_run": 1, "units_total": 1, "unit_wall_s": {"p seed 0": 1.0}})
+    md = render(doc)
+    assert "| p | +2.00 | +5.00 | +1.00 | yes | yes | 80% |" in md
+    assert "| fct+side | new/h(old) | 78.00 | 49.00 |" in md
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"protocols": {"x": {"dataset": "digits", "old_classes": [0, 42]}}}, "protocols.x.old_classes"),
+    ({"protocols": {"x": {"old_classes": list(range(10))}}}, "protocols.x.old_classes"),
+    ({"recipe": "nifcl+rw"}, "recipe"),
+    ({"methods": {"nifcl": {"method": "nifcl"}}}, "methods"),
+    ({"methods": {"independent": {"method": "independent"}, "l2": {"method": "l2", "compat": {"align": 1.0}}},
+      "recipe": "l2"}, "methods.l2.compat.align"),
+    ({"seeds": []}, "seeds"),
+])
+def test_bad_suite_configs_name_the_key(tmp_path, change, key):
+    path = tmp_path / "suite.yaml"
+    path.write_text(json.dumps({**TINY, **change}))
+    with pytest.raises(ConfigError, match=rf"{path}.*{key}"):
+        load_config(path, SuiteConfig)
+
+
+def test_cli_refuses_a_bad_suite_config_in_one_line_before_ray(tmp_path, capsys):
+    from raycompat.cli import main
+
+    path = tmp_path / "suite.yaml"
+    path.write_text(json.dumps({**TINY, "recipe": "nope"}))
+    assert main(["bench", "suite", "--config", str(path), "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "recipe" in err and str(path) in err
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_one_unit_is_deterministic_and_fct_targets_the_independent_model(one_thread):
+    from raycompat.suite.unit import run_unit
+
+    cfg = from_dict(SuiteConfig, {**TINY, "seeds": [0]})
+    a, b = run_unit(cfg, "digits_a", 0), run_unit(cfg, "digits_a", 0)
+    for doc in (a, b):
+        doc.pop("wall_s")
+        for m in doc["methods"].values():
+            m.pop("train_s")
+    assert a == b
+    assert set(a["methods"]) == {"independent", "nifcl", "fct+side"}
+    assert a["methods"]["fct+side"]["new/new"] == a["methods"]["independent"]["new/new"]
+    # Validation and test are different query sets, so their numbers differ.
+    assert a["old/old"]["val"]["n_queries"] == a["n_val"] and a["old/old"]["test"]["n_queries"] == a["n_test"]
+    # Neither model trains on a validation item: the sets are disjoint, and the unit trained on the rest.
+    from raycompat.suite.unit import load_protocol_data
+
+    _, sets = load_protocol_data(cfg, cfg.protocols["digits_a"], 0)
+    assert not set(sets["train"].ids) & set(sets["val"].ids) and not set(sets["train"].ids) & set(sets["test"].ids)
+    assert (len(sets["train"]), len(sets["val"])) == (a["n_train"], a["n_val"])
