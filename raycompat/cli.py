@@ -237,25 +237,47 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
 def cmd_bench_suite(args: argparse.Namespace) -> int:
     from raycompat import storage
     from raycompat.configio import load_config
-    from raycompat.pipeline.bench_suite import run_suite
     from raycompat.suite.config import SuiteConfig
 
     cfg = load_config(args.config, SuiteConfig, {"output_dir": args.out} if args.out else None)
     storage.check_writable_dir(cfg.output_dir, "--out" if args.out else f"{args.config}: output_dir")
     storage.check_writable_dir(args.out_dir, "--out-dir")
-    total = len(cfg.protocols) * len(cfg.seeds)
-    bar = _stage_bar(total, "bench suite")
-    bar.unit = "unit"
-
-    def progress(unit: str) -> None:
-        bar.update(1)
-        bar.set_postfix_str(unit)
-
     command = shlex.join(["raycompat", *sys.argv[1:]])
-    path = run_suite(cfg, args.out_dir, name=args.name, command=command, progress=progress)
-    bar.close()
+    path = _run_suite_verbose(cfg, args, command) if args.verbose else _quiet_suite(cfg, args, command)
     print(f"results: {path}, {path.with_suffix('.md')}")
     return 0
+
+
+def _run_suite_verbose(cfg, args: argparse.Namespace, command: str) -> Path:
+    """The suite with every log line on the console (-v)."""
+    from raycompat.pipeline.bench_suite import run_suite
+
+    bar = _stage_bar(len(cfg.protocols) * len(cfg.seeds), "bench suite")
+    try:
+        return run_suite(cfg, args.out_dir, name=args.name, command=command,
+                         progress=lambda unit: (bar.update(1), bar.set_postfix_str(unit)))
+    finally:
+        bar.close()
+
+
+def _quiet_suite(cfg, args: argparse.Namespace, command: str) -> Path:
+    """The suite with one live line (the last finished unit); Ray's and the units' output in a log file."""
+    import ray
+
+    from raycompat.console import log_path_for, quiet_console
+    from raycompat.pipeline.bench_suite import run_suite
+
+    log_file = log_path_for(cfg.output_dir, "bench-suite")
+    units = [f"{p} seed {s}" for p in cfg.protocols for s in cfg.seeds]
+    print(f"log: {log_file}", file=sys.stderr)
+    with quiet_console(log_file, units, {}, desc="bench suite", unit="unit") as console:
+        try:
+            return run_suite(cfg, args.out_dir, name=args.name, command=command,
+                             progress=lambda unit: console.live.stage(f"{unit} done"),
+                             on_ray_start=console.attach_ray)
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

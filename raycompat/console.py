@@ -41,10 +41,11 @@ class LiveLine:
     training epochs out of the forwarded worker output (:meth:`worker_lines`).
     """
 
-    def __init__(self, stages: list[str], epochs: dict[str, int], stream) -> None:
+    def __init__(self, stages: list[str], epochs: dict[str, int], stream, desc: str = "demo",
+                 unit: str = "stage") -> None:
         from tqdm import tqdm
 
-        self._bar = tqdm(total=len(stages), desc="demo", unit="stage", file=stream, dynamic_ncols=True)
+        self._bar = tqdm(total=len(stages), desc=desc, unit=unit, file=stream, dynamic_ncols=True)
         self._epochs = epochs
         self._stage: Optional[str] = None
         self._rows_total: Optional[float] = None
@@ -136,7 +137,8 @@ def _forward_worker_output(sink, live: LiveLine) -> None:
 
 
 @contextmanager
-def quiet_console(log_file: Path, stages: list[str], epochs: dict[str, int]) -> Iterator["QuietConsole"]:
+def quiet_console(log_file: Path, stages: list[str], epochs: dict[str, int], desc: str = "demo",
+                  unit: str = "stage") -> Iterator["QuietConsole"]:
     """Run the body with only the live line (and what it prints to stdout) on the console.
 
     Must be entered before Ray starts: Ray's C++ core writes to file descriptor 2,
@@ -161,7 +163,7 @@ def quiet_console(log_file: Path, stages: list[str], epochs: dict[str, int]) -> 
     _divert_stream_handlers(handler)
     # Ray Data's progress bars (or, off a terminal, its progress log blocks): the live line replaces them.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    console = QuietConsole(LiveLine(stages, epochs, sys.stderr), sink, handler)
+    console = QuietConsole(LiveLine(stages, epochs, sys.stderr, desc, unit), sink, handler)
     ours = _WarningsAbove(sys.stderr)
     logging.getLogger("raycompat").addHandler(ours)
     try:

@@ -71,8 +71,13 @@ def _unit_task(cfg_dict: dict[str, Any], protocol: str, seed: int, threads: int)
 
 
 def run_suite(cfg: SuiteConfig, out_dir: str | Path, name: str = "suite", command: str = "",
-              progress: Optional[Callable[[str], None]] = None) -> Path:
-    """Run (or resume) every unit, write ``<name>.json`` and ``<name>.md`` into ``out_dir``; returns the JSON path."""
+              progress: Optional[Callable[[str], None]] = None,
+              on_ray_start: Optional[Callable[[], None]] = None) -> Path:
+    """Run (or resume) every unit, write ``<name>.json`` and ``<name>.md`` into ``out_dir``; returns the JSON path.
+
+    ``progress(unit)`` is called as each unit finishes; ``on_ray_start()`` once Ray is up (only when a
+    unit has to run: a suite whose units are all measured only re-writes the summary).
+    """
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -81,9 +86,14 @@ def run_suite(cfg: SuiteConfig, out_dir: str | Path, name: str = "suite", comman
     done = {k: u for k in keys if (u := finished_unit(cfg, *k)) is not None}
     todo = [k for k in keys if k not in done]
     log.info("suite: %d units, %d already measured, %d to run", len(keys), len(done), len(todo))
+    for p, s in done:
+        if progress:
+            progress(f"{p} seed {s} (measured before)")
     cfg_dict = to_dict(cfg)
     if todo:
         init_ray(RayConfig(address=cfg.address))
+        if on_ray_start:
+            on_ray_start()
     task = _unit_task.options(num_cpus=cfg.cpus_per_unit)
     pending = {task.remote(cfg_dict, p, s, cfg.cpus_per_unit): (p, s) for p, s in todo}
     while pending:
