@@ -139,3 +139,34 @@ def test_one_unit_is_deterministic_and_fct_targets_the_independent_model(one_thr
     _, sets = load_protocol_data(cfg, cfg.protocols["digits_a"], 0)
     assert not set(sets["train"].ids) & set(sets["val"].ids) and not set(sets["train"].ids) & set(sets["test"].ids)
     assert (len(sets["train"]), len(sets["val"])) == (a["n_train"], a["n_val"])
+
+
+def test_fit_chooses_on_validation_by_the_fit_compat_rule_and_tests_only_the_winner(one_thread):
+    from raycompat.suite.unit import run_unit
+
+    cfg = from_dict(SuiteConfig, {**TINY, "seeds": [0], "fct_side": False, "recipe": "nifcl+fit",
+                                  "fit": {"base": "nifcl", "candidates": [{}, {"lambda": 3.0}, {"align": 2.0}]}})
+    u = run_unit(cfg, "digits_a", 0)
+    fit, base = u["methods"]["nifcl+fit"], u["methods"]["nifcl"]
+    tried = fit["candidates"]
+    # Candidate {} is the base method itself: the same run, the same validation numbers.
+    assert tried[0]["val new/old top1"] == base["new/old"]["val"]["top1"]
+    floor = u["methods"]["independent"]["new/new"]["val"]["top1"] - 2.0
+    assert [t["feasible"] for t in tried] == [t["val new/new top1"] >= floor for t in tried]
+    pool = [i for i, t in enumerate(tried) if t["feasible"]] or range(len(tried))
+    assert fit["chosen"] in pool
+    assert tried[fit["chosen"]]["val new/old top1"] == max(tried[i]["val new/old top1"] for i in pool)
+    assert fit["new/old"]["val"]["top1"] == tried[fit["chosen"]]["val new/old top1"]
+    assert all("test" not in k for t in tried for k in t)  # candidates never read the test split
+
+
+@pytest.mark.parametrize("fit, key", [
+    ({"base": "nope", "candidates": [{}]}, "fit.base"),
+    ({"base": "nifcl", "candidates": [{}, {"lamda": 3.0}]}, r"fit.candidates\[1\]"),
+    ({"base": "nifcl", "label": "nifcl", "candidates": [{}]}, "fit.label"),
+])
+def test_bad_fit_sections_name_the_key(tmp_path, fit, key):
+    path = tmp_path / "suite.yaml"
+    path.write_text(json.dumps({**TINY, "fit": fit}))
+    with pytest.raises(ConfigError, match=rf"{path}.*{key}"):
+        load_config(path, SuiteConfig)

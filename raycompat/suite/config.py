@@ -7,10 +7,11 @@ values are one-line errors naming the file and the dotted key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from raycompat.config import CompatConfig, ModelConfig, NewConfig, OptimConfig
-from raycompat.configio import check, join, validate_tree
+from raycompat.configio import check, deep_merge, from_dict, join, to_dict, validate_tree
+from raycompat.errors import ConfigError
 from raycompat.models.fct_config import SideInfoConfig, TransformationConfig
 
 # Classes of the suite's datasets, so a bad class id is refused on load, before Ray starts.
@@ -65,6 +66,24 @@ class FctSpec:
 
 
 @dataclass
+class FitSpec:
+    """Per-deployment tuning inside each unit: train every candidate, keep the one validation prefers.
+
+    The rule is fit-compat's: the best new/old top-1 on validation among candidates whose new/new
+    top-1 on validation is >= the independent model's - ``delta`` (among all when none is). Only the
+    chosen candidate is measured on the test split.
+    """
+
+    # Reported as this method; empty candidates = no fitted method.
+    label: str = "nifcl+fit"
+    # The method whose compat keys every candidate overrides.
+    base: str = "nifcl+rw"
+    # Overrides of the base's compat keys, one training run each ({} = the base as it is).
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    delta: float = 2.0
+
+
+@dataclass
 class SuiteConfig:
     """The whole suite. Every protocol runs every method (where it applies) for every seed."""
 
@@ -82,6 +101,7 @@ class SuiteConfig:
     # Include FCT with side-information (fct+side) where the protocol trains its old model.
     fct_side: bool = True
     fct: FctSpec = field(default_factory=FctSpec)
+    fit: FitSpec = field(default_factory=FitSpec)
     old_model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="small_cnn", width=16, embed_dim=64))
     new_model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="small_cnn", width=24, embed_dim=64))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=4, batch_size=128, lr=0.002))
@@ -102,7 +122,18 @@ class SuiteConfig:
         check(bool(self.methods), join(key, "methods"), "needs at least one method")
         check("independent" in self.methods, join(key, "methods"),
               "needs an 'independent' method (the new/new reference and FCT's target)")
-        check(self.recipe in self.methods, join(key, "recipe"), f"{self.recipe!r} is not one of methods")
+        fitted = [self.fit.label] if self.fit.candidates else []
+        check(self.recipe in [*self.methods, *fitted], join(key, "recipe"),
+              f"{self.recipe!r} is not one of methods" + (f" or {self.fit.label!r}" if fitted else ""))
+        if fitted:
+            check(self.fit.base in self.methods, join(key, "fit.base"), f"{self.fit.base!r} is not one of methods")
+            check(self.fit.label not in self.methods, join(key, "fit.label"), "is also the label of a method")
+            check(self.fit.delta >= 0, join(key, "fit.delta"), f"must be >= 0, got {self.fit.delta}")
+            for i in range(len(self.fit.candidates)):
+                try:
+                    validate_tree(self.fit_config(i), "")
+                except ConfigError as exc:
+                    raise ConfigError(f"{join(key, 'fit.candidates')}[{i}]: {exc}") from None
         check(all("+side" not in m for m in self.methods), join(key, "methods"),
               "fct+side is switched by fct_side, not listed in methods")
         for label in self.methods:
@@ -114,3 +145,9 @@ class SuiteConfig:
         spec = self.methods[label]
         model = self.new_model if embed_dim is None else ModelConfig(self.new_model.arch, self.new_model.width, embed_dim)
         return NewConfig(method=spec.method, model=model, optim=self.optim, compat=spec.compat)
+
+    def fit_config(self, index: int, embed_dim: Optional[int] = None) -> NewConfig:
+        """The new model's config of fit candidate ``index``: the base method with its compat overridden."""
+        base = self.new_config(self.fit.base, embed_dim)
+        compat = from_dict(CompatConfig, deep_merge(to_dict(base.compat), self.fit.candidates[index]))
+        return NewConfig(method=base.method, model=base.model, optim=base.optim, compat=compat)

@@ -85,6 +85,18 @@ def _cell(entry: dict[str, float], metric: str, seeds: int) -> str:
     return f"{mean:.2f} ± {std:.2f}" if seeds > 1 else f"{mean:.2f}"
 
 
+def _sizing(doc: dict[str, Any]) -> str:
+    cfg, walls = doc.get("config", {}), list(doc.get("unit_wall_s", {}).values())
+    if not cfg or not walls:
+        return "- sizing: not recorded"
+    optim = cfg["optim"]
+    return (f"- sizing: {cfg['n_train']} training images per protocol (stratified; digits has fewer), "
+            f"{100 * cfg['validation']:.0f}% of each class held out as validation, {cfg['n_test']} test images, "
+            f"{optim['epochs']} epochs, batch {optim['batch_size']}; {len(walls)} units (protocol x seed), "
+            f"one Ray task each; unit wall times sum to {sum(walls) / 60:.1f} min (longest {max(walls) / 60:.1f} "
+            f"min), so on 2 cores with one torch thread per unit the suite takes about half that")
+
+
 def render(doc: dict[str, Any]) -> str:
     """``suite.md``: provenance, the criteria per protocol, then one table per protocol (test, then validation)."""
     recipe = doc["recipe"]
@@ -96,6 +108,7 @@ def render(doc: dict[str, Any]) -> str:
              "every protocol (its keys are in `config` of suite.json). Test numbers are means over seeds "
              "± standard deviation over seeds.",
              "- metrics in percent; query = gallery = the split, leave-one-out; cosine, exact faiss search",
+             _sizing(doc),
              "", "## Criteria (recipe, test split, mean over seeds)", "",
              "| protocol | new/old top-1 − old/old | new/old mAP − old/old | new/new − (independent − 2) | "
              "met on test | met on validation | fct+side gap closed |", "|---|---:|---:|---:|---|---|---:|"]

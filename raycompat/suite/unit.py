@@ -112,11 +112,40 @@ def run_unit(cfg: SuiteConfig, protocol: str, seed: int, threads: int = 1) -> di
         result["methods"][label] = {"train_s": round(time.perf_counter() - t0, 1),
                                     "new/new": _pairs(feats, feats, sets), "new/old": _pairs(feats, old, sets)}
         log.info("%s seed %d %s: test new/old %s", protocol, seed, label, result["methods"][label]["new/old"]["test"])
+    if cfg.fit.candidates:
+        result["methods"][cfg.fit.label] = _fit(cfg, ds, sets, old, embed_dim, result["methods"], seed)
     if cfg.fct_side and spec.trained_old:
         result["methods"]["fct+side"] = _fct_side(cfg, ds, sets, old, old_images, new_feats["independent"],
                                                   nets["independent"], seed)
     result["wall_s"] = round(time.perf_counter() - started, 1)
     return result
+
+
+def _fit(cfg: SuiteConfig, ds: Dataset, sets: dict[str, ImageSet], old: dict[str, np.ndarray], embed_dim: int,
+         measured: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Train every fit candidate, choose on validation (see :class:`raycompat.suite.config.FitSpec`), test the winner."""
+    t0 = time.perf_counter()
+    floor = measured["independent"]["new/new"]["val"]["top1"] - cfg.fit.delta
+    tried, nets = [], []
+    for i, overrides in enumerate(cfg.fit.candidates):
+        new_cfg = cfg.fit_config(i, embed_dim)
+        term = build_compat_term(new_cfg, old["train"], sets["train"].labels, ds.num_classes, torch.device("cpu"),
+                                 seed=seed)
+        net = train_net(new_cfg.model, new_cfg.optim, sets["train"], ds.image_shape, ds.num_classes, seed + 1000,
+                        term, new_cfg.compat.weight)
+        val = embed(net.model, sets["val"].images)
+        s = sets["val"]
+        nn = evaluate(val, s.labels, val, s.labels, query_ids=s.ids, gallery_ids=s.ids)
+        no = evaluate(val[:, :old["val"].shape[1]], s.labels, old["val"], s.labels, query_ids=s.ids, gallery_ids=s.ids)
+        tried.append({"compat": overrides, "val new/new top1": nn["top1"], "val new/old top1": no["top1"],
+                      "feasible": nn["top1"] >= floor})
+        nets.append(net)
+    pool = [i for i, t in enumerate(tried) if t["feasible"]] or list(range(len(tried)))
+    best = max(pool, key=lambda i: tried[i]["val new/old top1"])
+    feats = {k: embed(nets[best].model, sets[k].images) for k in SPLITS}
+    log.info("fit: candidate %d of %d chosen on validation (%s)", best, len(tried), tried[best])
+    return {"train_s": round(time.perf_counter() - t0, 1), "chosen": best, "candidates": tried,
+            "new/new": _pairs(feats, feats, sets), "new/old": _pairs(feats, old, sets)}
 
 
 def _fct_side(cfg: SuiteConfig, ds: Dataset, sets: dict[str, ImageSet], old: dict[str, np.ndarray],
