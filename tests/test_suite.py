@@ -149,7 +149,7 @@ def test_fit_chooses_on_validation_by_the_fit_compat_rule_and_tests_only_the_win
     u = run_unit(cfg, "digits_a", 0)
     fit, base = u["methods"]["nifcl+fit"], u["methods"]["nifcl"]
     tried = fit["candidates"]
-    # Candidate {} is the base method itself: the same run, the same validation numbers.
+    # Candidate {} is the base method itself: the same validation numbers.
     assert tried[0]["val new/old top1"] == base["new/old"]["val"]["top1"]
     floor = u["methods"]["independent"]["new/new"]["val"]["top1"] - 2.0
     assert [t["feasible"] for t in tried] == [t["val new/new top1"] >= floor for t in tried]

@@ -113,7 +113,7 @@ def run_unit(cfg: SuiteConfig, protocol: str, seed: int, threads: int = 1) -> di
                                     "new/new": _pairs(feats, feats, sets), "new/old": _pairs(feats, old, sets)}
         log.info("%s seed %d %s: test new/old %s", protocol, seed, label, result["methods"][label]["new/old"]["test"])
     if cfg.fit.candidates:
-        result["methods"][cfg.fit.label] = _fit(cfg, ds, sets, old, embed_dim, result["methods"], seed)
+        result["methods"][cfg.fit.label] = _fit(cfg, ds, sets, old, embed_dim, result["methods"], nets, seed)
     if cfg.fct_side and spec.trained_old:
         result["methods"]["fct+side"] = _fct_side(cfg, ds, sets, old, old_images, new_feats["independent"],
                                                   nets["independent"], seed)
@@ -122,17 +122,20 @@ def run_unit(cfg: SuiteConfig, protocol: str, seed: int, threads: int = 1) -> di
 
 
 def _fit(cfg: SuiteConfig, ds: Dataset, sets: dict[str, ImageSet], old: dict[str, np.ndarray], embed_dim: int,
-         measured: dict[str, Any], seed: int) -> dict[str, Any]:
+         measured: dict[str, Any], trained: dict[str, EmbeddingClassifier], seed: int) -> dict[str, Any]:
     """Train every fit candidate, choose on validation (see :class:`raycompat.suite.config.FitSpec`), test the winner."""
     t0 = time.perf_counter()
     floor = measured["independent"]["new/new"]["val"]["top1"] - cfg.fit.delta
     tried, nets = [], []
     for i, overrides in enumerate(cfg.fit.candidates):
-        new_cfg = cfg.fit_config(i, embed_dim)
-        term = build_compat_term(new_cfg, old["train"], sets["train"].labels, ds.num_classes, torch.device("cpu"),
-                                 seed=seed)
-        net = train_net(new_cfg.model, new_cfg.optim, sets["train"], ds.image_shape, ds.num_classes, seed + 1000,
-                        term, new_cfg.compat.weight)
+        if not overrides:
+            net = trained[cfg.fit.base]  # the base method as it is: the run it already made (training is seeded)
+        else:
+            new_cfg = cfg.fit_config(i, embed_dim)
+            term = build_compat_term(new_cfg, old["train"], sets["train"].labels, ds.num_classes,
+                                     torch.device("cpu"), seed=seed)
+            net = train_net(new_cfg.model, new_cfg.optim, sets["train"], ds.image_shape, ds.num_classes,
+                            seed + 1000, term, new_cfg.compat.weight)
         val = embed(net.model, sets["val"].images)
         s = sets["val"]
         nn = evaluate(val, s.labels, val, s.labels, query_ids=s.ids, gallery_ids=s.ids)
