@@ -131,6 +131,12 @@ def test_one_unit_is_deterministic_and_fct_targets_the_independent_model(one_thr
     assert a == b
     assert set(a["methods"]) == {"independent", "nifcl", "fct+side"}
     assert a["methods"]["fct+side"]["new/new"] == a["methods"]["independent"]["new/new"]
+    # A class split reports old-class and new-class queries apart; together they are all the queries.
+    t = a["methods"]["nifcl"]["new/old"]["test"]
+    assert t["old classes"]["n_queries"] + t["new classes"]["n_queries"] == t["n_queries"]
+    weighted = (t["old classes"]["top1"] * t["old classes"]["n_queries"]
+                + t["new classes"]["top1"] * t["new classes"]["n_queries"]) / t["n_queries"]
+    assert weighted == pytest.approx(t["top1"])
     # Validation and test are different query sets, so their numbers differ.
     assert a["old/old"]["val"]["n_queries"] == a["n_val"] and a["old/old"]["test"]["n_queries"] == a["n_test"]
     # Neither model trains on a validation item: the sets are disjoint, and the unit trained on the rest.

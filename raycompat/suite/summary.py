@@ -66,6 +66,20 @@ def gap_closed(block: dict[str, Any]) -> float | None:
     return None if gap <= 0 else (fct["new/h(old)"]["top1"] - fct["old/old"]["top1"]) / gap
 
 
+def class_groups(units: list[dict], recipe: str) -> dict[str, dict[str, float]] | None:
+    """Test top-1 (mean over seeds) of old/old and the recipe's new/old on old-class and new-class queries.
+
+    None where the units hold no groups (every class is old: a data split, a box).
+    """
+    if "old classes" not in units[0]["old/old"]["test"]:
+        return None
+    out = {}
+    for pair, get in (("old/old", lambda u: u["old/old"]), ("new/old", lambda u: u["methods"][recipe]["new/old"])):
+        for group in ("old classes", "new classes"):
+            out[f"{pair} {group}"] = float(np.mean([get(u)["test"][group]["top1"] for u in units]))
+    return out
+
+
 def summarize(units: Iterable[dict], recipe: str) -> dict[str, Any]:
     """The suite document (without provenance) from every unit."""
     by_protocol: dict[str, list[dict]] = {}
@@ -77,7 +91,8 @@ def summarize(units: Iterable[dict], recipe: str) -> dict[str, Any]:
             "validation": {"protocols": val},
             "criteria": {name: {"test": criteria(test[name], recipe), "validation": criteria(val[name], recipe)}
                          for name in test},
-            "fct_gap_closed": {name: gap_closed(test[name]) for name in test}}
+            "fct_gap_closed": {name: gap_closed(test[name]) for name in test},
+            "class_groups": {name: g for name, us in by_protocol.items() if (g := class_groups(us, recipe))}}
 
 
 def _cell(entry: dict[str, float], metric: str, seeds: int) -> str:
@@ -118,6 +133,13 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(f"| {name} | {s['new/old top-1 - old/old']:+.2f} | {s['new/old mAP - old/old']:+.2f} | "
                      f"{s['new/new top-1 - (independent - 2)']:+.2f} | {'yes' if c['test']['met'] else 'NO'} | "
                      f"{'yes' if c['validation']['met'] else 'NO'} | {'-' if g is None else f'{100 * g:.0f}%'} |")
+    if doc.get("class_groups"):
+        lines += ["", "## Where a class split loses top-1 (recipe, test, mean over seeds)", "",
+                  "| protocol | old/old, old-class queries | new/old, old-class queries | "
+                  "old/old, new-class queries | new/old, new-class queries |", "|---|---:|---:|---:|---:|"]
+        for name, g in doc["class_groups"].items():
+            lines.append(f"| {name} | {g['old/old old classes']:.2f} | {g['new/old old classes']:.2f} | "
+                         f"{g['old/old new classes']:.2f} | {g['new/old new classes']:.2f} |")
     for split, blocks in (("test", doc["protocols"]), ("validation", doc["validation"]["protocols"])):
         for name, block in blocks.items():
             n = len(block["seeds"])

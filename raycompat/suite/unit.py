@@ -26,7 +26,8 @@ from raycompat.data.protocols import old_training_set, validation_split
 from raycompat.models.backbones import CosineClassifier, EmbeddingClassifier, EmbeddingModel
 from raycompat.models.random_features import RandomConvFeatures
 from raycompat.models.side_info import build_side_info_model, train_side_info
-from raycompat.retrieval.evaluate import evaluate
+from raycompat.retrieval.evaluate import evaluate, evaluate_per_query
+from raycompat.retrieval.metrics import QueryOutcomes, summarize
 from raycompat.suite.config import ProtocolSpec, SuiteConfig
 from raycompat.training.compat_term import build_compat_term
 from raycompat.training.fct import build_transformation, train_transformation, transform_features
@@ -59,12 +60,23 @@ def _protocol_config(spec: ProtocolSpec, seed: int) -> ProtocolConfig:
     return ProtocolConfig(kind="data_split", old_fraction=spec.old_fraction, seed=seed)
 
 
-def _pairs(query: dict[str, np.ndarray], gallery: dict[str, np.ndarray], sets: dict[str, ImageSet]) -> dict:
-    """``evaluate`` of query features against gallery features on every split, slicing queries to the gallery dim."""
+def _pairs(query: dict[str, np.ndarray], gallery: dict[str, np.ndarray], sets: dict[str, ImageSet],
+           old_classes: Optional[list[int]] = None) -> dict:
+    """Query features against gallery features on every split, queries sliced to the gallery dim.
+
+    With ``old_classes`` (a class split), each split also reports the queries of the old and of
+    the new classes apart (``"old classes"``, ``"new classes"``): where compatibility is lost.
+    """
     out = {}
     for split in SPLITS:
         q, g, s = query[split], gallery[split], sets[split]
-        out[split] = evaluate(q[:, :g.shape[1]], s.labels, g, s.labels, query_ids=s.ids, gallery_ids=s.ids)
+        per_query = evaluate_per_query(q[:, :g.shape[1]], s.labels, g, s.labels, query_ids=s.ids, gallery_ids=s.ids)
+        out[split] = summarize(per_query)
+        if old_classes is not None:
+            is_old = np.isin(s.labels, old_classes)
+            for name, mask in (("old classes", is_old), ("new classes", ~is_old)):
+                out[split][name] = summarize(QueryOutcomes(per_query.hit1[mask], per_query.hit5[mask],
+                                                           per_query.ap[mask], per_query.evaluated[mask]))
     return out
 
 
@@ -93,9 +105,10 @@ def run_unit(cfg: SuiteConfig, protocol: str, seed: int, threads: int = 1) -> di
         box = RandomConvFeatures(dim=spec.box_dim, seed=seed)
         old = {k: box(s.images) for k, s in sets.items()}
     embed_dim = max(cfg.new_model.embed_dim, old["train"].shape[1])
+    groups = list(spec.old_classes) if spec.kind == "class_split" else None
     result: dict[str, Any] = {"protocol": protocol, "seed": seed, "n_train": len(sets["train"]),
                               "n_val": len(sets["val"]), "n_test": len(sets["test"]), "old_dim": old["train"].shape[1],
-                              "new_dim": embed_dim, "old/old": _pairs(old, old, sets), "methods": {}}
+                              "new_dim": embed_dim, "old/old": _pairs(old, old, sets, groups), "methods": {}}
     new_feats: dict[str, dict[str, np.ndarray]] = {}
     nets: dict[str, EmbeddingClassifier] = {}
     for label, method in cfg.methods.items():
@@ -110,10 +123,10 @@ def run_unit(cfg: SuiteConfig, protocol: str, seed: int, threads: int = 1) -> di
         feats = {k: embed(net.model, sets[k].images) for k in SPLITS}
         new_feats[label], nets[label] = feats, net
         result["methods"][label] = {"train_s": round(time.perf_counter() - t0, 1),
-                                    "new/new": _pairs(feats, feats, sets), "new/old": _pairs(feats, old, sets)}
+                                    "new/new": _pairs(feats, feats, sets), "new/old": _pairs(feats, old, sets, groups)}
         log.info("%s seed %d %s: test new/old %s", protocol, seed, label, result["methods"][label]["new/old"]["test"])
     if cfg.fit.candidates:
-        result["methods"][cfg.fit.label] = _fit(cfg, ds, sets, old, embed_dim, result["methods"], nets, seed)
+        result["methods"][cfg.fit.label] = _fit(cfg, ds, sets, old, embed_dim, result["methods"], nets, seed, groups)
     if cfg.fct_side and spec.trained_old:
         result["methods"]["fct+side"] = _fct_side(cfg, ds, sets, old, old_images, new_feats["independent"],
                                                   nets["independent"], seed)
@@ -122,7 +135,8 @@ def run_unit(cfg: SuiteConfig, protocol: str, seed: int, threads: int = 1) -> di
 
 
 def _fit(cfg: SuiteConfig, ds: Dataset, sets: dict[str, ImageSet], old: dict[str, np.ndarray], embed_dim: int,
-         measured: dict[str, Any], trained: dict[str, EmbeddingClassifier], seed: int) -> dict[str, Any]:
+         measured: dict[str, Any], trained: dict[str, EmbeddingClassifier], seed: int,
+         groups: Optional[list[int]]) -> dict[str, Any]:
     """Train every fit candidate, choose on validation (see :class:`raycompat.suite.config.FitSpec`), test the winner."""
     t0 = time.perf_counter()
     floor = measured["independent"]["new/new"]["val"]["top1"] - cfg.fit.delta
@@ -148,7 +162,7 @@ def _fit(cfg: SuiteConfig, ds: Dataset, sets: dict[str, ImageSet], old: dict[str
     feats = {k: embed(nets[best].model, sets[k].images) for k in SPLITS}
     log.info("fit: candidate %d of %d chosen on validation (%s)", best, len(tried), tried[best])
     return {"train_s": round(time.perf_counter() - t0, 1), "chosen": best, "candidates": tried,
-            "new/new": _pairs(feats, feats, sets), "new/old": _pairs(feats, old, sets)}
+            "new/new": _pairs(feats, feats, sets), "new/old": _pairs(feats, old, sets, groups)}
 
 
 def _fct_side(cfg: SuiteConfig, ds: Dataset, sets: dict[str, ImageSet], old: dict[str, np.ndarray],
