@@ -130,6 +130,9 @@ class NeighborConfig:
     scale: float = 16.0
     # Old features drawn per batch as candidate neighbours; 0 = all of the training set's.
     bank: int = 4096
+    # Divide scale by the spread of the unit old features (RMS distance to their mean): the loss is
+    # then as sharp for a black box whose features fill a narrow cone as for one that spreads them.
+    relative: bool = False
 
     def validate(self, key: str) -> None:
         check(self.weight >= 0, join(key, "weight"), "must be >= 0")

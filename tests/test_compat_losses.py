@@ -7,6 +7,7 @@ import torch
 
 from raycompat.compat.losses import (InfluenceLoss, L2CompatLoss, OldNeighborLoss, PrototypeAlignmentLoss,
                                      compatible_slice, cosine_logits, cosine_softmax_loss)
+from raycompat.compat.losses.old_neighbors import spread
 from raycompat.errors import ConfigError, DataError
 
 
@@ -237,3 +238,32 @@ def test_old_neighbors_bad_input(neighborhood):
         OldNeighborLoss(old, old_labels, scale=1.0)(new, idx[:3], old_labels[idx[:3]])
     with pytest.raises(ConfigError, match="fewer than the old features"):
         OldNeighborLoss(old, old_labels, scale=1.0)(new[:, :3], idx, old_labels[idx])
+
+
+def test_old_neighbors_relative_scale_is_the_same_for_a_cone_of_old_features(neighborhood):
+    new, idx, old, old_labels = neighborhood
+    y = old_labels[idx]
+    unit = old / old.norm(dim=1, keepdim=True)
+    sigma = math.sqrt(sum(sum((a - m) ** 2 for a, m in zip(row, unit.mean(dim=0).tolist())) for row in unit.tolist())
+                      / len(unit))
+    assert spread(unit) == pytest.approx(sigma, rel=1e-9)
+    loss = OldNeighborLoss(old, old_labels, scale=4.0, relative=True)
+    assert loss.scale == pytest.approx(4.0 / sigma, rel=1e-6)  # the buffer is float32
+    hand = _hand_old_neighbors(new.tolist(), idx.tolist(), y.tolist(), old.tolist(), old_labels.tolist(), 4.0 / sigma,
+                               range(12))
+    assert loss(new, idx, y).item() == pytest.approx(hand, rel=1e-5)
+    # The same old features squeezed into a narrow cone around a shared axis (as an untrained box's
+    # ReLU features are), queries off the axis: the fixed scale's loss flattens towards the uniform
+    # one, the relative scale's stays what it was on the spread features.
+    uniform = _hand_old_neighbors(new.tolist(), idx.tolist(), y.tolist(), old.tolist(), old_labels.tolist(), 0.0,
+                                  range(12))
+    spread_loss = OldNeighborLoss(unit, old_labels, scale=4.0, relative=True)(new[:, :4], idx, y).item()
+    for eps in (0.1, 0.01):
+        cone = torch.cat([torch.ones(12, 1, dtype=torch.float64), eps * unit], dim=1)
+        query = torch.cat([torch.zeros(5, 1, dtype=torch.float64), new[:, :4]], dim=1)
+        assert OldNeighborLoss(cone, old_labels, 4.0, relative=True)(query, idx, y).item() == pytest.approx(
+            spread_loss, rel=1e-5)
+        assert abs(OldNeighborLoss(cone, old_labels, 4.0)(query, idx, y).item() - uniform) < 0.04
+    assert abs(spread_loss - uniform) > 0.5
+    with pytest.raises(DataError, match="no spread"):
+        OldNeighborLoss(torch.ones(4, 3, dtype=torch.float64), torch.tensor([0, 0, 1, 1]), 1.0, relative=True)

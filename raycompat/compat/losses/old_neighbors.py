@@ -15,6 +15,14 @@ B_i: the candidate old features without item i's own (leave-one-out, as retrieva
 is evaluated): all of them, or ``bank`` drawn per batch. Items whose class has no
 other candidate are left out of the mean. The old model is not run: the
 features come from the feature store, like the pseudo classifier's.
+
+Why ``relative``: with unit old features g_j = mu + r_j (mu their mean), the softmax
+over j of s <q, g_j> equals that of s <q, r_j>: the shared component does not rank, only
+the residuals do, and their size is the features' spread sigma = sqrt(mean |r_j|^2).
+A trained old model spreads its features (sigma about 0.5-0.8 here); an untrained
+random-convolution box puts them in a narrow cone (sigma 0.14), where a fixed s gives
+near-uniform logits. ``relative`` uses s / sigma, so one ``scale`` means the same
+sharpness for every black box.
 """
 
 from __future__ import annotations
@@ -28,14 +36,22 @@ from raycompat.compat.losses.compatible_slice import compatible_slice
 from raycompat.errors import ConfigError, DataError
 
 
+def spread(unit_feats: torch.Tensor) -> float:
+    """RMS distance of unit feature rows ``[N, d]`` to their mean."""
+    return float((unit_feats - unit_feats.mean(dim=0)).pow(2).sum(dim=1).mean().sqrt())
+
+
 class OldNeighborLoss(nn.Module):
-    """Soft nearest-neighbour loss of new features against frozen old features ``[N, d_old]`` with ``labels`` [N]."""
+    """Soft nearest-neighbour loss of new features against frozen old features ``[N, d_old]`` with ``labels`` [N].
+
+    ``relative``: the logit scale is ``scale`` divided by the old features' :func:`spread`.
+    """
 
     feats: torch.Tensor
     labels: torch.Tensor
 
     def __init__(self, old_feats: torch.Tensor, labels: torch.Tensor, scale: float, bank: int = 0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, relative: bool = False) -> None:
         super().__init__()
         if scale <= 0:
             raise ConfigError(f"old-neighbourhood loss scale must be positive, got {scale}")
@@ -47,7 +63,12 @@ class OldNeighborLoss(nn.Module):
                             f"got shape {tuple(labels.shape)}")
         # One-hot labels: class sums of the neighbour weights are then one matrix product.
         self.register_buffer("onehot", F.one_hot(labels.detach().long()).float())
-        self.scale, self.bank, self.seed = float(scale), int(bank), int(seed)
+        self.spread = spread(self.feats)
+        if relative and not self.spread > 1e-6:
+            raise DataError(f"old features have no spread ({self.spread:.2e}): every unit old feature is the same, "
+                            "so neighbours cannot be ranked (neighbors.relative)")
+        self.scale = float(scale) / self.spread if relative else float(scale)
+        self.bank, self.seed = int(bank), int(seed)
 
     def candidates(self, idx: torch.Tensor) -> torch.Tensor:
         """Positions of the old features a batch of items ``idx`` is scored against (sorted)."""
