@@ -237,15 +237,26 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
 def cmd_bench_suite(args: argparse.Namespace) -> int:
     from raycompat import storage
     from raycompat.configio import load_config
+    from raycompat.errors import ConfigError
     from raycompat.suite.config import SuiteConfig
 
     cfg = load_config(args.config, SuiteConfig, {"output_dir": args.out} if args.out else None)
     storage.check_writable_dir(cfg.output_dir, "--out" if args.out else f"{args.config}: output_dir")
     storage.check_writable_dir(args.out_dir, "--out-dir")
+    if args.notes:
+        try:
+            args.notes_text = Path(args.notes).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--notes {args.notes}: cannot be read ({exc})") from None
     command = shlex.join(["raycompat", *sys.argv[1:]])
     path = _run_suite_verbose(cfg, args, command) if args.verbose else _quiet_suite(cfg, args, command)
     print(f"results: {path}, {path.with_suffix('.md')}")
     return 0
+
+
+def _notes(args: argparse.Namespace) -> dict:
+    """run_suite's notes arguments from ``--notes`` (read and checked by cmd_bench_suite)."""
+    return {"notes": args.notes_text, "notes_file": args.notes} if args.notes else {}
 
 
 def _run_suite_verbose(cfg, args: argparse.Namespace, command: str) -> Path:
@@ -255,7 +266,7 @@ def _run_suite_verbose(cfg, args: argparse.Namespace, command: str) -> Path:
     bar = _stage_bar(len(cfg.protocols) * len(cfg.seeds), "bench suite")
     try:
         return run_suite(cfg, args.out_dir, name=args.name, command=command,
-                         progress=lambda unit: (bar.update(1), bar.set_postfix_str(unit)))
+                         progress=lambda unit: (bar.update(1), bar.set_postfix_str(unit)), **_notes(args))
     finally:
         bar.close()
 
@@ -274,7 +285,7 @@ def _quiet_suite(cfg, args: argparse.Namespace, command: str) -> Path:
         try:
             return run_suite(cfg, args.out_dir, name=args.name, command=command,
                              progress=lambda unit: console.live.stage(f"{unit} done"),
-                             on_ray_start=console.attach_ray)
+                             on_ray_start=console.attach_ray, **_notes(args))
         finally:
             if ray.is_initialized():
                 ray.shutdown()
@@ -482,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--out", help="override output_dir (where finished units are kept) from the config")
     bs.add_argument("--out-dir", required=True, help="where the results go")
     bs.add_argument("--name", default="suite", help="results are <out-dir>/<name>.json, <name>.md")
+    bs.add_argument("--notes", help="Markdown file: the reading of the results, the Diagnosis section of <name>.md")
     bs.set_defaults(fn=cmd_bench_suite)
     tn = sub.add_parser("tune", help="Ray Tune search over the compatibility-loss weights.",
                         description="Ray Tune search (ASHA) over loss weights; resumes an interrupted search.")

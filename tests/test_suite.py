@@ -90,6 +90,43 @@ def test_summary_schema_and_render():
     assert "| fct+side | new/h(old) | 78.00 | 49.00 |" in md
 
 
+def test_per_seed_margins_and_the_diagnosis_section():
+    a, b = _unit(0, (70, 40), (80, 50), (79, 60), (72, 45)), _unit(1, (74, 44), (84, 52), (81, 62), (73, 47))
+    a["methods"]["nifcl"]["new/old"]["val"] = _m(75, 46)
+    for u in (a, b):
+        u.update({"n_val": 300, "n_test": 1000})
+    doc = summarize([b, a], "nifcl")
+    rows = doc["per_seed"]["p"]
+    assert [r["seed"] for r in rows] == [0, 1]
+    assert rows[0]["val"]["new/old top-1 - old/old"] == pytest.approx(5.0)
+    assert rows[0]["test"]["new/old top-1 - old/old"] == pytest.approx(2.0)
+    assert rows[1]["test"]["new/old top-1 - old/old"] == pytest.approx(-1.0)
+    assert rows[1]["test"]["new/new top-1 - (independent - 2)"] == pytest.approx(-1.0)
+    doc.update({"command": "c", "machine": {"cores": 2, "torch": "t", "platform": "x"}, "date": "d", "wall_s": 1.0,
+                "units_run": 2, "units_total": 2, "notes_file": "notes.md"})
+    md = render(doc, "The test gallery is denser.")
+    assert "| p | 0 | +5.00 | +6.00 | +1.00 | +2.00 | +5.00 | +1.00 | 300 / 1000 |" in md
+    assert "| p | 1 | -1.00 | +3.00 | -1.00 | -1.00 | +3.00 | -1.00 | 300 / 1000 |" in md
+    assert md.index("## Diagnosis") < md.index("## p (test") and "The test gallery is denser." in md
+    assert "## Diagnosis" not in render(doc)
+
+
+def test_cli_refuses_unreadable_notes_in_one_line_before_ray(tmp_path, capsys):
+    from raycompat.cli import main
+
+    path = tmp_path / "suite.yaml"
+    path.write_text(json.dumps(TINY))
+    missing = tmp_path / "notes.md"
+    args = ["bench", "suite", "--config", str(path), "--out-dir", str(tmp_path / "out"), "--notes", str(missing),
+            "--out", str(tmp_path / "runs")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--notes" in err and str(missing) in err
+    import ray
+
+    assert not ray.is_initialized()
+
+
 @pytest.mark.parametrize("change, key", [
     ({"protocols": {"x": {"dataset": "digits", "old_classes": [0, 42]}}}, "protocols.x.old_classes"),
     ({"protocols": {"x": {"old_classes": list(range(10))}}}, "protocols.x.old_classes"),

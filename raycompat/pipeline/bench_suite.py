@@ -72,8 +72,11 @@ def _unit_task(cfg_dict: dict[str, Any], protocol: str, seed: int, threads: int)
 
 def run_suite(cfg: SuiteConfig, out_dir: str | Path, name: str = "suite", command: str = "",
               progress: Optional[Callable[[str], None]] = None,
-              on_ray_start: Optional[Callable[[], None]] = None) -> Path:
+              on_ray_start: Optional[Callable[[], None]] = None, notes: Optional[str] = None,
+              notes_file: Optional[str] = None) -> Path:
     """Run (or resume) every unit, write ``<name>.json`` and ``<name>.md`` into ``out_dir``; returns the JSON path.
+
+    ``notes`` (Markdown read from ``notes_file``) is the Diagnosis section of ``<name>.md``.
 
     ``progress(unit)`` is called as each unit finishes; ``on_ray_start()`` once Ray is up (only when a
     unit has to run: a suite whose units are all measured only re-writes the summary).
@@ -114,7 +117,9 @@ def run_suite(cfg: SuiteConfig, out_dir: str | Path, name: str = "suite", comman
                 "wall_s": time.perf_counter() - started, "units_run": len(todo), "units_total": len(keys),
                 "unit_wall_s": {f"{p} seed {s}": done[(p, s)]["wall_s"] for p, s in keys},
                 "config": {k: v for k, v in cfg_dict.items() if k not in _NOT_MEASURED}})
+    if notes_file:
+        doc["notes_file"] = notes_file
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
-    (out_dir / f"{name}.md").write_text(render(doc))
+    (out_dir / f"{name}.md").write_text(render(doc, notes))
     return path

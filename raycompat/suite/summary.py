@@ -80,6 +80,24 @@ def class_groups(units: list[dict], recipe: str) -> dict[str, dict[str, float]] 
     return out
 
 
+def per_seed(units: list[dict], recipe: str) -> list[dict[str, Any]]:
+    """The recipe's margins over old/old (top-1, mAP) and over independent - 2 (new/new), per seed and split.
+
+    Also the query counts of each split: leave-one-out top-1 depends on how dense the gallery is.
+    """
+    rows = []
+    for u in sorted(units, key=lambda u: u["seed"]):
+        r, ind = u["methods"][recipe], u["methods"]["independent"]
+        row: dict[str, Any] = {"seed": u["seed"], "n_val": u.get("n_val"), "n_test": u.get("n_test")}
+        for split in ("val", "test"):
+            row[split] = {"new/old top-1 - old/old": r["new/old"][split]["top1"] - u["old/old"][split]["top1"],
+                          "new/old mAP - old/old": r["new/old"][split]["mAP"] - u["old/old"][split]["mAP"],
+                          "new/new top-1 - (independent - 2)":
+                              r["new/new"][split]["top1"] - ind["new/new"][split]["top1"] + 2}
+        rows.append(row)
+    return rows
+
+
 def summarize(units: Iterable[dict], recipe: str) -> dict[str, Any]:
     """The suite document (without provenance) from every unit."""
     by_protocol: dict[str, list[dict]] = {}
@@ -92,7 +110,8 @@ def summarize(units: Iterable[dict], recipe: str) -> dict[str, Any]:
             "criteria": {name: {"test": criteria(test[name], recipe), "validation": criteria(val[name], recipe)}
                          for name in test},
             "fct_gap_closed": {name: gap_closed(test[name]) for name in test},
-            "class_groups": {name: g for name, us in by_protocol.items() if (g := class_groups(us, recipe))}}
+            "class_groups": {name: g for name, us in by_protocol.items() if (g := class_groups(us, recipe))},
+            "per_seed": {name: per_seed(us, recipe) for name, us in by_protocol.items()}}
 
 
 def _cell(entry: dict[str, float], metric: str, seeds: int) -> str:
@@ -112,8 +131,11 @@ def _sizing(doc: dict[str, Any]) -> str:
             f"min), so on 2 cores with one torch thread per unit the suite takes about half that")
 
 
-def render(doc: dict[str, Any]) -> str:
-    """``suite.md``: provenance, the criteria per protocol, then one table per protocol (test, then validation)."""
+def render(doc: dict[str, Any], notes: str | None = None) -> str:
+    """``suite.md``: provenance, the criteria per protocol, then one table per protocol (test, then validation).
+
+    ``notes`` (Markdown, the reading of these numbers) goes under "Diagnosis" before the tables.
+    """
     recipe = doc["recipe"]
     lines = ["# Protocol suite", "", f"    {doc['command']}", "",
              f"- machine: {doc['machine']['cores']} cores, torch {doc['machine']['torch']}, "
@@ -140,6 +162,18 @@ def render(doc: dict[str, Any]) -> str:
         for name, g in doc["class_groups"].items():
             lines.append(f"| {name} | {g['old/old old classes']:.2f} | {g['new/old old classes']:.2f} | "
                          f"{g['old/old new classes']:.2f} | {g['new/old new classes']:.2f} |")
+    if doc.get("per_seed"):
+        lines += ["", "## The recipe per seed (margins in points; queries = gallery size, leave-one-out)", "",
+                  "| protocol | seed | val: top-1 | val: mAP | val: new/new | test: top-1 | test: mAP | "
+                  "test: new/new | queries val / test |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        keys = ("new/old top-1 - old/old", "new/old mAP - old/old", "new/new top-1 - (independent - 2)")
+        for name, rows in doc["per_seed"].items():
+            for row in rows:
+                cells = " | ".join(f"{row[split][k]:+.2f}" for split in ("val", "test") for k in keys)
+                lines.append(f"| {name} | {row['seed']} | {cells} | {row['n_val']} / {row['n_test']} |")
+    if notes:
+        lines += ["", "## Diagnosis", "", f"Written from the numbers of this run ({doc.get('notes_file', 'notes')}).",
+                  "", notes.strip()]
     for split, blocks in (("test", doc["protocols"]), ("validation", doc["validation"]["protocols"])):
         for name, block in blocks.items():
             n = len(block["seeds"])
