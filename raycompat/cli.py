@@ -243,35 +243,32 @@ def cmd_bench_suite(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, SuiteConfig, {"output_dir": args.out} if args.out else None)
     storage.check_writable_dir(cfg.output_dir, "--out" if args.out else f"{args.config}: output_dir")
     storage.check_writable_dir(args.out_dir, "--out-dir")
+    notes = {}
     if args.notes:
         try:
-            args.notes_text = Path(args.notes).read_text()
+            notes = {"notes": Path(args.notes).read_text(), "notes_file": args.notes}
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"--notes {args.notes}: cannot be read ({exc})") from None
     command = shlex.join(["raycompat", *sys.argv[1:]])
-    path = _run_suite_verbose(cfg, args, command) if args.verbose else _quiet_suite(cfg, args, command)
+    run = _run_suite_verbose if args.verbose else _quiet_suite
+    path = run(cfg, args, command, notes)
     print(f"results: {path}, {path.with_suffix('.md')}")
     return 0
 
 
-def _notes(args: argparse.Namespace) -> dict:
-    """run_suite's notes arguments from ``--notes`` (read and checked by cmd_bench_suite)."""
-    return {"notes": args.notes_text, "notes_file": args.notes} if args.notes else {}
-
-
-def _run_suite_verbose(cfg, args: argparse.Namespace, command: str) -> Path:
+def _run_suite_verbose(cfg, args: argparse.Namespace, command: str, notes: dict) -> Path:
     """The suite with every log line on the console (-v)."""
     from raycompat.pipeline.bench_suite import run_suite
 
     bar = _stage_bar(len(cfg.protocols) * len(cfg.seeds), "bench suite")
     try:
         return run_suite(cfg, args.out_dir, name=args.name, command=command,
-                         progress=lambda unit: (bar.update(1), bar.set_postfix_str(unit)), **_notes(args))
+                         progress=lambda unit: (bar.update(1), bar.set_postfix_str(unit)), **notes)
     finally:
         bar.close()
 
 
-def _quiet_suite(cfg, args: argparse.Namespace, command: str) -> Path:
+def _quiet_suite(cfg, args: argparse.Namespace, command: str, notes: dict) -> Path:
     """The suite with one live line (the last finished unit); Ray's and the units' output in a log file."""
     import ray
 
@@ -285,7 +282,7 @@ def _quiet_suite(cfg, args: argparse.Namespace, command: str) -> Path:
         try:
             return run_suite(cfg, args.out_dir, name=args.name, command=command,
                              progress=lambda unit: console.live.stage(f"{unit} done"),
-                             on_ray_start=console.attach_ray, **_notes(args))
+                             on_ray_start=console.attach_ray, **notes)
         finally:
             if ray.is_initialized():
                 ray.shutdown()

@@ -63,11 +63,13 @@ class OldNeighborLoss(nn.Module):
                             f"got shape {tuple(labels.shape)}")
         # One-hot labels: class sums of the neighbour weights are then one matrix product.
         self.register_buffer("onehot", F.one_hot(labels.detach().long()).float())
-        self.spread = spread(self.feats)
-        if relative and not self.spread > 1e-6:
-            raise DataError(f"old features have no spread ({self.spread:.2e}): every unit old feature is the same, "
-                            "so neighbours cannot be ranked (neighbors.relative)")
-        self.scale = float(scale) / self.spread if relative else float(scale)
+        self.scale = float(scale)
+        if relative:
+            sigma = spread(self.feats)
+            if not sigma > 1e-6:
+                raise DataError(f"old features have no spread ({sigma:.2e}): every unit old feature is the same, "
+                                "so neighbours cannot be ranked (neighbors.relative)")
+            self.scale /= sigma
         self.bank, self.seed = int(bank), int(seed)
 
     def candidates(self, idx: torch.Tensor) -> torch.Tensor:
