@@ -112,6 +112,8 @@ class MixedGallery:
             if gallery.dim in out:
                 continue
             try:
+                # The training losses' slice rule (and its refusal of a narrower query); it only
+                # slices the last axis, so it takes a numpy array as it takes a tensor.
                 part = compatible_slice(q, gallery.dim)
             except ConfigError as exc:
                 raise ConfigError(
