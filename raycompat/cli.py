@@ -321,6 +321,25 @@ def cmd_fit_compat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chain(args: argparse.Namespace) -> int:
+    from raycompat import storage
+    from raycompat.artifacts import read_text
+    from raycompat.chain.config import load_chain_config
+    from raycompat.errors import ConfigError
+    from raycompat.pipeline.chain import check_chain, run_chain
+
+    cfg = load_chain_config(args.config, {"output_dir": args.out} if args.out else None)
+    try:
+        check_chain(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{args.config}: {exc}") from None
+    storage.check_writable_dir(cfg.output_dir, "--out" if args.out else f"{args.config}: output_dir")
+    report = run_chain(cfg, progress=lambda line: log.info("chain: %s", line))
+    print(read_text(report))
+    print(f"results: {report} and metrics.json beside it")
+    return 0
+
+
 def cmd_backfill_report(args: argparse.Namespace) -> int:
     from raycompat.backfill.report import run_backfill_report
 
@@ -508,6 +527,15 @@ def build_parser() -> argparse.ArgumentParser:
     tn.set_defaults(fn=cmd_tune)
     add("fit-compat", cmd_fit_compat, "Tune the compatibility weights (fit_compat section) for this old model and "
         "data with Ray Tune on the validation split, then export the winner as the new model (models/new-<method>/).")
+    ch = sub.add_parser("chain", help="A chain of upgrades: train every generation against its predecessor's "
+                        "exported model (resumable per generation), then the cross-generation matrix, AC/AM and "
+                        "negative flips.",
+                        description="Train generations 1..T of a chain config (raycompat/configs/chain_*.yaml), each "
+                        "on its increment against the previous generation's black box, and evaluate the chain; "
+                        "writes <output_dir>/chain/metrics.json and report.md. A rerun skips finished generations.")
+    ch.add_argument("--config", required=True, help="chain config YAML (see raycompat/configs/chain_*.yaml)")
+    ch.add_argument("--out", help="override output_dir from the config")
+    ch.set_defaults(fn=cmd_chain)
     br = sub.add_parser("backfill-report", help="Cost/quality report of every upgrade strategy at your gallery size.",
                         description="Simulate the backfill of each strategy on your cluster from measured "
                         "throughputs and quality curves; writes report.html, report.md, report.json.")
@@ -556,6 +584,7 @@ _KEPT_ON_INTERRUPT = {
     "train": "the epoch checkpoints committed so far stay under <output_dir>/ray",
     "train-fct": "the epoch checkpoints committed so far stay under <output_dir>/ray",
     "tune": "finished trials and checkpoints stay in the search directory",
+    "chain": "finished generations are kept (chain/generations/), and the current one's checkpoints and shards",
 }
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional
 from raycompat import storage
 from raycompat.backfill.units import parse_bandwidth
 from raycompat.configio import check, join, load_config
+from raycompat.data.increments import IncrementConfig
 from raycompat.models.fct_config import SideInfoConfig, TransformationConfig
 
 DATASETS = ("fashion_mnist", "digits", "cifar100", "imagefolder", "parquet")
@@ -58,9 +59,18 @@ class ProtocolConfig:
     # data_split: the fraction of every class's training images the old model sees.
     old_fraction: float = 0.5
     seed: int = 0
+    # Increments (raycompat.data.increments, nested by seed): the old model's training data instead of kind's
+    # split, and the new model's (null = the whole training split). A chain of upgrades sets them.
+    old_increment: Optional[IncrementConfig] = None
+    new_increment: Optional[IncrementConfig] = None
 
     def validate(self, key: str) -> None:
         check(0.0 < self.old_fraction <= 1.0, join(key, "old_fraction"), f"must be in (0, 1], got {self.old_fraction}")
+        check(self.old_increment is None or self.old_classes is None, join(key, "old_increment"),
+              "and old_classes both say which classes the old model sees: set one")
+        if self.old_increment is not None and self.new_increment is not None:
+            check(self.new_increment.contains(self.old_increment), join(key, "new_increment"),
+                  "must contain old_increment (every class of it, and a fraction at least as large)")
         if self.old_classes is not None:
             # Silently ignored otherwise: the user would believe the old model saw only these classes.
             check(self.kind == "class_split", join(key, "old_classes"),

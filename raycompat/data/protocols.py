@@ -21,12 +21,13 @@ import numpy as np
 
 from raycompat.config import DataConfig, ProtocolConfig
 from raycompat.data.datasets import Dataset, ImageSet
+from raycompat.data.increments import resolve_classes, select_increment
 from raycompat.errors import ConfigError
 
 
 @dataclass
 class OldTrainingSet:
-    """The old model's training data with labels remapped to ``0..len(classes)-1``."""
+    """A model's training data (the old model's, or an increment) with labels remapped to ``0..len(classes)-1``."""
 
     data: ImageSet
     classes: list[int]
@@ -34,6 +35,8 @@ class OldTrainingSet:
 
 def resolve_old_classes(cfg: ProtocolConfig, num_classes: int) -> list[int]:
     """The classes the old model is trained on, checked against the dataset."""
+    if cfg.old_increment is not None:
+        return resolve_classes(cfg.old_increment, num_classes, "protocol.old_increment")
     if cfg.kind == "data_split":
         return list(range(num_classes))
     classes = cfg.old_classes if cfg.old_classes is not None else list(range(num_classes // 2))
@@ -50,7 +53,11 @@ def resolve_old_classes(cfg: ProtocolConfig, num_classes: int) -> list[int]:
 
 
 def old_training_set(ds: Dataset, cfg: ProtocolConfig) -> OldTrainingSet:
-    """Select the old model's training items from ``ds.train`` per the protocol."""
+    """Select the old model's training items from ``ds.train`` per the protocol (or its ``old_increment``)."""
+    if cfg.old_increment is not None:
+        data, classes = select_increment(ds.train, cfg.old_increment, cfg.seed, ds.num_classes,
+                                         "protocol.old_increment")
+        return OldTrainingSet(data, classes)
     classes = resolve_old_classes(cfg, ds.num_classes)
     train = ds.train
     if cfg.kind == "class_split":
@@ -66,6 +73,14 @@ def old_training_set(ds: Dataset, cfg: ProtocolConfig) -> OldTrainingSet:
     remap = np.full(ds.num_classes, -1, np.int64)
     remap[classes] = np.arange(len(classes))
     return OldTrainingSet(ImageSet(subset.images, remap[subset.labels], subset.ids), classes)
+
+
+def new_training_set(ds: Dataset, cfg: ProtocolConfig) -> OldTrainingSet:
+    """The new model's training items: ``ds.train``, or its ``new_increment`` (labels remapped to the classes)."""
+    if cfg.new_increment is None:
+        return OldTrainingSet(ds.train, list(range(ds.num_classes)))
+    data, classes = select_increment(ds.train, cfg.new_increment, cfg.seed, ds.num_classes, "protocol.new_increment")
+    return OldTrainingSet(data, classes)
 
 
 def validation_split(ds: Dataset, cfg: DataConfig) -> tuple[Dataset, ImageSet]:

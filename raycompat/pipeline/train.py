@@ -2,7 +2,7 @@
 
 One ``TorchTrainer`` code path for both roles:
 - ``old``: the protocol's old training subset, plain cosine-softmax training;
-- ``new``: the full training split, plus the method's compatibility term built
+- ``new``: the full training split (or ``protocol.new_increment`` of it), plus the method's compatibility term built
   from *stored* old features (the Parquet feature store; the old model is never
   re-run per epoch).
 Both leave out the validation split (``data.validation`` of the training split,
@@ -49,7 +49,7 @@ from raycompat.config import PipelineConfig, with_absolute_paths
 from raycompat.configio import from_dict, to_dict
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStore, require_finite
-from raycompat.data.protocols import old_training_set, resolve_old_classes, validation_split
+from raycompat.data.protocols import new_training_set, old_training_set, resolve_old_classes, validation_split
 from raycompat.errors import DataError
 from raycompat.layout import Layout
 from raycompat.models.backbones import (
@@ -101,6 +101,21 @@ def old_classifier(cfg: PipelineConfig) -> tuple[torch.Tensor, list[int]]:
     return load_classifier(Layout.of(cfg.output_dir).model_dir(old_model_name(cfg)))
 
 
+def bct_classifier(cfg: PipelineConfig, classes: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """The old classifier with its rows' classes given as positions in the new model's ``classes``.
+
+    The new model's labels are positions in ``classes`` (all of the dataset's classes unless
+    ``protocol.new_increment`` selects some); an old class outside them has no new label to pull.
+    """
+    weight, old_classes = old_classifier(cfg)
+    position = {c: k for k, c in enumerate(classes)}
+    missing = [c for c in old_classes if c not in position]
+    if missing:
+        raise DataError(f"the old classifier has class {missing[0]}, which the new model does not train on "
+                        f"(its classes: {classes}); BCT needs the new training data to hold every old class")
+    return weight, [position[c] for c in old_classes]
+
+
 def _load_old_features(cfg: PipelineConfig, layout: Layout, split: str, ids: np.ndarray) -> np.ndarray:
     store = FeatureStore.open(layout.store(old_model_name(cfg), split), expect_model=cfg.old.name,
                               expect_version=cfg.old.version)
@@ -125,10 +140,11 @@ def train_loop_per_worker(config: dict) -> None:
         train, classes, mcfg, optim = old_set.data, old_set.classes, cfg.old.model, cfg.old.optim
         compat = None
     else:
-        train, classes, mcfg, optim = ds.train, list(range(ds.num_classes)), cfg.new.model, cfg.new.optim
+        new_set = new_training_set(ds, cfg.protocol)
+        train, classes, mcfg, optim = new_set.data, new_set.classes, cfg.new.model, cfg.new.optim
         old_train = _load_old_features(cfg, layout, "train", train.ids)
-        old_clf = old_classifier(cfg) if cfg.new.method == "bct" else None
-        compat = build_compat_term(cfg.new, old_train, train.labels, ds.num_classes, device, old_clf, cfg.seed)
+        old_clf = bct_classifier(cfg, classes) if cfg.new.method == "bct" else None
+        compat = build_compat_term(cfg.new, old_train, train.labels, len(classes), device, old_clf, cfg.seed)
 
     net = EmbeddingClassifier(EmbeddingModel(mcfg, ds.image_shape), CosineClassifier(mcfg.embed_dim, len(classes), optim.scale))
     optimizer = torch.optim.AdamW(net.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
@@ -238,7 +254,13 @@ def _preflight_new(cfg: PipelineConfig, layout: Layout) -> None:
     if cfg.new.method != "independent" and store.dim > cfg.new.model.embed_dim:
         raise DataError(f"old features have dim {store.dim} > new.model.embed_dim {cfg.new.model.embed_dim}: "
                         "the compatible slice needs the new dim >= the old dim")
-    if cfg.new.method == "bct":
+    if cfg.protocol.new_increment is not None:
+        # An increment's class ids are checked against the dataset here, not in every worker.
+        ds = load_dataset(cfg.data, cfg.seed)
+        classes = new_training_set(validation_split(ds, cfg.data)[0], cfg.protocol).classes
+        if cfg.new.method == "bct":
+            bct_classifier(cfg, classes)
+    elif cfg.new.method == "bct":
         old_classifier(cfg)
 
 

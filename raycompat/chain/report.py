@@ -1,0 +1,54 @@
+"""The Markdown report of a chain: generations, the matrices with AC/AM, negative flips per upgrade."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def _increment(gen: dict) -> str:
+    inc = gen["increment"]
+    if inc.get("classes") is not None:
+        return f"classes {inc['classes']}"
+    return f"{100 * inc['fraction']:g}% of every class"
+
+
+def _matrix_table(name: str, summary: dict, generations: Sequence[dict]) -> list[str]:
+    labels = [g["name"] for g in generations]
+    lines = [f"| {name}: query \\ gallery | " + " | ".join(labels) + " |",
+             "|---" * (len(labels) + 1) + "|"]
+    for i, row in enumerate(summary["matrix"]):
+        cells = [f"{v:.2f}" for v in row] + [""] * (len(labels) - len(row))
+        lines.append(f"| {labels[i]} | " + " | ".join(cells) + " |")
+    ac = "n/a" if summary["AC"] is None else f"{summary['AC']:.3f}"
+    failed = ", ".join(f"({labels[i]}, {labels[j]})" for i, j in summary["failed"]) or "none"
+    lines += ["", f"AC = {ac} ({len(summary['passed'])} of {len(summary['passed']) + len(summary['failed'])} "
+              f"pairs with M[i][j] > M[j][j]; failing: {failed}); AM = {summary['AM']:.2f}", ""]
+    return lines
+
+
+def render_chain_report(result: dict) -> str:
+    """Markdown of ``result`` as :func:`raycompat.pipeline.chain.run_chain` writes it to metrics.json."""
+    gens = result["generations"]
+    lines = [f"# Chain of upgrades: {len(gens)} generations, method {result['method']}", "",
+             f"Dataset {result['dataset']}, {result['kind']} increments. Generation 1 is trained on its increment "
+             "alone; each later generation trains on its own increment against its predecessor's exported model, "
+             "used only as a black box (its stored features"
+             + (", and its exported classifier for bct" if result["method"] == "bct" else "") + "). "
+             f"Evaluation: the test split ({result['n_items']} items), each item a query against all others "
+             "(leave-one-out); queries of generation i against the gallery embedded by generation j <= i, "
+             "through the compatible slice. Training read the validation split only.", "",
+             "| generation | training data | training items | validation (last epoch) | trained in |",
+             "|---|---|---|---|---|"]
+    for g in gens:
+        val = ", ".join(f"{k} {v:.2f}" for k, v in sorted(g["validation"].items())) or "none"
+        lines.append(f"| {g['name']} | {_increment(g)} | {g['train_items']} | {val} | {g['seconds']:.0f} s |")
+    lines += ["", "## Cross-generation matrix (percent)", ""]
+    lines += _matrix_table("top-1", result["top1"], gens)
+    lines += _matrix_table("mAP", result["mAP"], gens)
+    lines += ["## Negative flips per upgrade", "",
+              "Share of test queries right at top-1 under (t, t) and wrong under (t+1, t): what a user of the "
+              "old gallery loses on the day generation t+1 serves the queries.", "",
+              "| upgrade | negative flips (%) |", "|---|---|"]
+    for t, flips in enumerate(result["negative_flips"]):
+        lines.append(f"| {gens[t]['name']} -> {gens[t + 1]['name']} | {flips:.2f} |")
+    return "\n".join(lines) + "\n"
