@@ -1,0 +1,142 @@
+"""A chain of upgrades on a real local Ray runtime: three generations, and a rerun after a failure.
+
+Digits subsampled to a few hundred images, tiny models, one epoch; Ray Data extracts
+every feature store, Ray Train runs in its local mode (in-process: the training of a
+generation is deterministic, so a resumed chain can be compared with an uninterrupted one).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+
+from raycompat.chain.config import ChainConfig
+from raycompat.configio import from_dict
+from raycompat.data.feature_store import FeatureStore
+from raycompat.errors import ConfigError
+from raycompat.layout import Layout
+from raycompat.pipeline import chain as chain_module
+from raycompat.pipeline.chain import check_chain, generation_config, run_chain
+from raycompat.retrieval.chain_metrics import average_compatibility, average_multimodel_accuracy
+
+pytestmark = pytest.mark.ray
+
+
+def tiny_chain(out, method="nifcl", **changes) -> ChainConfig:
+    doc = {"output_dir": str(out), "data": {"name": "digits", "max_train": 300, "max_test": 120},
+           "generations": [{"classes": [0, 1, 2, 3]}, {"classes": [0, 1, 2, 3, 4, 5, 6]}, {"classes": list(range(10))}],
+           "method": method, "model": {"width": 8, "embed_dim": 16}, "optim": {"epochs": 1, "batch_size": 64},
+           "pipeline": {"ray": {"num_workers": 0}, "extract": {"concurrency": 1, "batch_size": 128}}}
+    return from_dict(ChainConfig, {**doc, **changes})
+
+
+def test_generation_configs_use_the_previous_export_as_a_black_box(tmp_path):
+    cfg = tiny_chain(tmp_path, "bct")
+    gen1 = generation_config(cfg, 0, None)
+    assert gen1.old.name == "gen1" and gen1.old.extractor is None
+    assert gen1.protocol.old_increment.classes == [0, 1, 2, 3]
+    previous = chain_module.Generation("gen1", "1-abcd", Layout.of(tmp_path).model_dir("gen1"))
+    gen2 = generation_config(cfg, 1, previous)
+    assert gen2.old.extractor == str(tmp_path / "models" / "gen1" / "extractor.pt")
+    assert gen2.old.classifier == str(tmp_path / "models" / "gen1" / "classifier.pt")
+    assert (gen2.old.name, gen2.old.version, gen2.new.name, gen2.new.method) == ("gen1", "1-abcd", "gen2", "bct")
+    assert gen2.protocol.new_increment.classes == list(range(7)) and not gen2.backfill.enabled
+    # nifcl never reads the old classifier.
+    assert generation_config(tiny_chain(tmp_path), 1, previous).old.classifier is None
+
+
+def test_pipeline_sections_checked_with_their_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"^pipeline\.ray\.num_workers: must be >= 0"):
+        check_chain(tiny_chain(tmp_path, pipeline={"ray": {"num_workers": -1}}))
+
+
+@pytest.fixture(scope="module")
+def ray_session(tmp_path_factory):
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 1024**2,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    yield
+    ray.shutdown()
+
+
+def count_trainings(monkeypatch) -> list[str]:
+    """The generations the chain trains from now on, by name (the driver calls these stages in-process)."""
+    trained: list[str] = []
+    old, new = chain_module.stage_train_old, chain_module.stage_train_new
+
+    def train_old(cfg):
+        trained.append(cfg.old.name)
+        return old(cfg)
+
+    def train_new(cfg):
+        trained.append(cfg.new.name)
+        return new(cfg)
+
+    monkeypatch.setattr(chain_module, "stage_train_old", train_old)
+    monkeypatch.setattr(chain_module, "stage_train_new", train_new)
+    return trained
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_session, tmp_path_factory):
+    cfg = tiny_chain(tmp_path_factory.mktemp("chain"))
+    report = run_chain(cfg)
+    return cfg, json.loads((report.parent / "metrics.json").read_text())
+
+
+def test_three_generation_chain(uninterrupted):
+    cfg, metrics = uninterrupted
+    layout = Layout.of(cfg.output_dir)
+    top1, mAP = metrics["top1"], metrics["mAP"]
+    assert [len(row) for row in top1["matrix"]] == [1, 2, 3] == [len(row) for row in mAP["matrix"]]
+    for summary in (top1, mAP):
+        assert summary["AC"] == average_compatibility(summary["matrix"])
+        assert summary["AM"] == pytest.approx(average_multimodel_accuracy(summary["matrix"]))
+        assert len(summary["passed"]) + len(summary["failed"]) == 3
+    assert len(metrics["negative_flips"]) == 2 and metrics["n_items"] == 120
+    # Each generation a model of its own, on a growing increment; well above chance (10%) on its own gallery.
+    gens = metrics["generations"]
+    assert [g["name"] for g in gens] == ["gen1", "gen2", "gen3"] and all(g["complete"] for g in gens)
+    assert gens[0]["train_items"] < gens[1]["train_items"] < gens[2]["train_items"]
+    assert all(top1["matrix"][i][i] > 20 for i in range(3))
+    # Generation t+1 trained on generation t's features extracted through its exported black box.
+    for before in gens[:2]:
+        store = FeatureStore.open(layout.store(before["name"], "train"))
+        assert (store.model, store.version) == (before["name"], before["version"])
+    # The last generation has no successor to train on its features of the training split.
+    assert not (Path(layout.root) / "features" / "gen3-train").exists()
+    assert "## Cross-generation matrix" in (Path(layout.root) / "chain" / "report.md").read_text()
+
+
+def test_rerun_after_a_failure_keeps_finished_generations(uninterrupted, tmp_path, monkeypatch):
+    reference_cfg, reference = uninterrupted
+    cfg = tiny_chain(tmp_path / "run")
+    layout = Layout.of(cfg.output_dir)
+    trained = count_trainings(monkeypatch)
+    train_new = chain_module.stage_train_new
+
+    def fail_at_gen3(gen_cfg):
+        if gen_cfg.new.name == "gen3":
+            raise RuntimeError("killed before generation 3")
+        return train_new(gen_cfg)
+
+    monkeypatch.setattr(chain_module, "stage_train_new", fail_at_gen3)
+    with pytest.raises(RuntimeError, match="killed before generation 3"):
+        run_chain(cfg)
+    assert trained == ["gen1", "gen2"]
+    exports = {name: (layout.model_dir(name) / "model.json").stat().st_mtime_ns for name in ("gen1", "gen2")}
+    monkeypatch.setattr(chain_module, "stage_train_new", train_new)
+    report = run_chain(cfg)
+    assert trained == ["gen1", "gen2", "gen3"], "generations 1-2 were trained again"
+    assert {name: (layout.model_dir(name) / "model.json").stat().st_mtime_ns for name in exports} == exports
+    resumed = json.loads((report.parent / "metrics.json").read_text())
+    # Deterministic training: the same chain as the uninterrupted run's.
+    for key in ("top1", "mAP", "negative_flips"):
+        assert resumed[key] == reference[key], key
+    # (Not the exports' sha256: TorchScript numbers the classes it traces per process, and adds a serialization id.)
+    assert [g["validation"] for g in resumed["generations"]] == [g["validation"] for g in reference["generations"]]
+    # A third run trains nothing.
+    run_chain(cfg)
+    assert trained == ["gen1", "gen2", "gen3"]
