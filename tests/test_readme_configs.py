@@ -36,6 +36,10 @@ def test_readme_config_loads_and_validates(name, monkeypatch):
         cfg = load_backfill_config(path)
         plans = plan_strategies(cfg, load_quality(cfg.quality, name), name)
         assert [p.name for p in plans] == [s.name for s in cfg.strategies]
+    elif "generations" in data:
+        from raycompat.chain.config import load_chain_config
+
+        assert len(load_chain_config(path).generations) >= 2
     elif "search" in data or "space" in data:
         assert load_search_config(path).space
     else:
