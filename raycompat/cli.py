@@ -340,6 +340,29 @@ def cmd_chain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_chain(args: argparse.Namespace) -> int:
+    from raycompat import storage
+    from raycompat.chain.bench_config import load_chain_bench_config
+    from raycompat.errors import ConfigError
+    from raycompat.pipeline.chain import check_chain
+    from raycompat.pipeline.chain_bench import run_chain_bench
+
+    cfg = load_chain_bench_config(args.config, {"output_dir": args.out} if args.out else None)
+    try:
+        for chain in cfg.chains:
+            for method in cfg.methods:
+                check_chain(cfg.run_config(chain, method))
+    except ConfigError as exc:
+        raise ConfigError(f"{args.config}: {exc}") from None
+    storage.check_writable_dir(cfg.output_dir, "--out" if args.out else f"{args.config}: output_dir")
+    storage.check_writable_dir(args.out_dir, "--out-dir")
+    command = shlex.join(["raycompat", *sys.argv[1:]])
+    path = run_chain_bench(cfg, args.out_dir, args.name, command, lambda line: log.info("bench chain: %s", line))
+    print(path.with_suffix(".md").read_text())
+    print(f"results: {path}, {path.with_suffix('.md')}")
+    return 0
+
+
 def cmd_backfill_report(args: argparse.Namespace) -> int:
     from raycompat.backfill.report import run_backfill_report
 
@@ -520,6 +543,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="re-write <name>.md from an existing <name>.json measured with this config (e.g. to "
                          "add --notes); runs nothing")
     bs.set_defaults(fn=cmd_bench_suite)
+    bc = bench_sub.add_parser("chain", help="Chains of upgrades x methods (raycompat chain for each, resumable); "
+                              "writes <name>.json / <name>.md with AC, AM and the matrices.",
+                              description="Chain benchmark: every chain of the config with every method.")
+    bc.add_argument("--config", required=True, help="chain benchmark config (see raycompat/configs/bench_chain_*.yaml)")
+    bc.add_argument("--out", help="override output_dir (the runs' working storage) from the config")
+    bc.add_argument("--out-dir", required=True, help="where the results go")
+    bc.add_argument("--name", default="chain", help="results are <out-dir>/<name>.json, <name>.md")
+    bc.set_defaults(fn=cmd_bench_chain)
     tn = sub.add_parser("tune", help="Ray Tune search over the compatibility-loss weights.",
                         description="Ray Tune search (ASHA) over loss weights; resumes an interrupted search.")
     tn.add_argument("--config", required=True, help="search config YAML (see raycompat/configs/tune_*.yaml)")

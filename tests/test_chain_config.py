@@ -121,3 +121,40 @@ def test_nonsensical_chains_refused_on_load(tmp_path, changes, message):
 def test_independent_chain_may_shrink_its_embedding():
     cfg = chain(method="independent", generations=[{"classes": [0]}, {"classes": [0, 1], "model": {"embed_dim": 8}}])
     assert cfg.generation_model(1).embed_dim == 8
+
+
+def test_bench_config_builds_every_run(tmp_path):
+    from raycompat.chain.bench_config import load_chain_bench_config
+
+    cfg = load_chain_bench_config("raycompat/configs/bench_chain_fashion_mnist.yaml", {"output_dir": str(tmp_path)})
+    assert set(cfg.chains) == {"classes", "data"} and set(cfg.methods) == {"independent", "l2", "bct", "nifcl+rw"}
+    run = cfg.run_config("data", "nifcl+rw")
+    assert run.output_dir == f"{tmp_path}/data/nifcl+rw" and run.kind == "data"
+    assert run.method == "nifcl" and run.compat.random_walk.enabled and run.generation_optim(2).epochs == 4
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"chain": {"method": "l2"}, "chains": {"c": [{"fraction": 0.5}, {"fraction": 1.0}]}, "methods": {"m": {}}},
+     "chain.method: given per run"),
+    ({"chains": {"c": [{"fraction": 0.5}, {"fraction": 0.25}]}, "methods": {"m": {}}},
+     "run c/m: generations[1].fraction: 0.25 < generations[0]'s 0.5"),
+    ({"chains": {"c": [{"fraction": 0.5}, {"fraction": 1.0}]}, "methods": {}}, "methods: needs at least one entry"),
+    ({"chains": {"a/b": [{"fraction": 0.5}, {"fraction": 1.0}]}, "methods": {"m": {}}},
+     "chains.a/b: must be a plain directory name"),
+])
+def test_bench_config_refused(doc, message):
+    from raycompat.chain.bench_config import ChainBenchConfig
+
+    with pytest.raises(ConfigError) as err:
+        from_dict(ChainBenchConfig, doc)
+    assert message in str(err.value)
+
+
+def test_cli_refuses_a_bad_chain_in_one_line(tmp_path, capsys):
+    from raycompat.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text("generations:\n  - {classes: [0, 1]}\n")
+    assert main(["chain", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {path}: generations: a chain needs at least 2 generations, got 1"

@@ -96,6 +96,11 @@ def test_three_generation_chain(uninterrupted):
         assert summary["AM"] == pytest.approx(average_multimodel_accuracy(summary["matrix"]))
         assert len(summary["passed"]) + len(summary["failed"]) == 3
     assert len(metrics["negative_flips"]) == 2 and metrics["n_items"] == 120
+    # The multi-version gallery (default fractions 0.25, 0.5) starts from generation 1's own gallery.
+    assert [run["fraction"] for run in metrics["partial_backfill"]] == [0.25, 0.5]
+    for run in metrics["partial_backfill"]:
+        assert run["steps"][0]["top1"] == top1["matrix"][0][0]
+        assert [sum(s["items_per_generation"]) for s in run["steps"]] == [120] * 3
     # Each generation a model of its own, on a growing increment; well above chance (10%) on its own gallery.
     gens = metrics["generations"]
     assert [g["name"] for g in gens] == ["gen1", "gen2", "gen3"] and all(g["complete"] for g in gens)

@@ -76,9 +76,16 @@ class ChainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     # extract / ray / eval sections of a pipeline config, used by every generation's stages.
     pipeline: dict[str, Any] = field(default_factory=dict)
+    # The report's multi-version gallery: for each fraction f, at every upgrade f of the test gallery (a fresh
+    # random order per upgrade, by backfill_seed) is re-embedded by the new generation, the rest keeps older
+    # features, and the new generation's queries search that mixed gallery. [] = none.
+    backfill_fractions: list[float] = field(default_factory=lambda: [0.25, 0.5])
+    backfill_seed: int = 0
 
     def validate(self, key: str) -> None:
         gens = self.generations
+        check(all(0 < f <= 1 for f in self.backfill_fractions), join(key, "backfill_fractions"),
+              f"must be in (0, 1], got {self.backfill_fractions}")
         check(len(gens) >= 2, join(key, "generations"), f"a chain needs at least 2 generations, got {len(gens)}")
         unknown = sorted(set(self.pipeline) - set(PIPELINE_SECTIONS))
         if unknown:

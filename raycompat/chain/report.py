@@ -51,4 +51,24 @@ def render_chain_report(result: dict) -> str:
               "| upgrade | negative flips (%) |", "|---|---|"]
     for t, flips in enumerate(result["negative_flips"]):
         lines.append(f"| {gens[t]['name']} -> {gens[t + 1]['name']} | {flips:.2f} |")
+    if result["partial_backfill"]:
+        lines += _backfill_table(result["partial_backfill"], gens, result["top1"]["matrix"])
     return "\n".join(lines) + "\n"
+
+
+def _backfill_table(runs: Sequence[dict], generations: Sequence[dict], top1: Sequence[Sequence[float]]) -> list[str]:
+    names = [g["name"] for g in generations]
+    lines = ["", "## Multi-version gallery: partial backfill at every upgrade", "",
+             "At each upgrade a share f of the test gallery (a fresh random order per upgrade) is re-embedded by "
+             "the new generation; the other items keep the feature of the generation that last embedded them. "
+             "The new generation's queries search the mixed gallery, each item through its generation's "
+             "compatible slice. For reference, no backfill is M[t][1] and a full backfill M[t][t].", "",
+             "| f | generation | top-1 | mAP | items per generation | top-1 without / with full backfill |",
+             "|---|---|---|---|---|---|"]
+    for run in runs:
+        for step in run["steps"]:
+            t = step["generation"] - 1
+            share = ", ".join(f"{names[g]} {k}" for g, k in enumerate(step["items_per_generation"]) if k)
+            lines.append(f"| {run['fraction']:g} | {names[t]} | {step['top1']:.2f} | {step['mAP']:.2f} | {share} | "
+                         f"{top1[t][0]:.2f} / {top1[t][t]:.2f} |")
+    return lines

@@ -203,7 +203,8 @@ def run_chain(chain: ChainConfig, progress: Optional[Progress] = None) -> Locati
         previous = Generation(record["name"], record["version"], layout.model_dir(record["name"]))
         records.append(record)
     step("evaluate the chain")
-    result = evaluate_chain([str(layout.store(r["name"], "test")) for r in records], base.eval.chunk_size)
+    result = evaluate_chain([str(layout.store(r["name"], "test")) for r in records], base.eval.chunk_size,
+                            chain.backfill_fractions, chain.backfill_seed)
     result.update(method=chain.method, kind=chain.kind, dataset=chain.data.name, generations=records)
     out = chain_dir(chain)
     with staged(out) as staging:

@@ -1,0 +1,78 @@
+"""``raycompat bench chain``: every (chain, method) run of a chain benchmark, and their summary.
+
+Each run is :func:`raycompat.pipeline.chain.run_chain` on its own output directory, so a
+rerun resumes every run generation by generation. The summary, ``<out_dir>/<name>.json``::
+
+    {"chains": {CHAIN: {"methods": {METHOD: {"AC": x, "AM": x, "matrix_top1": [[...]], "matrix_mAP": [[...]],
+                                             "AC_mAP": x, "AM_mAP": x, "negative_flips": [...]}}}}, ...}
+
+(AC and AM of top-1; ``_mAP`` those of mAP), and ``<name>.md`` with a table per chain.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from raycompat import artifacts
+from raycompat.chain.bench_config import ChainBenchConfig
+from raycompat.pipeline.bench_quality import machine
+from raycompat.pipeline.chain import run_chain
+
+log = logging.getLogger(__name__)
+
+
+def run_summary(metrics: dict) -> dict:
+    """The benchmark's entry of one run, from its ``chain/metrics.json``."""
+    top1, mAP = metrics["top1"], metrics["mAP"]
+    return {"AC": top1["AC"], "AM": top1["AM"], "matrix_top1": top1["matrix"], "matrix_mAP": mAP["matrix"],
+            "AC_mAP": mAP["AC"], "AM_mAP": mAP["AM"], "failed_top1": top1["failed"], "failed_mAP": mAP["failed"],
+            "negative_flips": metrics["negative_flips"], "seconds": sum(g["seconds"] for g in metrics["generations"])}
+
+
+def _fmt(x: Optional[float], digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def render(doc: dict) -> str:
+    """Markdown of the benchmark summary."""
+    lines = ["# Chains of upgrades", "", f"Command: `{doc['command']}`", "",
+             "AC: share of pairs i > j with M[i][j] > M[j][j] (a tie fails); AM: mean of the lower triangle "
+             "(diagonal included), percent. Test split, leave-one-out; training and selection read validation "
+             "only. Per-run matrices in the JSON and in each run's chain/report.md.", ""]
+    for chain, entry in doc["chains"].items():
+        lines += [f"## {chain}", "", "| method | AC top-1 | AM top-1 | AC mAP | AM mAP | negative flips per upgrade (%) "
+                  "| failing pairs (top-1) |", "|---|---|---|---|---|---|---|"]
+        for method, m in entry["methods"].items():
+            flips = ", ".join(f"{f:.2f}" for f in m["negative_flips"])
+            failed = ", ".join(f"({i + 1},{j + 1})" for i, j in m["failed_top1"]) or "none"
+            lines.append(f"| {method} | {_fmt(m['AC'], 3)} | {_fmt(m['AM'])} | {_fmt(m['AC_mAP'], 3)} | "
+                         f"{_fmt(m['AM_mAP'])} | {flips} | {failed} |")
+        lines.append("")
+    lines.append(f"Wall time {doc['seconds']:.0f} s on {doc['machine']['cores']} cores.")
+    return "\n".join(lines) + "\n"
+
+
+def run_chain_bench(cfg: ChainBenchConfig, out_dir: str | Path, name: str = "chain", command: str = "",
+                    progress: Optional[Callable[[str], None]] = None) -> Path:
+    """Run every (chain, method) of ``cfg`` (resuming finished generations); write ``<name>.json/.md``."""
+    step = progress or (lambda line: None)
+    started = time.perf_counter()
+    chains: dict = {}
+    for chain in cfg.chains:
+        for method in cfg.methods:
+            step(f"{chain}/{method}")
+            report = run_chain(cfg.run_config(chain, method), lambda line: step(f"{chain}/{method}: {line}"))
+            metrics = json.loads(artifacts.read_text(artifacts.child(artifacts.parent(report), "metrics.json")))
+            chains.setdefault(chain, {"methods": {}})["methods"][method] = run_summary(metrics)
+    doc = {"chains": chains, "command": command, "machine": machine(),
+           "seconds": round(time.perf_counter() - started, 1)}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    path.with_suffix(".md").write_text(render(doc))
+    return path

@@ -1,0 +1,58 @@
+"""The chain's multi-version gallery through partial backfills, against the chain matrix it must agree with."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raycompat.chain.evaluate import partial_backfill_steps
+from raycompat.chain.report import render_chain_report
+from raycompat.retrieval.chain_metrics import chain_summary
+from raycompat.retrieval.mixed_gallery import chain_matrix
+
+
+@pytest.fixture
+def chain():
+    rng = np.random.default_rng(0)
+    n, labels = 60, np.repeat(np.arange(6), 10)
+    centres = rng.normal(size=(6, 12))
+    # Three generations of noisy class centres (dims 8, 10, 12): related, not identical.
+    features = [(centres[labels] + rng.normal(scale=s, size=(n, 12)))[:, :d].astype(np.float32)
+                for s, d in ((1.2, 8), (0.9, 10), (0.6, 12))]
+    ids = np.array([f"i{k:03d}" for k in range(n)], dtype=object)
+    return features, labels, ids
+
+
+def test_no_and_full_backfill_are_the_matrix_columns(chain):
+    features, labels, ids = chain
+    matrix = chain_matrix(features, labels, ids)
+    full = partial_backfill_steps(features, labels, ids, 1.0)
+    assert [s["top1"] for s in full] == [matrix["top1"][t][t] for t in range(3)]
+    assert [s["items_per_generation"] for s in full] == [[60], [0, 60], [0, 0, 60]]
+    tiny = partial_backfill_steps(features, labels, ids, 1 / 120)  # floor(60 / 120) = 0 items move
+    assert [s["mAP"] for s in tiny] == [matrix["mAP"][t][0] for t in range(3)]
+
+
+def test_half_backfill_mixes_generations(chain):
+    features, labels, ids = chain
+    steps = partial_backfill_steps(features, labels, ids, 0.5, seed=3)
+    assert steps[1]["items_per_generation"] == [30, 30]
+    first, second, third = steps[2]["items_per_generation"]
+    # 30 items move to generation 2, drawn from generations 0 and 1 alike (a fresh order per upgrade).
+    assert third == 30 and first + second == 30 and first < 30 and second < 30
+    assert steps == partial_backfill_steps(features, labels, ids, 0.5, seed=3)
+    assert steps != partial_backfill_steps(features, labels, ids, 0.5, seed=4)
+
+
+def test_report_has_every_section(chain):
+    features, labels, ids = chain
+    raw = chain_matrix(features, labels, ids)
+    gens = [{"name": f"gen{t + 1}", "increment": {"classes": None, "fraction": f}, "train_items": 10 * (t + 1),
+             "validation": {"new/old/top1": 50.0}, "seconds": 3.0} for t, f in enumerate((0.25, 0.5, 1.0))]
+    result = {"generations": gens, "method": "nifcl", "dataset": "digits", "kind": "data", "n_items": 60,
+              "top1": chain_summary(raw["top1"]), "mAP": chain_summary(raw["mAP"]), "negative_flips": [1.0, 2.0],
+              "partial_backfill": [{"fraction": 0.5, "steps": partial_backfill_steps(features, labels, ids, 0.5)}]}
+    md = render_chain_report(result)
+    for section in ("| gen3 | 100% of every class | 30 |", "## Cross-generation matrix", "AC = ",
+                    "| gen2 -> gen3 | 2.00 |", "## Multi-version gallery", "| 0.5 | gen3 |"):
+        assert section in md, section
