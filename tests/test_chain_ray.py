@@ -145,3 +145,21 @@ def test_rerun_after_a_failure_keeps_finished_generations(uninterrupted, tmp_pat
     # A third run trains nothing.
     run_chain(cfg)
     assert trained == ["gen1", "gen2", "gen3"]
+
+
+def test_bct_classifier_rows_follow_the_increment_classes(tmp_path):
+    import torch
+
+    from raycompat.config import NewConfig, OldConfig, PipelineConfig
+    from raycompat.errors import DataError
+    from raycompat.pipeline.train import bct_classifier
+
+    path = tmp_path / "classifier.pt"
+    weight = torch.randn(2, 8)
+    torch.save({"weight": weight, "classes": [5, 2]}, path)
+    cfg = PipelineConfig(old=OldConfig(extractor="x.pt", classifier=str(path)), new=NewConfig(method="bct"))
+    w, rows = bct_classifier(cfg, [2, 3, 5])
+    # Row j of the old classifier is class 5 then 2: positions 2 and 0 of the new model's classes.
+    assert torch.equal(w, weight) and rows == [2, 0]
+    with pytest.raises(DataError, match="old classifier has class 5, which the new model does not train on"):
+        bct_classifier(cfg, [2, 3])
