@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fixtures.chain import COSTS
 from raycompat.chain.evaluate import partial_backfill_steps
 from raycompat.chain.report import render_chain_report
 from raycompat.retrieval.chain_metrics import chain_summary
@@ -56,3 +57,36 @@ def test_report_has_every_section(chain):
     for section in ("| gen3 | 100% of every class | 30 |", "## Cross-generation matrix", "AC = ",
                     "| gen2 -> gen3 | 2.00 |", "## Multi-version gallery", "| 0.5 | gen3 |"):
         assert section in md, section
+
+
+
+def test_cost_plan_uses_the_measured_matrix_and_mixed_gallery(chain, tmp_path):
+    import yaml
+
+    from raycompat.chain.cost_plan import CostPlanConfig, chain_cost_plan
+
+    features, labels, ids = chain
+    raw = chain_matrix(features, labels, ids)
+    steps = partial_backfill_steps(features, labels, ids, 0.25)
+    result = {"method": "nifcl", "top1": chain_summary(raw["top1"]), "mAP": chain_summary(raw["mAP"]),
+              "partial_backfill": [{"fraction": 0.25, "steps": steps}]}
+    path = tmp_path / "costs.yaml"
+    path.write_text(yaml.safe_dump({**COSTS, "strategies": []}))  # a backfill config's other sections are ignored
+    doc = chain_cost_plan(CostPlanConfig(costs=str(path), required=raw["top1"][0][0] + 0.01), result)
+    assert doc["matrix"] == result["top1"]["matrix"] and doc["gallery_size"] == 1000
+    policies = {p["name"]: p for p in doc["policies"]}
+    assert [s["quality"] for s in policies["always partial 25%"]["steps"]] == [s["top1"] for s in steps[1:]]
+    assert [s["quality"] for s in policies["always fct"]["steps"]] == [None, None]
+    assert "threshold" in policies and doc["full_backfill_pays_off"] is not None
+
+
+def test_cost_plan_costs_file_refused_with_its_key(tmp_path):
+    import yaml
+
+    from raycompat.chain.cost_plan import load_chain_costs
+    from raycompat.errors import ConfigError
+
+    path = tmp_path / "costs.yaml"
+    path.write_text(yaml.safe_dump({"gallery": COSTS["gallery"], "cluster": COSTS["cluster"]}))
+    with pytest.raises(ConfigError, match=r"^cost_plan\.costs: .* has no costs section"):
+        load_chain_costs(path)

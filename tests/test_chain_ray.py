@@ -81,7 +81,13 @@ def count_trainings(monkeypatch) -> list[str]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(ray_session, tmp_path_factory):
-    cfg = tiny_chain(tmp_path_factory.mktemp("chain"))
+    import yaml
+
+    from fixtures.chain import COSTS
+
+    costs = tmp_path_factory.mktemp("costs") / "costs.yaml"
+    costs.write_text(yaml.safe_dump(COSTS))
+    cfg = tiny_chain(tmp_path_factory.mktemp("chain"), cost_plan={"costs": str(costs), "required": 30.0})
     report = run_chain(cfg)
     return cfg, json.loads((report.parent / "metrics.json").read_text())
 
@@ -112,7 +118,12 @@ def test_three_generation_chain(uninterrupted):
         assert (store.model, store.version) == (before["name"], before["version"])
     # The last generation has no successor to train on its features of the training split.
     assert not (Path(layout.root) / "features" / "gen3-train").exists()
-    assert "## Cross-generation matrix" in (Path(layout.root) / "chain" / "report.md").read_text()
+    report = (Path(layout.root) / "chain" / "report.md").read_text()
+    assert "## Cross-generation matrix" in report and "## Cost plan" in report
+    # The cost plan priced the measured matrix.
+    plan = json.loads((Path(layout.root) / "chain" / "cost_plan" / "chain_plan.json").read_text())
+    assert plan["matrix"] == top1["matrix"] and plan["required"] == 30.0
+    assert metrics["cost_plan"]["full_backfill_pays_off"] == plan["full_backfill_pays_off"]
 
 
 def test_rerun_after_a_failure_keeps_finished_generations(uninterrupted, tmp_path, monkeypatch):

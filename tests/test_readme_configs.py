@@ -40,6 +40,11 @@ def test_readme_config_loads_and_validates(name, monkeypatch):
         from raycompat.chain.config import load_chain_config
 
         assert len(load_chain_config(path).generations) >= 2
+    elif "chains" in data:
+        from raycompat.chain.bench_config import load_chain_bench_config
+
+        cfg = load_chain_bench_config(path)
+        assert cfg.run_config(next(iter(cfg.chains)), next(iter(cfg.methods)))
     elif "search" in data or "space" in data:
         assert load_search_config(path).space
     else:

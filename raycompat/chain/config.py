@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from raycompat.chain.cost_plan import CostPlanConfig
 from raycompat.config import CompatConfig, DataConfig, ModelConfig, OptimConfig
 from raycompat.configio import check, deep_merge, from_dict, join, load_config, to_dict
 from raycompat.data.increments import IncrementConfig
@@ -81,6 +82,8 @@ class ChainConfig:
     # features, and the new generation's queries search that mixed gallery. [] = none.
     backfill_fractions: list[float] = field(default_factory=lambda: [0.25, 0.5])
     backfill_seed: int = 0
+    # The multi-generation cost plan of this chain (chain/cost_plan/); null = none.
+    cost_plan: Optional[CostPlanConfig] = None
 
     def validate(self, key: str) -> None:
         gens = self.generations

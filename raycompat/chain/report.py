@@ -53,6 +53,10 @@ def render_chain_report(result: dict) -> str:
         lines.append(f"| {gens[t]['name']} -> {gens[t + 1]['name']} | {flips:.2f} |")
     if result["partial_backfill"]:
         lines += _backfill_table(result["partial_backfill"], gens, result["top1"]["matrix"])
+    if result.get("cost_plan"):
+        lines += ["", "## Cost plan", "", f"{result['cost_plan']['summary']} Every policy's cost and quality per "
+                  f"generation: {result['cost_plan']['files']} beside this report (which number generations from 0: "
+                  "generation t there is gen<t+1> here)."]
     return "\n".join(lines) + "\n"
 
 

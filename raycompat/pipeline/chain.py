@@ -31,7 +31,9 @@ from typing import Callable, Optional
 
 from raycompat import artifacts
 from raycompat.artifacts import Location, child, staged
+from raycompat.backfill.chain_document import pays_off_sentence, write_chain_plan
 from raycompat.chain.config import ChainConfig
+from raycompat.chain.cost_plan import chain_cost_plan, load_chain_costs
 from raycompat.chain.evaluate import evaluate_chain
 from raycompat.chain.report import render_chain_report
 from raycompat.config import NewConfig, OldConfig, PipelineConfig, ProtocolConfig
@@ -101,6 +103,8 @@ def check_chain(chain: ChainConfig) -> list[int]:
     checks the increments against the loaded dataset (its class count, and a class with no
     training item).
     """
+    if chain.cost_plan is not None:
+        load_chain_costs(chain.cost_plan.costs)
     layout = Layout.of(chain.output_dir)
     previous = None
     for t in range(len(chain.generations)):
@@ -207,6 +211,13 @@ def run_chain(chain: ChainConfig, progress: Optional[Progress] = None) -> Locati
                             chain.backfill_fractions, chain.backfill_seed)
     result.update(method=chain.method, kind=chain.kind, dataset=chain.data.name, generations=records)
     out = chain_dir(chain)
+    if chain.cost_plan is not None:
+        step("cost plan")
+        plan = chain_cost_plan(chain.cost_plan, result)
+        with staged(child(out, "cost_plan")) as staging:
+            write_chain_plan(plan, staging)
+        result["cost_plan"] = {"files": "cost_plan/chain_plan.{json,md,html}", "summary": pays_off_sentence(plan),
+                               "full_backfill_pays_off": plan["full_backfill_pays_off"]}
     with staged(out) as staging:
         (staging / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         (staging / "report.md").write_text(render_chain_report(result))
