@@ -144,8 +144,19 @@ def test_rerun_after_a_failure_keeps_finished_generations(uninterrupted, tmp_pat
     assert trained == ["gen1", "gen2"]
     exports = {name: (layout.model_dir(name) / "model.json").stat().st_mtime_ns for name in ("gen1", "gen2")}
     monkeypatch.setattr(chain_module, "stage_train_new", train_new)
-    report = run_chain(cfg)
+    # Then killed again, after generation 3's training but before its test features.
+    extract_new = chain_module.stage_extract_new
+
+    def fail_extraction(gen_cfg, **kwargs):
+        raise RuntimeError("killed during extraction")
+
+    monkeypatch.setattr(chain_module, "stage_extract_new", fail_extraction)
+    with pytest.raises(RuntimeError, match="killed during extraction"):
+        run_chain(cfg)
     assert trained == ["gen1", "gen2", "gen3"], "generations 1-2 were trained again"
+    monkeypatch.setattr(chain_module, "stage_extract_new", extract_new)
+    report = run_chain(cfg)
+    assert trained == ["gen1", "gen2", "gen3"], "generation 3 was trained again after its training had finished"
     assert {name: (layout.model_dir(name) / "model.json").stat().st_mtime_ns for name in exports} == exports
     resumed = json.loads((report.parent / "metrics.json").read_text())
     # Deterministic training: the same chain as the uninterrupted run's.
