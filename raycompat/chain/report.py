@@ -37,7 +37,7 @@ def render_chain_report(result: dict) -> str:
              f"Evaluation: the test split ({result['n_items']} items), each item a query against all others "
              "(leave-one-out); queries of generation i against the gallery embedded by generation j <= i, "
              "through the compatible slice. Training read the validation split only.", "",
-             "| generation | training data | training items | validation (last epoch) | trained in |",
+             "| generation | training data | training items | validation (last epoch) | train + extract |",
              "|---|---|---|---|---|"]
     for g in gens:
         val = ", ".join(f"{k} {v:.2f}" for k, v in sorted(g["validation"].items())) or "none"
