@@ -48,6 +48,8 @@ class GenerationConfig:
     def validate(self, key: str) -> None:
         check((self.classes is None) != (self.fraction is None), key,
               "needs exactly one of classes (a class increment) or fraction (a data increment)")
+        check(self.fraction is None or 0 < self.fraction <= 1, join(key, "fraction"),
+              f"must be in (0, 1], got {self.fraction}")
         self.increment().validate(key)
 
     @property
