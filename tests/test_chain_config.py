@@ -158,3 +158,12 @@ def test_cli_refuses_a_bad_chain_in_one_line(tmp_path, capsys):
     assert main(["chain", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {path}: generations: a chain needs at least 2 generations, got 1"
+
+
+def test_chain_is_a_job_stage():
+    from pathlib import Path
+
+    from raycompat.pipeline.jobs import entrypoint
+
+    assert entrypoint("chain", ["--config", "c.yaml"]) == "python jobs/chain.py --config c.yaml"
+    assert (Path(__file__).resolve().parents[1] / "jobs" / "chain.py").is_file()

@@ -185,3 +185,13 @@ def test_bct_classifier_rows_follow_the_increment_classes(tmp_path):
     assert torch.equal(w, weight) and rows == [2, 0]
     with pytest.raises(DataError, match="old classifier has class 5, which the new model does not train on"):
         bct_classifier(cfg, [2, 3])
+
+
+def test_data_chain_with_bct(ray_session, tmp_path):
+    # Two generations growing data (half, then all of every class); BCT reads generation 1's exported classifier.
+    cfg = tiny_chain(tmp_path, "bct", generations=[{"fraction": 0.5}, {"fraction": 1.0}], backfill_fractions=[])
+    metrics = json.loads((run_chain(cfg).parent / "metrics.json").read_text())
+    assert [len(row) for row in metrics["top1"]["matrix"]] == [1, 2] and metrics["kind"] == "data"
+    first, second = metrics["generations"]
+    assert second["train_items"] > first["train_items"] and second["validation"]["new/old/top1"] > 0
+    assert metrics["partial_backfill"] == []
