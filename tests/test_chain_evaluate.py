@@ -90,3 +90,23 @@ def test_cost_plan_costs_file_refused_with_its_key(tmp_path):
     path.write_text(yaml.safe_dump({"gallery": COSTS["gallery"], "cluster": COSTS["cluster"]}))
     with pytest.raises(ConfigError, match=r"^cost_plan\.costs: .* has no costs section"):
         load_chain_costs(path)
+
+
+def test_bench_summary_and_criterion():
+    from raycompat.pipeline.chain_bench import criterion, render, run_summary
+
+    def metrics(top1, mAP):
+        return {"top1": chain_summary(top1), "mAP": chain_summary(mAP), "negative_flips": [1.5],
+                "generations": [{"seconds": 2.0}, {"seconds": 3.0}]}
+
+    nifcl = run_summary(metrics([[60.0], [61.0, 70.0]], [[40.0], [41.0, 50.0]]))
+    assert (nifcl["AC"], nifcl["AM"], nifcl["matrix_top1"], nifcl["seconds"]) == (1.0, 191 / 3, [[60.0], [61.0, 70.0]], 5.0)
+    tie = run_summary(metrics([[60.0], [60.0, 72.0]], [[40.0], [41.0, 50.0]]))
+    assert tie["AC"] == 0.0 and tie["AC_mAP"] == 1.0
+    assert criterion({"nifcl+rw": nifcl, "bct": tie}).startswith("Criterion (nifcl+rw: AC = 1 on top-1 and mAP, AM >= "
+                                                                 "bct's): NOT met")  # AM 63.67 < 64.0
+    assert ": met;" in criterion({"nifcl+rw": nifcl, "bct": nifcl})
+    doc = {"chains": {"classes": {"methods": {"nifcl+rw": nifcl, "bct": tie}}}, "command": "raycompat bench chain",
+           "machine": {"cores": 2}, "seconds": 9.0}
+    md = render(doc)
+    assert "| nifcl+rw | 1.000 | 63.67 | 1.000 | 43.67 | 1.50 | none |" in md and "| bct | 0.000 |" in md

@@ -37,6 +37,17 @@ def _fmt(x: Optional[float], digits: int = 2) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def criterion(methods: dict, candidate: str = "nifcl+rw", baseline: str = "bct") -> str:
+    """Issue 17's check of one chain: ``candidate`` reaches AC = 1 (top-1 and mAP) and AM >= ``baseline``'s."""
+    if candidate not in methods or baseline not in methods:
+        return f"Criterion not checked: it compares methods {candidate} and {baseline}."
+    c, b = methods[candidate], methods[baseline]
+    met = c["AC"] == 1 and c["AC_mAP"] == 1 and c["AM"] >= b["AM"] and c["AM_mAP"] >= b["AM_mAP"]
+    return (f"Criterion ({candidate}: AC = 1 on top-1 and mAP, AM >= {baseline}'s): {'met' if met else 'NOT met'}; "
+            f"AC {_fmt(c['AC'], 3)} / {_fmt(c['AC_mAP'], 3)}, AM {_fmt(c['AM'])} vs {_fmt(b['AM'])} (top-1), "
+            f"{_fmt(c['AM_mAP'])} vs {_fmt(b['AM_mAP'])} (mAP).")
+
+
 def render(doc: dict) -> str:
     """Markdown of the benchmark summary."""
     lines = ["# Chains of upgrades", "", f"Command: `{doc['command']}`", "",
@@ -51,7 +62,7 @@ def render(doc: dict) -> str:
             failed = ", ".join(f"({i + 1},{j + 1})" for i, j in m["failed_top1"]) or "none"
             lines.append(f"| {method} | {_fmt(m['AC'], 3)} | {_fmt(m['AM'])} | {_fmt(m['AC_mAP'], 3)} | "
                          f"{_fmt(m['AM_mAP'])} | {flips} | {failed} |")
-        lines.append("")
+        lines += ["", criterion(entry["methods"]), ""]
     lines.append(f"Wall time {doc['seconds']:.0f} s on {doc['machine']['cores']} cores.")
     return "\n".join(lines) + "\n"
 
