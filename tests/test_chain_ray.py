@@ -167,6 +167,13 @@ def test_rerun_after_a_failure_keeps_finished_generations(uninterrupted, tmp_pat
     # A third run trains nothing.
     run_chain(cfg)
     assert trained == ["gen1", "gen2", "gen3"]
+    # A changed config for generation 3 only: it is trained again (its old test store replaced), not 1-2.
+    changed = tiny_chain(tmp_path / "run", generations=[*[g.__dict__ for g in cfg.generations[:2]],
+                                                        {"classes": list(range(10)), "optim": {"epochs": 2}}])
+    again = json.loads((run_chain(changed).parent / "metrics.json").read_text())
+    assert trained == ["gen1", "gen2", "gen3", "gen3"]
+    assert again["generations"][2]["fingerprint"] != resumed["generations"][2]["fingerprint"]
+    assert again["generations"][:2] == resumed["generations"][:2]
 
 
 def test_bct_classifier_rows_follow_the_increment_classes(tmp_path):

@@ -16,9 +16,9 @@ records its config fingerprint (:func:`raycompat.pipeline.train.config_fingerpri
 which covers its predecessor's export through the store version) and its export's
 checksum, once after training and again, ``complete``, after its test features. A
 rerun skips a complete generation with a matching record, and a trained one goes
-straight to extraction (whose shards resume on their own). A record made with
-another config is refused: the generation's model and stores would be overwritten
-under the successors that were trained against them.
+straight to extraction (whose shards resume on their own). A generation whose
+record no longer matches (its config changed) is trained again, its stale feature
+stores removed; its successors follow when its export changed.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
-from raycompat import artifacts
+from raycompat import artifacts, storage
 from raycompat.artifacts import Location, child, staged
 from raycompat.backfill.chain_document import pays_off_sentence, write_chain_plan
 from raycompat.chain.config import ChainConfig
@@ -41,7 +41,7 @@ from raycompat.configio import from_dict, to_dict
 from raycompat.data.datasets import load_dataset
 from raycompat.data.increments import select_increment
 from raycompat.data.protocols import validation_split
-from raycompat.errors import ConfigError, DataError
+from raycompat.errors import DataError
 from raycompat.layout import Layout
 from raycompat.models.export import load_model_meta
 from raycompat.pipeline.extract import ExtractorSpec, run_extraction
@@ -131,21 +131,37 @@ def _write_record(layout: Layout, record: dict) -> None:
     artifacts.write_text(_record_path(layout, record["name"]), json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
+def _discard(layout: Layout, name: str) -> None:
+    """Remove generation ``name``'s record and the feature stores of its model, which is about to be retrained.
+
+    The stores are tagged with the export's checksum: a retrained model could not resume into them.
+    """
+    for split in ("train", "test"):
+        fs, root = storage.resolve(layout.store(name, split))
+        if storage.exists(fs, root):
+            fs.delete_dir(root)
+    storage.remove(*storage.resolve(_record_path(layout, name)))
+
+
 def _previous_record(layout: Layout, name: str, fingerprint: str) -> Optional[dict]:
-    """The generation's record if it matches this config and its export is unchanged; None if there is none."""
+    """The generation's record if it matches this config and its export is unchanged, else None.
+
+    A stale record (another config, or an export changed since) is discarded with the stores of
+    its model: the generation is trained again, and its successors follow, since their
+    fingerprints hold its export's checksum.
+    """
     path = _record_path(layout, name)
     if not artifacts.is_file(path):
         return None
     record = json.loads(artifacts.read_text(path))
-    if record["fingerprint"] != fingerprint:
-        raise ConfigError(f"{path}: generation {name} was made with another config (fingerprint "
-                          f"{record['fingerprint']}, this config's {fingerprint}); retraining it would overwrite "
-                          "its model and stores under the generations trained against it: use a new output_dir")
-    sha = load_model_meta(layout.model_dir(name))["sha256"]
-    if sha != record["model_sha"]:
-        raise DataError(f"{layout.model_dir(name)} changed since {path} recorded it (sha256 {sha[:8]}, recorded "
-                        f"{record['model_sha'][:8]}): use a new output_dir")
-    return record
+    meta = child(layout.model_dir(name), "model.json")
+    sha = load_model_meta(layout.model_dir(name))["sha256"] if artifacts.is_file(meta) else None
+    if record["fingerprint"] == fingerprint and sha == record["model_sha"]:
+        return record
+    why = "its config changed" if record["fingerprint"] != fingerprint else "its export changed since it was recorded"
+    log.warning("generation %s: %s; training it again (its feature stores are removed)", name, why)
+    _discard(layout, name)
+    return None
 
 
 def _validation(metrics: dict) -> dict[str, float]:
