@@ -66,7 +66,8 @@ def _backfill_table(runs: Sequence[dict], generations: Sequence[dict], top1: Seq
              "At each upgrade a share f of the test gallery (a fresh random order per upgrade) is re-embedded by "
              "the new generation; the other items keep the feature of the generation that last embedded them. "
              "The new generation's queries search the mixed gallery, each item through its generation's "
-             "compatible slice. For reference, no backfill is M[t][1] and a full backfill M[t][t].", "",
+             "compatible slice. For reference, the last column: no backfill (the matrix's first column) and a full "
+             "backfill (its diagonal).", "",
              "| f | generation | top-1 | mAP | items per generation | top-1 without / with full backfill |",
              "|---|---|---|---|---|---|"]
     for run in runs:
