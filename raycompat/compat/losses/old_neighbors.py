@@ -79,6 +79,7 @@ class OldNeighborLoss(nn.Module):
                             f"got shape {tuple(labels.shape)}")
         # One-hot labels: class sums of the neighbour weights are then one matrix product.
         self.register_buffer("onehot", F.one_hot(labels.detach().long()).float())
+        self.register_buffer("labels", labels.detach().long())
         self.scale = float(scale)
         if relative:
             sigma = spread(self.feats)
@@ -155,9 +156,12 @@ class OldNeighborLoss(nn.Module):
                 loss = -(self.nbr_w[idx].to(query.dtype) * (target_logits - log_z[:, None])).sum(dim=1)
             else:
                 with torch.no_grad():
-                    mates = (onehot[:, labels].T > 0).index_put((rows, col[rows]), torch.tensor(False))
+                    cand_labels = self.labels if every else self.labels[cand]
+                    mates = labels[:, None] == cand_labels[None, :]
+                    mates[rows, col[rows]] = False
                     old_logits = self.scale * self.feats[idx].to(feats.dtype) @ feats.T
-                    target = old_logits.masked_fill(~mates, float("-inf")).softmax(dim=1).nan_to_num(0.0)
+                    # A row without class-mates is all -inf: softmax gives NaN there, read as weight 0.
+                    target = torch.where(mates, old_logits, float("-inf")).softmax(dim=1).nan_to_num_(0.0)
                 loss = -(target.to(logits.dtype) * (logits - log_z[:, None])).sum(dim=1)
             return loss[valid].mean()
         same = (weights @ onehot).gather(1, labels[:, None]).squeeze(1)
