@@ -166,4 +166,6 @@ def test_chain_is_a_job_stage():
     from raycompat.pipeline.jobs import entrypoint
 
     assert entrypoint("chain", ["--config", "c.yaml"]) == "python jobs/chain.py --config c.yaml"
-    assert (Path(__file__).resolve().parents[1] / "jobs" / "chain.py").is_file()
+    assert entrypoint("bench-chain", ["--out-dir", "d"]) == "python jobs/bench_chain.py --out-dir d"
+    for job in ("chain.py", "bench_chain.py"):
+        assert (Path(__file__).resolve().parents[1] / "jobs" / job).is_file()

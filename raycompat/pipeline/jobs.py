@@ -25,6 +25,7 @@ STAGES = {
     "train-side-info": "train_side_info.py", "train-fct": "train_fct.py", "transform": "transform.py",
     "tune": "tune.py", "eval": "eval.py", "backfill-report": "backfill_report.py", "bench-quality": "bench_quality.py",
     "measure-costs": "measure_costs.py", "fit-compat": "fit_compat.py", "chain": "chain.py",
+    "bench-chain": "bench_chain.py",
 }
 # Never uploaded with the job: outputs, caches, VCS data.
 EXCLUDES = ["runs/", ".git/", "**/__pycache__/", "*.egg-info/", ".pytest_cache/"]
