@@ -110,3 +110,41 @@ def test_bench_summary_and_criterion():
            "machine": {"cores": 2}, "seconds": 9.0}
     md = render(doc)
     assert "| nifcl+rw | 1.000 | 63.67 | 1.000 | 43.67 | 1.50 | none |" in md and "| bct | 0.000 |" in md
+
+
+def test_bench_runs_every_chain_with_every_method(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from raycompat.chain.bench_config import ChainBenchConfig
+    from raycompat.configio import from_dict
+    from raycompat.pipeline import chain_bench
+
+    cfg = from_dict(ChainBenchConfig, {
+        "output_dir": str(tmp_path / "runs"), "chain": {"data": {"name": "digits"}},
+        "chains": {"classes": [{"classes": [0, 1]}, {"classes": [0, 1, 2]}], "data": [{"fraction": 0.5}, {"fraction": 1.0}]},
+        "methods": {"l2": {"method": "l2"}, "nifcl+rw": {"method": "nifcl", "compat": {"random_walk": {"enabled": True}}}}})
+    ran = []
+
+    def fake_run_chain(run_cfg, progress=None):
+        # What run_chain leaves: <output_dir>/chain/report.md beside metrics.json.
+        ran.append((run_cfg.output_dir, run_cfg.kind, run_cfg.method, run_cfg.compat.random_walk.enabled))
+        out = Path(run_cfg.output_dir) / "chain"
+        out.mkdir(parents=True)
+        top = [[50.0], [51.0 if run_cfg.method == "nifcl" else 49.0, 60.0]]
+        (out / "metrics.json").write_text(json.dumps({
+            "top1": chain_summary(top), "mAP": chain_summary(top), "negative_flips": [2.0],
+            "generations": [{"seconds": 1.0}, {"seconds": 2.0}]}))
+        return out / "report.md"
+
+    monkeypatch.setattr(chain_bench, "run_chain", fake_run_chain)
+    path = chain_bench.run_chain_bench(cfg, tmp_path / "results", name="chain_test", command="raycompat bench chain")
+    runs = tmp_path / "runs"
+    assert ran == [(f"{runs}/classes/l2", "class", "l2", False), (f"{runs}/classes/nifcl+rw", "class", "nifcl", True),
+                   (f"{runs}/data/l2", "data", "l2", False), (f"{runs}/data/nifcl+rw", "data", "nifcl", True)]
+    doc = json.loads(path.read_text())
+    for chain in ("classes", "data"):
+        methods = doc["chains"][chain]["methods"]
+        assert methods["nifcl+rw"]["AC"] == 1.0 and methods["l2"]["AC"] == 0.0
+        assert methods["l2"]["matrix_top1"] == [[50.0], [49.0, 60.0]]
+    assert "Criterion not checked" in path.with_suffix(".md").read_text()  # no bct among these methods
