@@ -184,6 +184,7 @@ def render(doc: dict[str, Any], notes: str | None = None) -> str:
     """
     recipe = doc["recipe"]
     lines = ["# Protocol suite", "", f"    {doc['command']}", "",
+             *([f"Re-rendered (nothing measured) by `{doc['rendered_by']}`.", ""] if doc.get("rendered_by") else []),
              f"- machine: {doc['machine']['cores']} cores, torch {doc['machine']['torch']}, "
              f"{doc['machine']['platform']}; date {doc['date']}; wall time {doc['wall_s']:.0f} s "
              f"({doc['units_run']} of {doc['units_total']} units run by this command, the rest resumed)",
