@@ -45,6 +45,12 @@ def test_readme_config_loads_and_validates(name, monkeypatch):
 
         cfg = load_chain_bench_config(path)
         assert cfg.run_config(next(iter(cfg.chains)), next(iter(cfg.methods)))
+    elif "protocols" in data:
+        from raycompat.configio import load_config
+        from raycompat.suite.config import SuiteConfig
+
+        cfg = load_config(path, SuiteConfig)
+        assert cfg.protocols and cfg.recipe in {*cfg.methods, cfg.fit.label}
     elif "search" in data or "space" in data:
         assert load_search_config(path).space
     else:
