@@ -32,10 +32,10 @@ from raycompat.backfill.presets import default_strategies
 from raycompat.backfill.quality import load_quality
 from raycompat.backfill.report import run_backfill_report
 from raycompat.backfill.units import parse_count
-from raycompat.config import ModelConfig
+from raycompat.models.config import ModelConfig
 from raycompat.configio import from_dict
 from raycompat.errors import RaycompatError
-from raycompat.models.fct_config import SideInfoConfig, TransformationConfig
+from raycompat.models.config import SideInfoConfig, TransformationConfig
 
 logger = logging.getLogger("backfill_report")
 

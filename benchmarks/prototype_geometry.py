@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raycompat.config import load_pipeline_config
+from raycompat.pipeline.config import load_pipeline_config
 from raycompat.data.feature_store import FeatureStore
 from raycompat.layout import Layout
 from raycompat.pipeline.bench_quality import method_configs

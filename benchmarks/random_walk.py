@@ -32,7 +32,7 @@ import torch
 
 from raycompat.compat.knn_graph import knn_search, knn_transition_matrix
 from raycompat.compat.random_walk import dense_random_walk, random_walk, refine
-from raycompat.config import RandomWalkConfig
+from raycompat.compat.config import RandomWalkConfig
 
 logger = logging.getLogger("benchmarks.random_walk")
 

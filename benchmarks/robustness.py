@@ -41,7 +41,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from raycompat.models.random_features import RandomConvFeatures  # noqa: E402
-from raycompat.config import ModelConfig, NewConfig, OptimConfig, ProtocolConfig  # noqa: E402
+from raycompat.data.config import ProtocolConfig  # noqa: E402
+from raycompat.models.config import ModelConfig  # noqa: E402
+from raycompat.training.config import NewConfig, OptimConfig  # noqa: E402
 from raycompat.configio import from_dict  # noqa: E402
 from raycompat.data.datasets import Dataset, ImageSet, load_digits, load_fashion_mnist, stratified_subsample  # noqa: E402
 from raycompat.data.protocols import old_training_set  # noqa: E402

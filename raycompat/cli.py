@@ -23,7 +23,7 @@ DEFAULT_DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 def _load(args: argparse.Namespace, check=None):
     """The command's pipeline config, checked (``check(cfg)``, the command's own checks) before the output probe."""
     from raycompat import storage
-    from raycompat.config import load_pipeline_config
+    from raycompat.pipeline.config import load_pipeline_config
     from raycompat.errors import ConfigError
 
     overrides = {"output_dir": args.out} if getattr(args, "out", None) else None
@@ -299,7 +299,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_fit_compat(args: argparse.Namespace) -> int:
-    from raycompat.config import with_absolute_paths
+    from raycompat.pipeline.config import with_absolute_paths
     from raycompat.errors import ConfigError
     from raycompat.pipeline.fit_compat import build_search, run_fit_compat
 

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from raycompat.config import PipelineConfig
+from raycompat.pipeline.config import PipelineConfig
 from raycompat.errors import ConfigError
 from raycompat.tune_space import ConstraintConfig, ObjectiveConfig, SchedulerConfig, SearchAlgConfig, SearchConfig
 

@@ -9,7 +9,7 @@ from typing import Optional
 from raycompat import artifacts
 from raycompat.artifacts import Location
 from raycompat.backfill.document import recommendation_sentence
-from raycompat.config import PipelineConfig
+from raycompat.pipeline.config import PipelineConfig
 from raycompat.release_gate import gate_lines
 
 PAIRS = ("old/old", "new/new", "new/old")

@@ -22,7 +22,8 @@ from conftest import s3_uri
 from test_backfill_report import config_data, quality_data
 from raycompat import artifacts, storage
 from raycompat.backfill.report import run_backfill_report
-from raycompat.config import ModelConfig, PipelineConfig
+from raycompat.models.config import ModelConfig
+from raycompat.pipeline.config import PipelineConfig
 from raycompat.data.feature_store import FeatureStore, FeatureStoreWriter
 from raycompat.errors import DataError
 from raycompat.layout import Layout

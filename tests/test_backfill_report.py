@@ -517,7 +517,7 @@ def test_screenshot_script_usage_error(tmp_path):
 
 
 def test_pipeline_report_summarises_the_backfill_report(tmp_path, qpath):
-    from raycompat.config import PipelineConfig
+    from raycompat.pipeline.config import PipelineConfig
     from raycompat.report import write_eval_report
 
     html = run_backfill_report(write_config(tmp_path, config_data(qpath)), tmp_path / "eval" / "backfill")

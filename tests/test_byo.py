@@ -27,7 +27,8 @@ from sklearn.datasets import load_digits
 from fixtures.training import small_cfg, write_store
 
 from raycompat.cli import main
-from raycompat.config import ModelConfig, PipelineConfig, load_pipeline_config, with_absolute_paths
+from raycompat.models.config import ModelConfig
+from raycompat.pipeline.config import PipelineConfig, load_pipeline_config, with_absolute_paths
 from raycompat.configio import from_dict
 from raycompat.data.datasets import decode_image, load_digits as load_digits_dataset
 from raycompat.data.feature_store import FeatureStore

@@ -36,7 +36,7 @@ from ray.job_submission import JobSubmissionClient
 from conftest import S3_TEST_ENV, s3_uri
 from raycompat import artifacts
 from raycompat.cluster import LocalCluster
-from raycompat.config import load_pipeline_config
+from raycompat.pipeline.config import load_pipeline_config
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import RaycompatError

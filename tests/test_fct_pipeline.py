@@ -16,7 +16,9 @@ import pytest
 import ray
 import torch
 
-from raycompat.config import DataConfig, PipelineConfig
+from raycompat.data.config import DataConfig
+
+from raycompat.pipeline.config import PipelineConfig
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import SCALAR, FeatureStore, FeatureStoreWriter
 from raycompat.errors import ConfigError, FeatureStoreError

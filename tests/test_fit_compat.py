@@ -17,7 +17,8 @@ import ray
 import yaml
 
 from raycompat.cli import main
-from raycompat.config import DataConfig, PipelineConfig, RayConfig, load_pipeline_config
+from raycompat.data.config import DataConfig
+from raycompat.pipeline.config import PipelineConfig, RayConfig, load_pipeline_config
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStoreWriter
 from raycompat.errors import ConfigError

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from raycompat.config import ModelConfig
+from raycompat.models.config import ModelConfig
 from raycompat.errors import DataError
 from raycompat.models.backbones import CosineClassifier, EmbeddingModel
 from raycompat.models.export import export_model, load_classifier, load_model_meta, sha256_file

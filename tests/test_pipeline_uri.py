@@ -23,7 +23,8 @@ from conftest import s3_uri
 from fixtures.training import small_cfg, write_store
 from raycompat import artifacts
 from raycompat.artifacts import child
-from raycompat.config import DataConfig, PipelineConfig
+from raycompat.data.config import DataConfig
+from raycompat.pipeline.config import PipelineConfig
 from raycompat.configio import to_dict
 from raycompat.data.datasets import load_dataset, load_digits
 from raycompat.data.feature_store import FeatureStore

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from raycompat.cli import main
-from raycompat.config import load_pipeline_config
+from raycompat.pipeline.config import load_pipeline_config
 from raycompat.tune_space import load_search_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from raycompat import release_gate as rg
-from raycompat.config import DataConfig
+from raycompat.data.config import DataConfig
 from raycompat.data.datasets import Dataset, ImageSet, load_digits
 from raycompat.data.protocols import validation_split
 from raycompat.errors import ConfigError, DataError

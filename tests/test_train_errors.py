@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from raycompat.config import DataConfig, PipelineConfig, ProtocolConfig
+from raycompat.data.config import DataConfig, ProtocolConfig
+
+from raycompat.pipeline.config import PipelineConfig
 from raycompat.errors import ConfigError, DataError
 
 

@@ -6,7 +6,8 @@ import torch
 from ray.train import ScalingConfig
 
 from fixtures.training import small_cfg, write_store
-from raycompat.config import DataConfig, NewConfig
+from raycompat.data.config import DataConfig
+from raycompat.training.config import NewConfig
 from raycompat.data.datasets import load_digits
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import DataError, FeatureStoreError

@@ -21,7 +21,9 @@ import pytest
 import ray
 from ray import tune
 
-from raycompat.config import DataConfig, PipelineConfig, RayConfig, load_pipeline_config
+from raycompat.data.config import DataConfig
+
+from raycompat.pipeline.config import PipelineConfig, RayConfig, load_pipeline_config
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStoreWriter
 from raycompat.errors import ConfigError, FeatureStoreError

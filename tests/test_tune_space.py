@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raycompat.config import PipelineConfig, load_pipeline_config
+from raycompat.pipeline.config import PipelineConfig, load_pipeline_config
 from raycompat.configio import to_dict
 from raycompat.errors import ConfigError
 from raycompat.tune_space import (

@@ -28,7 +28,7 @@ from raycompat.backfill.presets import default_strategies
 from raycompat.backfill.quality import parse_quality
 from raycompat.backfill.report import write_backfill_report
 from raycompat.backfill_order import order_random
-from raycompat.config import PipelineConfig
+from raycompat.pipeline.config import PipelineConfig
 from raycompat.configio import from_dict
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import ConfigError, DataError

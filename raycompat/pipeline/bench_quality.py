@@ -31,7 +31,7 @@ import ray
 from raycompat import storage
 from raycompat.artifacts import Location
 from raycompat.backfill_order import order_by_uncertainty, order_oracle, order_random
-from raycompat.config import PipelineConfig
+from raycompat.pipeline.config import PipelineConfig
 from raycompat.configio import deep_merge, from_dict, to_dict
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import ConfigError

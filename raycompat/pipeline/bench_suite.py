@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 import ray
 
-from raycompat.config import RayConfig
+from raycompat.pipeline.config import RayConfig
 from raycompat.configio import from_dict, to_dict
 from raycompat.pipeline.bench_quality import machine
 from raycompat.pipeline.ray_session import init_ray

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 import ray.data
 import torch
 
-from raycompat.config import ExtractConfig, PipelineConfig
+from raycompat.pipeline.config import ExtractConfig, PipelineConfig
 from raycompat.data.feature_store import FeatureStoreWriter, QuarantineWriter
 from raycompat.errors import ConfigError, DataError
 from raycompat.layout import Layout

@@ -48,13 +48,13 @@ from ray.train.torch import TorchTrainer
 
 from raycompat import artifacts
 from raycompat.artifacts import Location, child
-from raycompat.config import PipelineConfig, with_absolute_paths
+from raycompat.pipeline.config import PipelineConfig, with_absolute_paths
 from raycompat.configio import from_dict, to_dict
 from raycompat.data.feature_store import MISSING_LABEL, FeatureStore
 from raycompat.errors import DataError, FeatureStoreError
 from raycompat.layout import Layout
 from raycompat.models.export import load_classifier, sha256_file
-from raycompat.models.fct_config import TransformationConfig
+from raycompat.models.config import TransformationConfig
 from raycompat.models.transformation import Transformation
 from raycompat.pipeline.ray_session import init_ray
 from raycompat.pipeline.train import scaling_config

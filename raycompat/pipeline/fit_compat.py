@@ -32,7 +32,7 @@ from ray.train import ScalingConfig
 
 from raycompat import artifacts
 from raycompat.artifacts import Location, child
-from raycompat.config import PipelineConfig, with_absolute_paths
+from raycompat.pipeline.config import PipelineConfig, with_absolute_paths
 from raycompat.configio import dump_config
 from raycompat.fit_compat import Budget, build_search, choose_winner, winner_record
 from raycompat.layout import Layout

@@ -29,7 +29,7 @@ import ray
 
 from raycompat import artifacts
 from raycompat.artifacts import child
-from raycompat.config import PipelineConfig
+from raycompat.pipeline.config import PipelineConfig
 from raycompat.configio import to_dict
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStore
@@ -102,7 +102,7 @@ def _measure(backbone: str, images: np.ndarray, transformation_dir: Optional[str
 
     from raycompat.configio import from_dict
     from raycompat.models.extractor import load_extractor
-    from raycompat.models.fct_config import TransformationConfig
+    from raycompat.models.config import TransformationConfig
     from raycompat.pipeline.fct_train import load_transformation
     from raycompat.training.fct import build_transformation
 

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 from raycompat import artifacts
 from raycompat.artifacts import Location, child, staged
-from raycompat.config import PipelineConfig
+from raycompat.pipeline.config import PipelineConfig
 from raycompat.errors import DataError
 from raycompat.evaluation import evaluate_stores
 from raycompat.layout import Layout

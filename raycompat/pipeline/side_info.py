@@ -33,7 +33,7 @@ import torch
 
 from raycompat import artifacts
 from raycompat.artifacts import Location, child
-from raycompat.config import PipelineConfig, with_absolute_paths
+from raycompat.pipeline.config import PipelineConfig, with_absolute_paths
 from raycompat.configio import from_dict, to_dict
 from raycompat.data.datasets import load_dataset
 from raycompat.data.protocols import old_training_set

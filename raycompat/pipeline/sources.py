@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 from raycompat import errors, storage
-from raycompat.config import PipelineConfig
+from raycompat.pipeline.config import PipelineConfig
 from raycompat.data.datasets import IMAGE_SUFFIXES, ImageSet, decode_image, load_dataset
 from raycompat.errors import DataError
 from raycompat.layout import Layout

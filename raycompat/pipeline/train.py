@@ -45,7 +45,7 @@ from ray.train.torch import TorchTrainer
 
 from raycompat import artifacts
 from raycompat.artifacts import Location
-from raycompat.config import PipelineConfig, with_absolute_paths
+from raycompat.pipeline.config import PipelineConfig, with_absolute_paths
 from raycompat.configio import from_dict, to_dict
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStore, require_finite

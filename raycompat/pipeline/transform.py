@@ -36,7 +36,7 @@ import torch
 
 from raycompat import artifacts, storage
 from raycompat.artifacts import Location
-from raycompat.config import PipelineConfig
+from raycompat.pipeline.config import PipelineConfig
 from raycompat.data.feature_store import MISSING_LABEL, SCALAR, FeatureStore, FeatureStoreWriter
 from raycompat.errors import DataError, FeatureStoreError, RaycompatError
 from raycompat.layout import Layout

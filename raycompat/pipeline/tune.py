@@ -46,7 +46,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from raycompat import artifacts
 from raycompat.artifacts import Location, child
-from raycompat.config import PipelineConfig, RayConfig, with_absolute_paths
+from raycompat.pipeline.config import PipelineConfig, RayConfig, with_absolute_paths
 from raycompat.configio import dump_config, from_dict, to_dict
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import ConfigError, RaycompatError

@@ -20,7 +20,11 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from raycompat.config import DataConfig, ModelConfig, OptimConfig, ProtocolConfig
+from raycompat.data.config import DataConfig, ProtocolConfig
+
+from raycompat.models.config import ModelConfig
+
+from raycompat.training.config import OptimConfig
 from raycompat.data.datasets import Dataset, ImageSet, load_dataset
 from raycompat.data.protocols import old_training_set, validation_split
 from raycompat.models.backbones import CosineClassifier, EmbeddingClassifier, EmbeddingModel

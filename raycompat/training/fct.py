@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from raycompat.compat.losses.fastfill import fastfill_loss
 from raycompat.errors import ConfigError, DataError
-from raycompat.models.fct_config import TransformationConfig
+from raycompat.models.config import TransformationConfig
 from raycompat.models.transformation import Transformation
 
 logger = logging.getLogger(__name__)

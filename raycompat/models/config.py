@@ -1,14 +1,29 @@
-"""Configs of FCT / FastFill: the side-information model and the transformation h.
+"""The models layer's configs: the backbone, the FCT side-information model psi and the
+transformation h.
 
-Both load from YAML through :func:`raycompat.configio.from_dict`; ``validate``
-rejects out-of-range values with a one-line ConfigError naming the dotted key.
+Loaded through :mod:`raycompat.configio`; ``validate`` rejects out-of-range values
+with a one-line ConfigError naming the dotted key.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from raycompat.configio import check, join
+
+
+@dataclass
+class ModelConfig:
+    """A backbone with an embedding of ``embed_dim`` and a cosine classifier head."""
+
+    arch: Literal["small_cnn", "resnet18", "resnet50"] = "small_cnn"
+    width: int = 32
+    embed_dim: int = 64
+
+    def validate(self, key: str) -> None:
+        check(self.width > 0, join(key, "width"), "must be positive")
+        check(self.embed_dim > 0, join(key, "embed_dim"), "must be positive")
 
 
 @dataclass
