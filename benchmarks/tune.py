@@ -28,7 +28,7 @@ import torch
 from raycompat.configio import to_dict
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import FeatureStoreError
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.pipeline.run import stage_extract_old, stage_train_old
 from raycompat.pipeline.train import old_model_name
 from raycompat.pipeline.tune import init_tune_ray, run_tune

@@ -22,7 +22,7 @@ DEFAULT_DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 def _load(args: argparse.Namespace, check=None):
     """The command's pipeline config, checked (``check(cfg)``, the command's own checks) before the output probe."""
-    from raycompat import storage
+    from raycompat.storage import filesystem
     from raycompat.pipeline.config import load_pipeline_config
     from raycompat.errors import ConfigError
 
@@ -34,7 +34,7 @@ def _load(args: argparse.Namespace, check=None):
         except ConfigError as exc:
             raise ConfigError(f"{args.config}: {exc}") from None
     # Every stage writes under output_dir: a file in the way or a read-only mount fails here, before Ray starts.
-    storage.check_writable_dir(cfg.output_dir, "--out" if overrides else f"{args.config}: output_dir")
+    filesystem.check_writable_dir(cfg.output_dir, "--out" if overrides else f"{args.config}: output_dir")
     return cfg
 
 
@@ -47,9 +47,9 @@ def _stage_bar(total: int, desc: str):
 def cmd_demo(args: argparse.Namespace) -> int:
     import json
 
-    from raycompat.artifacts import child, read_text
+    from raycompat.storage.artifacts import child, read_text
     from raycompat.release_gate import gate_verdict
-    from raycompat.layout import Layout
+    from raycompat.storage.layout import Layout
     from raycompat.pipeline.run import run_pipeline, stage_names
 
     cfg = _load(args)
@@ -117,7 +117,7 @@ def _with_ray(fn: Callable) -> Callable:
 
 def cmd_train_old(args: argparse.Namespace) -> int:
     from raycompat.errors import ConfigError
-    from raycompat.layout import Layout
+    from raycompat.storage.layout import Layout
     from raycompat.pipeline.ray_session import init_ray
     from raycompat.pipeline.run import stage_train_old
 
@@ -153,7 +153,7 @@ def cmd_extract(cfg, args) -> int:
 
 @_with_ray
 def cmd_train(cfg, args) -> int:
-    from raycompat.layout import Layout
+    from raycompat.storage.layout import Layout
     from raycompat.pipeline.run import stage_train_new
     from raycompat.pipeline.train import new_model_name
 
@@ -164,7 +164,7 @@ def cmd_train(cfg, args) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from raycompat.artifacts import read_text
+    from raycompat.storage.artifacts import read_text
     from raycompat.pipeline.run import stage_evaluate, write_evaluation
 
     cfg = _load(args)
@@ -235,14 +235,14 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_suite(args: argparse.Namespace) -> int:
-    from raycompat import storage
+    from raycompat.storage import filesystem
     from raycompat.configio import load_config
     from raycompat.errors import ConfigError
     from raycompat.suite.config import SuiteConfig
 
     cfg = load_config(args.config, SuiteConfig, {"output_dir": args.out} if args.out else None)
-    storage.check_writable_dir(cfg.output_dir, "--out" if args.out else f"{args.config}: output_dir")
-    storage.check_writable_dir(args.out_dir, "--out-dir")
+    filesystem.check_writable_dir(cfg.output_dir, "--out" if args.out else f"{args.config}: output_dir")
+    filesystem.check_writable_dir(args.out_dir, "--out-dir")
     notes = {}
     if args.notes:
         try:
@@ -289,7 +289,7 @@ def _quiet_suite(cfg, args: argparse.Namespace, command: str, notes: dict) -> Pa
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from raycompat.artifacts import child
+    from raycompat.storage.artifacts import child
     from raycompat.pipeline.tune import run_tune
 
     out = run_tune(args.config, output_dir=args.out)

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from raycompat import artifacts
-from raycompat.artifacts import Location
+from raycompat.storage import artifacts
+from raycompat.storage.artifacts import Location
 from raycompat.backfill.document import recommendation_sentence
 from raycompat.pipeline.config import PipelineConfig
 from raycompat.release_gate import gate_lines

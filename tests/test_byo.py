@@ -33,7 +33,7 @@ from raycompat.configio import from_dict
 from raycompat.data.datasets import decode_image, load_digits as load_digits_dataset
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import ConfigError, DataError
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.models.backbones import CosineClassifier, EmbeddingClassifier, EmbeddingModel
 from raycompat.models.export import export_model, load_classifier_file
 from raycompat.models.extractor import load_extractor

@@ -34,13 +34,13 @@ import pytest
 from ray.job_submission import JobSubmissionClient
 
 from conftest import S3_TEST_ENV, s3_uri
-from raycompat import artifacts
+from raycompat.storage import artifacts
 from raycompat.cluster import LocalCluster
 from raycompat.pipeline.config import load_pipeline_config
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import RaycompatError
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.pipeline.jobs import EXCLUDES
 from raycompat.pipeline.train import TRAIN_METRICS, new_model_name
 

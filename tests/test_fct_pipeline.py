@@ -22,7 +22,7 @@ from raycompat.pipeline.config import PipelineConfig
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import SCALAR, FeatureStore, FeatureStoreWriter
 from raycompat.errors import ConfigError, FeatureStoreError
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.models.export import export_model
 from raycompat.models.extractor import load_extractor
 from raycompat.pipeline.fct_train import load_transformation, train_transformation_stage

@@ -23,7 +23,7 @@ from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStoreWriter
 from raycompat.errors import ConfigError
 from raycompat.fit_compat import DEFAULT_SPACES, Budget, build_search, choose_winner, winner_record
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.models.extractor import load_extractor
 from raycompat.pipeline.fit_compat import EpochBudgetStopper, export_winner, run_fit_compat
 from raycompat.pipeline.tune import init_tune_ray, trial_scaling

@@ -9,7 +9,7 @@ import ray
 from ray.train import ScalingConfig
 
 from fixtures.training import small_cfg
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.pipeline.train import VALIDATION_OUTCOMES, default_run_name, run_training
 from raycompat.release_gate import load_outcomes
 

@@ -11,7 +11,7 @@ from raycompat.training.config import NewConfig
 from raycompat.data.datasets import load_digits
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import DataError, FeatureStoreError
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.models.extractor import load_extractor
 from raycompat.pipeline.train import run_training
 from raycompat.training.compat_term import build_compat_term

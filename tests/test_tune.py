@@ -27,7 +27,7 @@ from raycompat.pipeline.config import PipelineConfig, RayConfig, load_pipeline_c
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStoreWriter
 from raycompat.errors import ConfigError, FeatureStoreError
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.pipeline.tune import SearchInterrupted, init_tune_ray, param_space, pareto_front, run_tune
 from raycompat.tune_space import ConstraintConfig, ObjectiveConfig, SchedulerConfig, SearchConfig, TrialConfig, \
     apply_params, score

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from raycompat import artifacts
+from raycompat.storage import artifacts
 from raycompat.backfill.config import QualityConfig
 from raycompat.errors import ConfigError, DataError
 

@@ -9,23 +9,14 @@ An exported model directory holds:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 from pathlib import Path
 
 import torch
 
-from raycompat import artifacts
+from raycompat.storage import artifacts
 from raycompat.errors import DataError
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def export_model(
@@ -51,7 +42,7 @@ def export_model(
     torch.save({"weight": classifier_weight.detach().cpu(), "classes": list(classes)}, out / "classifier.pt")
     meta = {
         "name": name, "version": version, "dim": dim, "input_shape": list(image_shape),
-        "input_dtype": "uint8", "sha256": sha256_file(out / "extractor.pt"),
+        "input_dtype": "uint8", "sha256": artifacts.sha256(out / "extractor.pt"),
     }
     (out / "model.json").write_text(json.dumps(meta, indent=2))
     return out

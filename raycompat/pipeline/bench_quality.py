@@ -28,15 +28,15 @@ from typing import Callable, Optional
 import numpy as np
 import ray
 
-from raycompat import storage
-from raycompat.artifacts import Location
+from raycompat.storage import filesystem
+from raycompat.storage.artifacts import Location
 from raycompat.backfill_order import order_by_uncertainty, order_oracle, order_random
 from raycompat.pipeline.config import PipelineConfig
 from raycompat.configio import deep_merge, from_dict, to_dict
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import ConfigError
 from raycompat.evaluation import evaluate_stores
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.pipeline.extract import run_extraction
 from raycompat.pipeline.fct_train import train_transformation_stage, transformation_name
 from raycompat.pipeline.ray_session import init_ray
@@ -95,11 +95,11 @@ def _store_arrays(path: str | Path, ids: np.ndarray, extra: Optional[str] = None
 
 def _drop_stale_store(path: Location, version: str) -> None:
     """Remove the benchmark's own store of an earlier model version (it retrained), so extraction redoes it."""
-    fs, root = storage.resolve(path)
-    manifest = storage.join(root, "_manifest.json")
-    parts = storage.list_files(fs, storage.join(root, "_parts"), ".json")
-    record = manifest if storage.exists(fs, manifest) else (storage.join(root, "_parts", parts[0]) if parts else None)
-    if record is not None and json.loads(storage.read_bytes(fs, record)).get("version") != version:
+    fs, root = filesystem.resolve(path)
+    manifest = filesystem.join(root, "_manifest.json")
+    parts = filesystem.list_files(fs, filesystem.join(root, "_parts"), ".json")
+    record = manifest if filesystem.exists(fs, manifest) else (filesystem.join(root, "_parts", parts[0]) if parts else None)
+    if record is not None and json.loads(filesystem.read_bytes(fs, record)).get("version") != version:
         log.info("bench: %s holds an earlier model version; re-extracting", path)
         fs.delete_dir(root)
 

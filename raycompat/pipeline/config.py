@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from raycompat import storage
+from raycompat.storage import filesystem
 from raycompat.backfill.units import parse_bandwidth
 from raycompat.configio import check, join, load_config
 from raycompat.data.config import DataConfig, ProtocolConfig
@@ -236,9 +236,9 @@ def with_absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
     URIs (``s3://...``) are absolute already and stay as they are.
     """
     root, classifier = cfg.data.root, cfg.old.classifier
-    return replace(cfg, output_dir=storage.absolute(cfg.output_dir),
-                   data=replace(cfg.data, root=None if root is None else storage.absolute(root)),
-                   old=replace(cfg.old, classifier=None if classifier is None else storage.absolute(classifier)))
+    return replace(cfg, output_dir=filesystem.absolute(cfg.output_dir),
+                   data=replace(cfg.data, root=None if root is None else filesystem.absolute(root)),
+                   old=replace(cfg.old, classifier=None if classifier is None else filesystem.absolute(classifier)))
 
 
 def load_pipeline_config(path: str | Path, overrides: dict | None = None) -> PipelineConfig:

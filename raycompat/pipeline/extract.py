@@ -44,7 +44,7 @@ import torch
 from raycompat.pipeline.config import ExtractConfig, PipelineConfig
 from raycompat.data.feature_store import FeatureStoreWriter, QuarantineWriter
 from raycompat.errors import ConfigError, DataError
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.models.extractor import Extractor, load_extractor
 from raycompat.pipeline.ray_session import cluster_cpus_gpus, init_ray
 from raycompat.pipeline.sources import (

@@ -46,14 +46,14 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
-from raycompat import artifacts
-from raycompat.artifacts import Location, child
+from raycompat.storage import artifacts
+from raycompat.storage.artifacts import Location, child
 from raycompat.pipeline.config import PipelineConfig, with_absolute_paths
 from raycompat.configio import from_dict, to_dict
 from raycompat.data.feature_store import MISSING_LABEL, FeatureStore
 from raycompat.errors import DataError, FeatureStoreError
-from raycompat.layout import Layout
-from raycompat.models.export import load_classifier, sha256_file
+from raycompat.storage.layout import Layout
+from raycompat.models.export import load_classifier
 from raycompat.models.config import TransformationConfig
 from raycompat.models.transformation import Transformation
 from raycompat.pipeline.ray_session import init_ray
@@ -179,7 +179,7 @@ def save_transformation(model_dir: Path, model: Transformation, meta: dict[str, 
     tmp = model_dir / f"{STATE_FILE}.tmp"
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
     tmp.replace(model_dir / STATE_FILE)
-    meta = {**meta, "version": sha256_file(model_dir / STATE_FILE)[:_FINGERPRINT_CHARS]}
+    meta = {**meta, "version": artifacts.sha256(model_dir / STATE_FILE)[:_FINGERPRINT_CHARS]}
     tmp_meta = model_dir / f"{META_FILE}.tmp"
     tmp_meta.write_text(json.dumps(meta, indent=2))
     tmp_meta.replace(model_dir / META_FILE)
@@ -201,7 +201,7 @@ def load_transformation(model_dir: str | Path) -> tuple[Transformation, dict[str
     meta = json.loads((local / META_FILE).read_text())
     if meta.get("kind") != KIND:
         raise DataError(f"{meta_path}: not an FCT transformation (kind {meta.get('kind')!r})")
-    if sha256_file(local / STATE_FILE)[:_FINGERPRINT_CHARS] != meta["version"]:
+    if artifacts.sha256(local / STATE_FILE)[:_FINGERPRINT_CHARS] != meta["version"]:
         raise DataError(f"{state_path} is not the state {meta_path} describes (version {meta['version']})")
     return transformation_from_state(meta, torch.load(local / STATE_FILE, map_location="cpu")), meta
 

@@ -30,12 +30,12 @@ from typing import Any, Optional
 from ray import tune
 from ray.train import ScalingConfig
 
-from raycompat import artifacts
-from raycompat.artifacts import Location, child
+from raycompat.storage import artifacts
+from raycompat.storage.artifacts import Location, child
 from raycompat.pipeline.config import PipelineConfig, with_absolute_paths
 from raycompat.configio import dump_config
 from raycompat.fit_compat import Budget, build_search, choose_winner, winner_record
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.pipeline.train import TRAIN_METRICS, new_model_name, run_training
 from raycompat.pipeline.tune import run_tune, trial_scaling
 from raycompat.tune_space import REPORTED_METRICS, apply_params

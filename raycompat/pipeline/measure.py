@@ -27,14 +27,14 @@ from typing import Any, Optional
 import numpy as np
 import ray
 
-from raycompat import artifacts
-from raycompat.artifacts import child
+from raycompat.storage import artifacts
+from raycompat.storage.artifacts import child
 from raycompat.pipeline.config import PipelineConfig
 from raycompat.configio import to_dict
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import ConfigError
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.pipeline.fct_train import transformation_name
 from raycompat.pipeline.ray_session import init_ray
 from raycompat.pipeline.train import new_model_name, old_model_name

@@ -19,12 +19,12 @@ import logging
 import time
 from typing import Callable, Optional
 
-from raycompat import artifacts
-from raycompat.artifacts import Location, child, staged
+from raycompat.storage import artifacts
+from raycompat.storage.artifacts import Location, child, staged
 from raycompat.pipeline.config import PipelineConfig
 from raycompat.errors import DataError
 from raycompat.evaluation import evaluate_stores
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.models.export import load_model_meta
 from raycompat.pipeline.backfill_stage import stage_backfill_report
 from raycompat.pipeline.extract import ExtractorSpec, ProgressHook, run_extraction

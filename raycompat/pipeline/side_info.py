@@ -31,15 +31,14 @@ from typing import Any
 import ray
 import torch
 
-from raycompat import artifacts
-from raycompat.artifacts import Location, child
+from raycompat.storage import artifacts
+from raycompat.storage.artifacts import Location, child
 from raycompat.pipeline.config import PipelineConfig, with_absolute_paths
 from raycompat.configio import from_dict, to_dict
 from raycompat.data.datasets import load_dataset
 from raycompat.data.protocols import old_training_set
 from raycompat.errors import ConfigError, DataError
-from raycompat.layout import Layout
-from raycompat.models.export import sha256_file
+from raycompat.storage.layout import Layout
 from raycompat.models.side_info import SideInfoModel, build_side_info_model, train_side_info
 from raycompat.pipeline.extract import ExtractorSpec
 from raycompat.pipeline.ray_session import cluster_cpus_gpus, init_ray
@@ -95,7 +94,7 @@ def export_side_model(model: SideInfoModel, out_dir: Path, name: str, version: s
     meta = {
         "name": name, "version": version, "dim": model.dim,
         "input_shape": [model.in_channels, model.image_size, model.image_size], "input_dtype": "uint8",
-        "sha256": sha256_file(out_dir / "extractor.pt"), "kind": KIND, **extra,
+        "sha256": artifacts.sha256(out_dir / "extractor.pt"), "kind": KIND, **extra,
     }
     tmp_meta = out_dir / "model.json.tmp"
     tmp_meta.write_text(json.dumps(meta, indent=2))

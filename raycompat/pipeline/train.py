@@ -43,15 +43,15 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 
-from raycompat import artifacts
-from raycompat.artifacts import Location
+from raycompat.storage import artifacts
+from raycompat.storage.artifacts import Location
 from raycompat.pipeline.config import PipelineConfig, with_absolute_paths
 from raycompat.configio import from_dict, to_dict
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStore, require_finite
 from raycompat.data.protocols import old_training_set, resolve_old_classes, validation_split
 from raycompat.errors import DataError
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.models.backbones import (
     CosineClassifier,
     EmbeddingClassifier,

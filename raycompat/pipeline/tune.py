@@ -44,13 +44,13 @@ from ray import tune
 from ray.train import ScalingConfig, UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from raycompat import artifacts
-from raycompat.artifacts import Location, child
+from raycompat.storage import artifacts
+from raycompat.storage.artifacts import Location, child
 from raycompat.pipeline.config import PipelineConfig, RayConfig, with_absolute_paths
 from raycompat.configio import dump_config, from_dict, to_dict
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import ConfigError, RaycompatError
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.pipeline.ray_session import cluster_cpus_gpus, init_ray
 from raycompat.pipeline.train import build_trainer, old_model_name, run_training
 from raycompat.tune_space import (
