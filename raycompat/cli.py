@@ -48,7 +48,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import json
 
     from raycompat.storage.artifacts import child, read_text
-    from raycompat.release_gate import gate_verdict
+    from raycompat.retrieval.release_gate import gate_verdict
     from raycompat.storage.layout import Layout
     from raycompat.pipeline.run import run_pipeline, stage_names
 

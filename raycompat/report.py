@@ -10,7 +10,7 @@ from raycompat.storage import artifacts
 from raycompat.storage.artifacts import Location
 from raycompat.backfill.document import recommendation_sentence
 from raycompat.pipeline.config import PipelineConfig
-from raycompat.release_gate import gate_lines
+from raycompat.retrieval.release_gate import gate_lines
 
 PAIRS = ("old/old", "new/new", "new/old")
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raycompat.backfill_order import order_by_uncertainty, order_oracle, order_random
+from raycompat.retrieval.backfill_order import order_by_uncertainty, order_oracle, order_random
 from raycompat.errors import ConfigError, DataError
 from raycompat.models.config import TransformationConfig
 from raycompat.training.fct import build_transformation, train_transformation, transform_features

@@ -427,7 +427,7 @@ def test_storage_helpers(tmp_path, monkeypatch):
 
 
 def test_evaluate_refuses_a_store_rewritten_after_it_was_written(tmp_path):
-    from raycompat.evaluation import evaluate_stores
+    from raycompat.retrieval.evaluate_stores import evaluate_stores
 
     _store(tmp_path / "old")
     _store(tmp_path / "new", model="new")
@@ -437,8 +437,18 @@ def test_evaluate_refuses_a_store_rewritten_after_it_was_written(tmp_path):
         evaluate_stores(tmp_path / "old", tmp_path / "new")
 
 
+def test_evaluate_refuses_new_features_narrower_than_the_old(tmp_path):
+    from raycompat.retrieval.evaluate_stores import evaluate_stores
+
+    _store(tmp_path / "old")
+    _store(tmp_path / "new", model="new", dim=DIM - 2)
+    with pytest.raises(DataError, match=rf"{tmp_path / 'new'} against {tmp_path / 'old'}: new features have 6 dims, "
+                                        r"fewer than the old features' 8"):
+        evaluate_stores(tmp_path / "old", tmp_path / "new")
+
+
 def test_evaluate_names_the_store_and_record_of_non_finite_features(tmp_path):
-    from raycompat.evaluation import evaluate_stores
+    from raycompat.retrieval.evaluate_stores import evaluate_stores
 
     _store(tmp_path / "old")
     writer = FeatureStoreWriter(tmp_path / "new", "new", "1", DIM)

@@ -32,7 +32,7 @@ from raycompat.storage.layout import Layout
 from raycompat.models.extractor import load_extractor
 from raycompat.pipeline.run import run_pipeline, stage_evaluate, write_evaluation
 from raycompat.pipeline.train import TRAIN_METRICS, VALIDATION_OUTCOMES, new_model_name, run_training
-from raycompat.release_gate import cheapest_backfill, save_outcomes
+from raycompat.retrieval.release_gate import cheapest_backfill, save_outcomes
 from raycompat.retrieval.evaluate import cross_model_matrix
 from raycompat.pipeline.tune import EpochMetricsLog, _check_same_search, search_dir, write_outputs
 from raycompat.tune_space import SearchConfig

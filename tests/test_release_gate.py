@@ -5,7 +5,7 @@ import io
 import numpy as np
 import pytest
 
-from raycompat import release_gate as rg
+from raycompat.retrieval import release_gate as rg
 from raycompat.data.config import DataConfig
 from raycompat.data.datasets import Dataset, ImageSet, load_digits
 from raycompat.data.protocols import validation_split

@@ -11,7 +11,7 @@ from ray.train import ScalingConfig
 from fixtures.training import small_cfg
 from raycompat.storage.layout import Layout
 from raycompat.pipeline.train import VALIDATION_OUTCOMES, default_run_name, run_training
-from raycompat.release_gate import load_outcomes
+from raycompat.retrieval.release_gate import load_outcomes
 
 pytestmark = pytest.mark.ray
 

@@ -207,7 +207,7 @@ def _train_new(out, monkeypatch, old_train, poison_test=False):
 def test_training_reads_validation_never_test(tmp_path, monkeypatch):
     from raycompat.data.protocols import validation_split
     from raycompat.pipeline.train import VALIDATION_OUTCOMES
-    from raycompat.release_gate import load_outcomes
+    from raycompat.retrieval.release_gate import load_outcomes
 
     ds = load_digits()
     old_train = np.random.default_rng(0).normal(size=(len(ds.train), 16)).astype(np.float32)

@@ -27,7 +27,7 @@ from raycompat.backfill.config import BackfillConfig
 from raycompat.backfill.presets import default_strategies
 from raycompat.backfill.quality import parse_quality
 from raycompat.backfill.report import write_backfill_report
-from raycompat.backfill_order import order_random
+from raycompat.retrieval.backfill_order import order_random
 from raycompat.pipeline.config import PipelineConfig
 from raycompat.configio import from_dict
 from raycompat.data.feature_store import FeatureStore

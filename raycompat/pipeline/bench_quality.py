@@ -10,7 +10,7 @@ partial backfill of the transformed gallery. Writes ``<name>.json``,
 ``<name>_curves.png`` (the result files are listed in benchmarks/README.md); the
 summary ends with each acceptance criterion, checked against the measured numbers, and
 each method's release gate (validation and test intervals, see
-:mod:`raycompat.release_gate`) with, where it says no, the cheapest measured
+:mod:`raycompat.retrieval.release_gate`) with, where it says no, the cheapest measured
 strategy that reaches old/old quality.
 """
 
@@ -30,12 +30,12 @@ import ray
 
 from raycompat.storage import filesystem
 from raycompat.storage.artifacts import Location
-from raycompat.backfill_order import order_by_uncertainty, order_oracle, order_random
+from raycompat.retrieval.backfill_order import order_by_uncertainty, order_oracle, order_random
 from raycompat.pipeline.config import PipelineConfig
 from raycompat.configio import deep_merge, from_dict, to_dict
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import ConfigError
-from raycompat.evaluation import evaluate_stores
+from raycompat.retrieval.evaluate_stores import evaluate_stores
 from raycompat.storage.layout import Layout
 from raycompat.pipeline.extract import run_extraction
 from raycompat.pipeline.fct_train import train_transformation_stage, transformation_name
@@ -50,7 +50,7 @@ from raycompat.pipeline.run import (
 from raycompat.pipeline.side_info import side_extractor, train_side_info_stage
 from raycompat.pipeline.train import new_model_name, run_training
 from raycompat.pipeline.transform import SIGMA_COLUMN, run_transform
-from raycompat.release_gate import GATE_METRICS, release_gate
+from raycompat.retrieval.release_gate import GATE_METRICS, release_gate
 from raycompat.retrieval.backfill_curve import DEFAULT_FRACTIONS, backfill_curve, join_curves, plot_curves
 from raycompat.retrieval.evaluate import cross_model_matrix
 

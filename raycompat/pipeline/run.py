@@ -23,14 +23,14 @@ from raycompat.storage import artifacts
 from raycompat.storage.artifacts import Location, child, staged
 from raycompat.pipeline.config import PipelineConfig
 from raycompat.errors import DataError
-from raycompat.evaluation import evaluate_stores
+from raycompat.retrieval.evaluate_stores import evaluate_stores
 from raycompat.storage.layout import Layout
 from raycompat.models.export import load_model_meta
 from raycompat.pipeline.backfill_stage import stage_backfill_report
 from raycompat.pipeline.extract import ExtractorSpec, ProgressHook, run_extraction
 from raycompat.pipeline.ray_session import init_ray
 from raycompat.pipeline.train import VALIDATION_OUTCOMES, new_model_name, old_classifier, old_model_name, run_training
-from raycompat.release_gate import cheapest_backfill, load_outcomes, release_gate
+from raycompat.retrieval.release_gate import cheapest_backfill, load_outcomes, release_gate
 from raycompat.report import write_eval_report
 from raycompat.retrieval.metrics import QueryOutcomes
 
