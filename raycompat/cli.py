@@ -176,7 +176,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 @_with_ray
 def cmd_train_side_info(cfg, args) -> int:
-    from raycompat.pipeline.side_info import train_side_info_stage
+    from raycompat.pipeline.side_info_stage import train_side_info_stage
 
     print(f"side-info model exported under {train_side_info_stage(cfg)}")
     return 0

@@ -22,12 +22,12 @@ from raycompat.pipeline.config import PipelineConfig, RayConfig, load_pipeline_c
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStoreWriter
 from raycompat.errors import ConfigError
-from raycompat.fit_compat import DEFAULT_SPACES, Budget, build_search, choose_winner, winner_record
+from raycompat.pipeline.fit_compat_search import DEFAULT_SPACES, Budget, build_search, choose_winner, winner_record
 from raycompat.storage.layout import Layout
 from raycompat.models.extractor import load_extractor
 from raycompat.pipeline.fit_compat import EpochBudgetStopper, export_winner, run_fit_compat
 from raycompat.pipeline.tune import init_tune_ray, trial_scaling
-from raycompat.tune_space import apply_params
+from raycompat.pipeline.tune_space import apply_params
 
 OLD_DIM = 16
 

@@ -35,7 +35,7 @@ from raycompat.pipeline.train import TRAIN_METRICS, VALIDATION_OUTCOMES, new_mod
 from raycompat.retrieval.release_gate import cheapest_backfill, save_outcomes
 from raycompat.retrieval.evaluate import cross_model_matrix
 from raycompat.pipeline.tune import EpochMetricsLog, _check_same_search, search_dir, write_outputs
-from raycompat.tune_space import SearchConfig
+from raycompat.pipeline.tune_space import SearchConfig
 
 MODEL_FILES = ("extractor.pt", "model.json", "classifier.pt", TRAIN_METRICS)
 

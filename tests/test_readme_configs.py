@@ -11,7 +11,7 @@ import yaml
 
 from raycompat.cli import main
 from raycompat.pipeline.config import load_pipeline_config
-from raycompat.tune_space import load_search_config
+from raycompat.pipeline.tune_space import load_search_config
 
 REPO = Path(__file__).resolve().parents[1]
 NAMED = sorted(set(re.findall(r"(?<![\w/.])((?:raycompat/)?configs/[\w.-]+\.yaml)", (REPO / "README.md").read_text())))

@@ -15,7 +15,7 @@ from raycompat.storage.layout import Layout
 from raycompat.models.extractor import load_extractor
 from raycompat.pipeline.train import run_training
 from raycompat.training.compat_term import build_compat_term
-from raycompat.tune_space import ObjectiveConfig, score
+from raycompat.pipeline.tune_space import ObjectiveConfig, score
 
 
 

@@ -29,7 +29,7 @@ from raycompat.data.feature_store import FeatureStoreWriter
 from raycompat.errors import ConfigError, FeatureStoreError
 from raycompat.storage.layout import Layout
 from raycompat.pipeline.tune import SearchInterrupted, init_tune_ray, param_space, pareto_front, run_tune
-from raycompat.tune_space import ConstraintConfig, ObjectiveConfig, SchedulerConfig, SearchConfig, TrialConfig, \
+from raycompat.pipeline.tune_space import ConstraintConfig, ObjectiveConfig, SchedulerConfig, SearchConfig, TrialConfig, \
     apply_params, score
 
 pytestmark = pytest.mark.ray

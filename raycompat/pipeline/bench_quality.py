@@ -47,7 +47,7 @@ from raycompat.pipeline.run import (
     stage_train_old,
     validation_outcomes,
 )
-from raycompat.pipeline.side_info import side_extractor, train_side_info_stage
+from raycompat.pipeline.side_info_stage import side_extractor, train_side_info_stage
 from raycompat.pipeline.train import new_model_name, run_training
 from raycompat.pipeline.transform import SIGMA_COLUMN, run_transform
 from raycompat.retrieval.release_gate import GATE_METRICS, release_gate

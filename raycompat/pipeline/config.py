@@ -171,12 +171,12 @@ class TrialConfig:
 @dataclass
 class FitCompatConfig:
     """``raycompat fit-compat``: a compact Tune search of the compatibility weights for this old model and data
-    (:mod:`raycompat.fit_compat`), the winner exported as the pipeline's new model."""
+    (:mod:`raycompat.pipeline.fit_compat_search`), the winner exported as the pipeline's new model."""
 
     # Everything the stage trains, in training runs of new.optim.epochs epochs: the reference run,
     # the trials' epochs and the final run.
     budget: float = 4.0
-    # Searched keys, as in a Tune search's space; {} = the method's default (raycompat.fit_compat.DEFAULT_SPACES).
+    # Searched keys, as in a Tune search's space; {} = the method's default (raycompat.pipeline.fit_compat_search.DEFAULT_SPACES).
     space: dict[str, Any] = field(default_factory=dict)
     num_samples: int = 4
     # Sampling seed of the search (null = a different sample each run).

@@ -31,7 +31,7 @@ from raycompat.pipeline.extract import ExtractorSpec, ProgressHook, run_extracti
 from raycompat.pipeline.ray_session import init_ray
 from raycompat.pipeline.train import VALIDATION_OUTCOMES, new_model_name, old_classifier, old_model_name, run_training
 from raycompat.retrieval.release_gate import cheapest_backfill, load_outcomes, release_gate
-from raycompat.report import write_eval_report
+from raycompat.pipeline.eval_report import write_eval_report
 from raycompat.retrieval.metrics import QueryOutcomes
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ benchmark's JSON (plus a fresh measurement of the FCT transformation's
 throughput on this machine, unless --transform-vectors-per-s is given), writes
 it as ``config.yaml`` into --out, then writes the report beside it::
 
-    python benchmarks/backfill_report.py --quality benchmarks/results/quality_fashion_mnist.json \\
+    python benchmarks/backfill_at_scale.py --quality benchmarks/results/quality_fashion_mnist.json \\
         --extraction benchmarks/results/extraction.json --n 1e9 --out benchmarks/results/backfill_1e9
 
 The cluster is --nodes copies of the machine the extraction benchmark ran on,
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         n = parse_count(args.n, "--n")
         if args.transform_vectors_per_s is None:
             tps = measure_transform(args.d_old, args.d_side, args.d_new)
-            tsource = (f"measured by benchmarks/backfill_report.py: raycompat Transformation "
+            tsource = (f"measured by benchmarks/backfill_at_scale.py: raycompat Transformation "
                        f"({args.d_old}+{args.d_side} -> {args.d_new}, default widths, sigma head), "
                        f"torch CPU inference, {os.cpu_count()} cores = {tps:,.0f} vectors/s")
         else:
