@@ -502,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     br = sub.add_parser("backfill-report", help="Cost/quality report of every upgrade strategy at your gallery size.",
                         description="Simulate the backfill of each strategy on your cluster from measured "
                         "throughputs and quality curves; writes report.html, report.md, report.json.")
-    br.add_argument("--config", required=True, help="backfill config YAML (see configs/backfill_example_1e9.yaml)")
+    br.add_argument("--config", required=True, help="backfill config YAML (see raycompat/configs/backfill_example_1e9.yaml)")
     br.add_argument("--out-dir", required=True, help="report folder")
     br.set_defaults(fn=cmd_backfill_report)
     from raycompat.pipeline.jobs import STAGES

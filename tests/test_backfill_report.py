@@ -381,7 +381,7 @@ def test_html_renders_in_headless_chromium(tmp_path, qpath):
 def test_example_config_runs_as_shipped(tmp_path, monkeypatch):
     # As the README runs it: from the checkout, against the committed quality benchmark JSON.
     monkeypatch.chdir(REPO)
-    config = REPO / "configs" / "backfill_example_1e9.yaml"
+    config = REPO / "raycompat" / "configs" / "backfill_example_1e9.yaml"
     assert yaml.safe_load(config.read_text())["gallery"]["size"] == "1e9"
     run_backfill_report(config, tmp_path / "out")
     report = json.loads((tmp_path / "out" / "report.json").read_text())

@@ -35,7 +35,7 @@ from ray.job_submission import JobSubmissionClient
 
 from conftest import S3_TEST_ENV, s3_uri
 from raycompat.storage import artifacts
-from raycompat.cluster import LocalCluster
+from raycompat.local_cluster import LocalCluster
 from raycompat.pipeline.config import load_pipeline_config
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStore

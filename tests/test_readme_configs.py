@@ -19,7 +19,7 @@ NAMED = sorted(set(re.findall(r"(?<![\w/.])((?:raycompat/)?configs/[\w.-]+\.yaml
 
 def test_the_readme_names_the_demo_cluster_and_backfill_configs():
     assert {"raycompat/configs/demo.yaml", "raycompat/configs/cluster_test.yaml",
-            "configs/backfill_example_1e9.yaml"} <= set(NAMED), NAMED
+            "raycompat/configs/backfill_example_1e9.yaml"} <= set(NAMED), NAMED
 
 
 @pytest.mark.parametrize("name", NAMED)

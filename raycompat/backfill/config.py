@@ -1,6 +1,6 @@
 """The backfill-report config: gallery, cluster, measured costs, quality source, strategies.
 
-See ``configs/backfill_example_1e9.yaml`` for a commented example. Sizes and
+See ``raycompat/configs/backfill_example_1e9.yaml`` for a commented example. Sizes and
 bandwidths accept units ("50 kB", "1 GB/s"); the gallery size accepts 1e9 as a
 number or a string. ``validate`` normalises them to plain numbers (bytes,
 an int item count; the bandwidth into ``read_bytes_per_s``, since a plain
