@@ -43,7 +43,7 @@ logger = logging.getLogger("backfill_report")
 def measure_transform(d_old: int, d_side: int, d_new: int) -> float:
     """Vectors/s of raycompat's FCT transformation h (default widths, with FastFill's sigma head) here."""
     from raycompat.pipeline.measure import transformation_vectors_per_s
-    from raycompat.training.fct import build_transformation
+    from raycompat.models.transformation import build_transformation
 
     h = build_transformation(TransformationConfig(uncertainty=True), d_old, d_side, d_new, seed=0)
     return transformation_vectors_per_s(h, d_old, d_side)

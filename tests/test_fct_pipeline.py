@@ -25,7 +25,8 @@ from raycompat.errors import ConfigError, FeatureStoreError
 from raycompat.storage.layout import Layout
 from raycompat.models.export import export_model
 from raycompat.models.extractor import load_extractor
-from raycompat.pipeline.fct_train import load_transformation, train_transformation_stage
+from raycompat.models.export import load_transformation
+from raycompat.pipeline.fct_train import train_transformation_stage
 from raycompat.pipeline.side_info_stage import side_extractor, train_side_info_stage
 from raycompat.pipeline.transform import run_transform
 from raycompat.training.fct import transform_features

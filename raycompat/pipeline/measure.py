@@ -103,8 +103,8 @@ def _measure(backbone: str, images: np.ndarray, transformation_dir: Optional[str
     from raycompat.configio import from_dict
     from raycompat.models.extractor import load_extractor
     from raycompat.models.config import TransformationConfig
-    from raycompat.pipeline.fct_train import load_transformation
-    from raycompat.training.fct import build_transformation
+    from raycompat.models.export import load_transformation
+    from raycompat.models.transformation import build_transformation
 
     torch.set_num_threads(max(1, threads))
     device = "cuda" if torch.cuda.is_available() else "cpu"

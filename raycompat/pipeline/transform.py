@@ -41,7 +41,7 @@ from raycompat.data.feature_store import MISSING_LABEL, SCALAR, FeatureStore, Fe
 from raycompat.errors import DataError, FeatureStoreError, RaycompatError
 from raycompat.storage.layout import Layout
 from raycompat.pipeline.extract import plan_pool
-from raycompat.pipeline.fct_train import load_transformation, transformation_from_state
+from raycompat.models.export import load_transformation, transformation_from_state
 from raycompat.pipeline.ray_session import cluster_cpus_gpus, init_ray
 from raycompat.training.fct import transform_features
 

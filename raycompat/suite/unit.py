@@ -34,7 +34,8 @@ from raycompat.retrieval.evaluate import evaluate, evaluate_per_query
 from raycompat.retrieval.metrics import QueryOutcomes, summarize
 from raycompat.suite.config import ProtocolSpec, SuiteConfig
 from raycompat.training.compat_term import build_compat_term
-from raycompat.training.fct import build_transformation, train_transformation, transform_features
+from raycompat.training.fct import train_transformation, transform_features
+from raycompat.models.transformation import build_transformation
 from raycompat.training.loop import embed, make_loader, seed_everything, train_epoch
 
 log = logging.getLogger(__name__)
