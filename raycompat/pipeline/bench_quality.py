@@ -47,6 +47,7 @@ from raycompat.pipeline.run import (
     stage_train_old,
     validation_outcomes,
 )
+from raycompat.pipeline.stage_clock import StageClock
 from raycompat.pipeline.side_info_stage import side_extractor, train_side_info_stage
 from raycompat.pipeline.train import new_model_name, run_training
 from raycompat.pipeline.transform import SIGMA_COLUMN, run_transform
@@ -121,17 +122,9 @@ def run_bench_quality(cfg: PipelineConfig, out_dir: str | Path, progress: Option
     out.mkdir(parents=True, exist_ok=True)
     methods = method_configs(cfg)
     layout = Layout.of(cfg.output_dir)
-    step = progress or (lambda name: None)
     init_ray(cfg.ray)
-    timings: dict[str, float] = {}
-
-    def timed(name: str, fn: Callable, *args, **kwargs):
-        step(name)
-        t0 = time.perf_counter()
-        value = fn(*args, **kwargs)
-        timings[name] = round(time.perf_counter() - t0, 1)
-        log.info("bench: %s took %.1f s", name, timings[name])
-        return value
+    clock = StageClock(progress)
+    timed = clock.run
 
     timed(black_box_line(cfg) or "train old model", stage_train_old, cfg)
     extractors = [old_extractor_spec(cfg)]
@@ -173,7 +166,7 @@ def run_bench_quality(cfg: PipelineConfig, out_dir: str | Path, progress: Option
         "command": command,
         "machine": machine(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "stage_seconds": timings,
+        "stage_seconds": clock.seconds,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     (out / f"{name}.json").write_text(json.dumps(quality, indent=2))
