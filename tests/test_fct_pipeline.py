@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 
 from raycompat.data.config import DataConfig
@@ -53,16 +52,6 @@ class Projection(torch.nn.Module):
 
 MODELS = {"old": Projection(D_OLD, 1, False), "side": Projection(D_SIDE, 2, False),
           NEW_MODEL: Projection(D_NEW, 3, True)}
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    from ray.data import DataContext
-
-    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
-    DataContext.get_current().enable_progress_bars = False
-    yield ctx
-    ray.shutdown()
 
 
 def features(name: str, images: np.ndarray) -> np.ndarray:

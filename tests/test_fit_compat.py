@@ -170,7 +170,7 @@ def test_the_stage_is_a_job_entrypoint():
 # --- a real search --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ray_session() -> Iterator[None]:
+def tune_ray_session() -> Iterator[None]:
     init_tune_ray(RayConfig(), num_cpus=2, log_to_driver=False, object_store_memory=256 * 2**20)
     yield
     ray.shutdown()
@@ -192,7 +192,7 @@ def output_dir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.ray
-def test_fit_compat_chooses_by_validation_exports_the_winner_within_budget_and_resumes(ray_session, output_dir):
+def test_fit_compat_chooses_by_validation_exports_the_winner_within_budget_and_resumes(tune_ray_session, output_dir):
     cfg = small_config(output_dir)
     cfg.fit_compat.num_samples = 3
     # Wide enough that a trial or more meets the constraint on 80 validation items.

@@ -22,15 +22,6 @@ def test_old_class_ids_outside_the_dataset_are_refused_before_workers_start(tmp_
         build_trainer(cfg, "old")
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024**2)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.ray
 def test_a_workers_raycompat_error_ends_the_run_at_once_as_itself(ray_session, tmp_path):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
