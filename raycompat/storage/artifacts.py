@@ -1,7 +1,7 @@
 """Small artefacts (model directories, reports, metrics, plots) at a local path or a storage URI.
 
 A *location* is a local path (a ``Path``, or a string without a scheme) or a storage URI
-string (``s3://``, ``gs://``, ``file://``, ...: anything :func:`raycompat.storage.resolve`
+string (``s3://``, ``gs://``, ``file://``, ...: anything :func:`raycompat.storage.filesystem.resolve`
 opens). Bulk data (feature stores, gallery shards, Ray Train checkpoints) goes through
 pyarrow filesystems directly; this module is for the small files that libraries (torch,
 matplotlib, the report writers) read and write as local files:
@@ -132,7 +132,10 @@ def read_text(location: Location) -> str:
 
 
 def write_bytes(location: Location, data: bytes) -> None:
-    """Write file ``location`` atomically (see :func:`raycompat.storage.atomic_write`), creating its directory."""
+    """Write file ``location`` atomically, creating its directory.
+
+    See :func:`raycompat.storage.filesystem.atomic_write`.
+    """
     fs, path = filesystem.resolve(location)
     filesystem.makedirs(fs, filesystem.parent(path))
     filesystem.atomic_write_bytes(fs, path, data)
