@@ -249,6 +249,12 @@ def cmd_bench_suite(args: argparse.Namespace) -> int:
             notes = {"notes": Path(args.notes).read_text(), "notes_file": args.notes}
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"--notes {args.notes}: cannot be read ({exc})") from None
+    if args.render_only:
+        from raycompat.pipeline.bench_suite import rerender
+
+        path = rerender(cfg, args.out_dir, args.name, **notes)
+        print(f"results: {path}, {path.with_suffix('.md')} (re-rendered, nothing measured)")
+        return 0
     command = shlex.join(["raycompat", *sys.argv[1:]])
     run = _run_suite_verbose if args.verbose else _quiet_suite
     path = run(cfg, args, command, notes)
@@ -491,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--out-dir", required=True, help="where the results go")
     bs.add_argument("--name", default="suite", help="results are <out-dir>/<name>.json, <name>.md")
     bs.add_argument("--notes", help="Markdown file: the reading of the results, the Diagnosis section of <name>.md")
+    bs.add_argument("--render-only", action="store_true",
+                    help="re-write <name>.md from an existing <name>.json measured with this config (e.g. to "
+                         "add --notes); runs nothing")
     bs.set_defaults(fn=cmd_bench_suite)
     tn = sub.add_parser("tune", help="Ray Tune search over the compatibility-loss weights.",
                         description="Ray Tune search (ASHA) over loss weights; resumes an interrupted search.")

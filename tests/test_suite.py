@@ -111,6 +111,44 @@ def test_per_seed_margins_and_the_diagnosis_section():
     assert "## Diagnosis" not in render(doc)
 
 
+def test_gallery_density_separates_the_split_from_its_size():
+    a, b = _unit(0, (70, 40), (80, 50), (79, 60), (72, 45)), _unit(1, (74, 44), (84, 52), (81, 62), (73, 47))
+    for u, (old, new) in ((a, (80.0, 84.0)), (b, (82.0, 85.0))):
+        u.update({"n_val": 300, "n_test": 1000})
+        u["old/old"]["test_at_val_size"] = {"top1": old, "mAP": 50.0, "size": 300, "repeats": 5}
+        u["methods"]["nifcl"]["new/old"]["test_at_val_size"] = {"top1": new, "mAP": 51.0, "size": 300, "repeats": 5}
+    doc = summarize([a, b], "nifcl")
+    d = doc["gallery_density"]["p"]
+    assert d["test at val size"] == pytest.approx(3.5) and d["test"] == pytest.approx(0.5)
+    assert d["val"] == pytest.approx(0.5) and (d["n_val"], d["n_test"]) == (300, 1000)
+    doc.update({"command": "c", "machine": {"cores": 2, "torch": "t", "platform": "x"}, "date": "d", "wall_s": 1.0,
+                "units_run": 2, "units_total": 2})
+    assert "| p | +0.50 | +3.50 | +0.50 | 300 / 1000 |" in render(doc)
+    assert summarize([_unit(0, (70, 40), (80, 50), (79, 60), (72, 45))], "nifcl")["gallery_density"] == {}
+
+
+def test_subset_summary_is_the_split_at_full_size_and_shares_subsets_between_pairs():
+    from raycompat.data.datasets import ImageSet
+    from raycompat.retrieval.evaluate import evaluate
+    from raycompat.suite.unit import subset_summary
+
+    rng = np.random.default_rng(3)
+    n = 120
+    labels = rng.integers(0, 4, n)
+    images = ImageSet(np.zeros((n, 1, 2, 2), np.uint8), labels, np.array([f"i{k}" for k in range(n)]))
+    q = rng.normal(size=(n, 8)).astype(np.float32) + labels[:, None]
+    g = rng.normal(size=(n, 6)).astype(np.float32) + labels[:, None]
+    full = evaluate(q[:, :6], labels, g, labels, query_ids=images.ids, gallery_ids=images.ids)
+    whole = subset_summary(q, g, images, n + 5, 3)
+    assert (whole["top1"], whole["mAP"], whole["size"]) == (pytest.approx(full["top1"]), pytest.approx(full["mAP"]), n)
+    part = subset_summary(q, g, images, 40, 4)
+    assert part == subset_summary(q, g, images, 40, 4) and part["size"] == 40
+    idx = np.sort(np.random.default_rng(0).choice(n, 40, replace=False))
+    first = evaluate(q[idx, :6], labels[idx], g[idx], labels[idx], query_ids=images.ids[idx], gallery_ids=images.ids[idx])
+    one = subset_summary(q, g, images, 40, 1)
+    assert one["top1"] == pytest.approx(first["top1"]) and one["mAP"] == pytest.approx(first["mAP"])
+
+
 def test_cli_refuses_unreadable_notes_in_one_line_before_ray(tmp_path, capsys):
     from raycompat.cli import main
 
@@ -122,6 +160,38 @@ def test_cli_refuses_unreadable_notes_in_one_line_before_ray(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--notes" in err and str(missing) in err
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_render_only_adds_notes_to_the_measured_numbers_and_refuses_another_config(tmp_path, capsys):
+    from raycompat.cli import main
+    from raycompat.configio import to_dict
+    from raycompat.pipeline.bench_suite import _NOT_MEASURED
+
+    path = tmp_path / "suite.yaml"
+    path.write_text(json.dumps(TINY))
+    cfg = load_config(path, SuiteConfig)
+    doc = summarize([_unit(0, (70, 40), (80, 50), (79, 60), (72, 45))], "nifcl")
+    doc.update({"command": "measured by c", "machine": {"cores": 2, "torch": "t", "platform": "x"}, "date": "d",
+                "wall_s": 1.0, "units_run": 1, "units_total": 1, "unit_wall_s": {"p seed 0": 1.0},
+                "config": {k: v for k, v in to_dict(cfg).items() if k not in _NOT_MEASURED}})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "suite.json").write_text(json.dumps(doc))
+    notes = tmp_path / "notes.md"
+    notes.write_text("The box loses top-1 by 8.6 points.")
+    argv = ["bench", "suite", "--config", str(path), "--out-dir", str(out), "--out", str(tmp_path / "runs"),
+            "--notes", str(notes), "--render-only"]
+    assert main(argv) == 0
+    md = (out / "suite.md").read_text()
+    assert "## Diagnosis" in md and "8.6 points" in md and "measured by c" in md
+    assert json.loads((out / "suite.json").read_text())["protocols"] == doc["protocols"]
+    path.write_text(json.dumps({**TINY, "n_train": 500}))  # numbers measured with n_train 400
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "n_train" in err and "suite.json" in err
     import ray
 
     assert not ray.is_initialized()

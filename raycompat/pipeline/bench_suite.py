@@ -21,6 +21,7 @@ import ray
 
 from raycompat.pipeline.config import RayConfig
 from raycompat.configio import from_dict, to_dict
+from raycompat.errors import ConfigError
 from raycompat.pipeline.bench_quality import machine
 from raycompat.pipeline.ray_session import init_ray
 from raycompat.suite.config import SuiteConfig
@@ -117,6 +118,31 @@ def run_suite(cfg: SuiteConfig, out_dir: str | Path, name: str = "suite", comman
                 "wall_s": time.perf_counter() - started, "units_run": len(todo), "units_total": len(keys),
                 "unit_wall_s": {f"{p} seed {s}": done[(p, s)]["wall_s"] for p, s in keys},
                 "config": {k: v for k, v in cfg_dict.items() if k not in _NOT_MEASURED}})
+    return _write(doc, out_dir, name, notes, notes_file)
+
+
+def rerender(cfg: SuiteConfig, out_dir: str | Path, name: str = "suite", notes: Optional[str] = None,
+             notes_file: Optional[str] = None) -> Path:
+    """Re-write ``<name>.md`` (and the notes' file name in ``<name>.json``) from an existing ``<name>.json``.
+
+    Nothing is measured: this adds or updates the Diagnosis of a finished suite. The JSON must have been
+    measured with ``cfg`` (its measured keys), else :class:`ConfigError`, so notes never land on other numbers.
+    """
+    path = Path(out_dir) / f"{name}.json"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: no readable suite result to re-render ({exc})") from None
+    measured = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_MEASURED}
+    if doc.get("config") != measured:
+        differing = sorted(k for k in set(measured) | set(doc.get("config", {}))
+                           if measured.get(k) != doc.get("config", {}).get(k))
+        raise ConfigError(f"{path}: measured with another config (keys {', '.join(differing)} differ); "
+                          "run the suite instead of re-rendering")
+    return _write(doc, Path(out_dir), name, notes, notes_file)
+
+
+def _write(doc: dict[str, Any], out_dir: Path, name: str, notes: Optional[str], notes_file: Optional[str]) -> Path:
     if notes_file:
         doc["notes_file"] = notes_file
     path = out_dir / f"{name}.json"

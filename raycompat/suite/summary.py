@@ -94,8 +94,27 @@ def per_seed(units: list[dict], recipe: str) -> list[dict[str, Any]]:
                           "new/old mAP - old/old": r["new/old"][split]["mAP"] - u["old/old"][split]["mAP"],
                           "new/new top-1 - (independent - 2)":
                               r["new/new"][split]["top1"] - ind["new/new"][split]["top1"] + 2}
+        if "test_at_val_size" in u["old/old"]:
+            at, old = r["new/old"]["test_at_val_size"], u["old/old"]["test_at_val_size"]
+            row["test_at_val_size"] = {"new/old top-1 - old/old": at["top1"] - old["top1"],
+                                       "new/old mAP - old/old": at["mAP"] - old["mAP"], "size": at["size"]}
         rows.append(row)
     return rows
+
+
+def gallery_density(rows: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Mean over seeds of the recipe's top-1 margin on validation, on test, and on test at validation's size.
+
+    Separates what the split's content does to the margin from what the gallery's size does.
+    None where the units predate the subset measurement.
+    """
+    if not rows or "test_at_val_size" not in rows[0]:
+        return None
+    key = "new/old top-1 - old/old"
+    return {"val": float(np.mean([r["val"][key] for r in rows])),
+            "test at val size": float(np.mean([r["test_at_val_size"][key] for r in rows])),
+            "test": float(np.mean([r["test"][key] for r in rows])),
+            "n_val": rows[0]["n_val"], "n_test": rows[0]["n_test"]}
 
 
 def summarize(units: Iterable[dict], recipe: str) -> dict[str, Any]:
@@ -111,7 +130,8 @@ def summarize(units: Iterable[dict], recipe: str) -> dict[str, Any]:
                          for name in test},
             "fct_gap_closed": {name: gap_closed(test[name]) for name in test},
             "class_groups": {name: g for name, us in by_protocol.items() if (g := class_groups(us, recipe))},
-            "per_seed": {name: per_seed(us, recipe) for name, us in by_protocol.items()}}
+            "per_seed": (seeds := {name: per_seed(us, recipe) for name, us in by_protocol.items()}),
+            "gallery_density": {name: d for name, rows in seeds.items() if (d := gallery_density(rows))}}
 
 
 def _cell(entry: dict[str, float], metric: str, seeds: int) -> str:
@@ -171,6 +191,15 @@ def render(doc: dict[str, Any], notes: str | None = None) -> str:
             for row in rows:
                 cells = " | ".join(f"{row[split][k]:+.2f}" for split in ("val", "test") for k in keys)
                 lines.append(f"| {name} | {row['seed']} | {cells} | {row['n_val']} / {row['n_test']} |")
+    if doc.get("gallery_density"):
+        lines += ["", "## Gallery size: the recipe's new/old top-1 − old/old (mean over seeds)", "",
+                  "Leave-one-out top-1 depends on how dense the gallery is; the middle column measures random "
+                  "test subsets of the validation's size (5 per seed, the same for every pair).", "",
+                  "| protocol | validation | test at validation's size | test (full) | items val / test |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, d in doc["gallery_density"].items():
+            lines.append(f"| {name} | {d['val']:+.2f} | {d['test at val size']:+.2f} | {d['test']:+.2f} | "
+                         f"{d['n_val']} / {d['n_test']} |")
     if notes:
         lines += ["", "## Diagnosis", "", f"Written from the numbers of this run ({doc.get('notes_file', 'notes')}).",
                   "", notes.strip()]

@@ -41,6 +41,9 @@ from raycompat.training.loop import embed, make_loader, seed_everything, train_e
 log = logging.getLogger(__name__)
 
 SPLITS = ("val", "test")
+# Random test subsets of the validation's size per pair: leave-one-out top-1 depends on gallery density,
+# so validation (sparser) and test margins are compared at equal size too. Same subsets for every pair.
+SUBSET_REPEATS = 5
 
 
 def train_net(model_cfg: ModelConfig, optim: OptimConfig, data: ImageSet, image_shape, num_classes: int, seed: int,
@@ -72,7 +75,8 @@ def _pairs(query: dict[str, np.ndarray], gallery: dict[str, np.ndarray], sets: d
     With ``old_classes`` (a class split), each split also reports the queries of the old and of
     the new classes apart (``"old classes"``, ``"new classes"``): where compatibility is lost.
     """
-    out = {}
+    out: dict[str, Any] = {"test_at_val_size": subset_summary(query["test"], gallery["test"], sets["test"],
+                                                              len(sets["val"]), SUBSET_REPEATS)}
     for split in SPLITS:
         q, g, s = query[split], gallery[split], sets[split]
         per_query = evaluate_per_query(q[:, :g.shape[1]], s.labels, g, s.labels, query_ids=s.ids, gallery_ids=s.ids)
@@ -83,6 +87,24 @@ def _pairs(query: dict[str, np.ndarray], gallery: dict[str, np.ndarray], sets: d
                 out[split][name] = summarize(QueryOutcomes(per_query.hit1[mask], per_query.hit5[mask],
                                                            per_query.ap[mask], per_query.evaluated[mask]))
     return out
+
+
+def subset_summary(query: np.ndarray, gallery: np.ndarray, images: ImageSet, size: int,
+                   repeats: int) -> dict[str, float]:
+    """Mean top-1 and mAP over ``repeats`` seeded random subsets of ``size`` items (query = gallery = subset).
+
+    The subsets depend on ``len(images)``, ``size`` and ``repeats`` only, so every pair of a split is
+    measured on the same ones. ``size >= len(images)`` is the whole split.
+    """
+    rng = np.random.default_rng(0)
+    size = min(size, len(images))
+    runs = []
+    for _ in range(repeats):
+        idx = np.sort(rng.choice(len(images), size, replace=False))
+        runs.append(evaluate(query[idx, :gallery.shape[1]], images.labels[idx], gallery[idx], images.labels[idx],
+                             query_ids=images.ids[idx], gallery_ids=images.ids[idx]))
+    return {"top1": float(np.mean([r["top1"] for r in runs])), "mAP": float(np.mean([r["mAP"] for r in runs])),
+            "size": size, "repeats": repeats}
 
 
 def load_protocol_data(cfg: SuiteConfig, spec: ProtocolSpec, seed: int) -> tuple[Dataset, dict[str, ImageSet]]:
