@@ -95,3 +95,13 @@ def test_the_walk_catches_an_offending_core_module(source):
 ])
 def test_the_walk_allows_what_is_allowed(source, module):
     assert not violations(source, module)
+
+
+def test_the_readme_layout_names_every_package_and_top_level_module():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    names = [p.name + "/" for p in PACKAGE.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))
+             and p.name != "__pycache__" and p.name.isidentifier()]
+    names += [p.name for p in PACKAGE.glob("*.py") if not p.name.startswith("_")]
+    missing = [n for n in sorted(names) if n not in layout]
+    assert not missing, f"README's Layout section does not name {missing}"
