@@ -4,7 +4,9 @@ and the old-neighbourhood term (docs/method.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
+
+from annotated_types import Ge, Gt, Interval
 
 from raycompat.configio import check, join
 
@@ -14,19 +16,13 @@ class RandomWalkConfig:
     """Random walk with restart over a kNN graph of old features (docs/method.md)."""
 
     enabled: bool = False
-    k: int = 20
-    tau: float = 0.05
-    alpha: float = 0.9
+    k: Annotated[int, Gt(0)] = 20
+    tau: Annotated[float, Gt(0)] = 0.05
+    alpha: Annotated[float, Interval(ge=0, lt=1)] = 0.9
     # A cap: the walk stops once its error bound is below 1e-5 (about 130 steps at alpha 0.9).
-    iterations: int = 200
+    iterations: Annotated[int, Gt(0)] = 200
     # intra_class keeps only kNN edges between items of the same class.
     graph: Literal["intra_class", "global"] = "intra_class"
-
-    def validate(self, key: str) -> None:
-        check(self.k > 0, join(key, "k"), "must be positive")
-        check(self.tau > 0, join(key, "tau"), "must be positive")
-        check(0.0 <= self.alpha < 1.0, join(key, "alpha"), f"must be in [0, 1), got {self.alpha}")
-        check(self.iterations > 0, join(key, "iterations"), "must be positive")
 
 
 @dataclass
@@ -34,9 +30,9 @@ class NeighborConfig:
     """NIFCL's optional old-neighbourhood term (raycompat.compat.losses.old_neighbors)."""
 
     # Weight inside the compatibility term: lambda * (L_influence + align * L_align + weight * L_nb); 0 = off.
-    weight: float = 0.0
+    weight: Annotated[float, Ge(0)] = 0.0
     # Scale s of its cosine logits.
-    scale: float = 16.0
+    scale: Annotated[float, Gt(0)] = 16.0
     # Old features drawn per batch as candidate neighbours; 0 = all of the training set's.
     bank: int = 4096
     # Divide scale by the spread of the unit old features (RMS distance to their mean): the loss is
@@ -44,8 +40,6 @@ class NeighborConfig:
     relative: bool = False
 
     def validate(self, key: str) -> None:
-        check(self.weight >= 0, join(key, "weight"), "must be >= 0")
-        check(self.scale > 0, join(key, "scale"), "must be positive")
         check(self.bank >= 0, join(key, "bank"), "must be >= 0 (0 = all old features)")
 
 
@@ -54,21 +48,17 @@ class LinearHeadConfig:
     """How the ``linear`` pseudo classifier is fitted on the frozen old features
     (raycompat.compat.pseudo_classifier.linear_pseudo_classifier)."""
 
-    epochs: int = 20
-    lr: float = 0.05
-
-    def validate(self, key: str) -> None:
-        check(self.epochs > 0, join(key, "epochs"), f"must be positive, got {self.epochs}")
-        check(self.lr > 0, join(key, "lr"), f"must be positive, got {self.lr}")
+    epochs: Annotated[int, Gt(0)] = 20
+    lr: Annotated[float, Gt(0)] = 0.05
 
 
 @dataclass
 class CompatConfig:
     """The compatibility term lambda * L_compat added to the new model's own loss."""
 
-    weight: float = field(default=1.0, metadata={"key": "lambda"})
+    weight: Annotated[float, Ge(0)] = field(default=1.0, metadata={"key": "lambda"})
     # Scale s of the influence loss s * W*^T normalize(phi_new).
-    scale: float = 16.0
+    scale: Annotated[float, Gt(0)] = 16.0
     pseudo_classifier: Literal["mean", "linear"] = "mean"
     # pseudo_classifier linear only: how its head is fitted.
     linear: LinearHeadConfig = field(default_factory=LinearHeadConfig)
@@ -77,13 +67,10 @@ class CompatConfig:
     random_walk: RandomWalkConfig = field(default_factory=RandomWalkConfig)
     # NIFCL only: weight of the prototype-alignment term inside the compatibility term,
     # lambda * (L_influence + align * L_align) (raycompat.compat.losses.prototype_alignment).
-    align: float = 0.0
+    align: Annotated[float, Ge(0)] = 0.0
     neighbors: NeighborConfig = field(default_factory=NeighborConfig)
 
     def validate(self, key: str) -> None:
-        check(self.weight >= 0, join(key, "lambda"), "must be >= 0")
-        check(self.align >= 0, join(key, "align"), "must be >= 0")
-        check(self.scale > 0, join(key, "scale"), "must be positive")
         check(not self.soft_targets or self.random_walk.enabled, join(key, "soft_targets"),
               "needs random_walk.enabled: true (soft targets come from the walk)")
 

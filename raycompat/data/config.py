@@ -7,7 +7,9 @@ protocols) through :mod:`raycompat.configio`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
+
+from annotated_types import Gt, Interval
 
 from raycompat.configio import check, join
 
@@ -23,23 +25,16 @@ class DataConfig:
     # When the dataset's files are absent, use this bundled dataset instead (logged loudly).
     fallback: Optional[Literal["digits"]] = None
     # Subsample (stratified, seeded) to keep demos and tests small; null = everything.
-    max_train: Optional[int] = None
-    max_test: Optional[int] = None
+    max_train: Annotated[Optional[int], Gt(0)] = None
+    max_test: Annotated[Optional[int], Gt(0)] = None
     # imagefolder/parquet: decoded images are resized to this square size.
-    image_size: int = 32
+    image_size: Annotated[int, Gt(0)] = 32
     channels: Literal[1, 3] = 3
     # Share of every class of the new model's training data held out as the validation split
     # (chosen by validation_seed): per-epoch validation, Tune objectives and the release gate read it,
     # never the test split. 0 = no validation split (a Tune search then refuses to run).
-    validation: float = 0.1
+    validation: Annotated[float, Interval(ge=0, lt=1)] = 0.1
     validation_seed: int = 0
-
-    def validate(self, key: str) -> None:
-        check(0.0 <= self.validation < 1.0, join(key, "validation"), f"must be in [0, 1), got {self.validation}")
-        for name in ("max_train", "max_test"):
-            v = getattr(self, name)
-            check(v is None or v > 0, join(key, name), f"must be positive, got {v}")
-        check(self.image_size > 0, join(key, "image_size"), "must be positive")
 
 
 @dataclass
@@ -50,11 +45,10 @@ class ProtocolConfig:
     # class_split: the classes the old model is trained on (null = first half).
     old_classes: Optional[list[int]] = None
     # data_split: the fraction of every class's training images the old model sees.
-    old_fraction: float = 0.5
+    old_fraction: Annotated[float, Interval(gt=0, le=1)] = 0.5
     seed: int = 0
 
     def validate(self, key: str) -> None:
-        check(0.0 < self.old_fraction <= 1.0, join(key, "old_fraction"), f"must be in (0, 1], got {self.old_fraction}")
         if self.old_classes is not None:
             # Silently ignored otherwise: the user would believe the old model saw only these classes.
             check(self.kind == "class_split", join(key, "old_classes"),

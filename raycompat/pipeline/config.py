@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
+
+from annotated_types import Ge, Gt
 
 from raycompat.storage import filesystem
 from raycompat.backfill.units import parse_bandwidth
@@ -23,19 +25,14 @@ from raycompat.training.config import NewConfig, OldConfig
 
 @dataclass
 class ExtractConfig:
-    batch_size: int = 256
+    batch_size: Annotated[int, Gt(0)] = 256
     # Actors in the extraction pool; null = what the cluster's CPUs/GPUs allow.
-    concurrency: Optional[int] = None
+    concurrency: Annotated[Optional[int], Gt(0)] = None
     # GPUs per extraction actor; null = 1 when the cluster has GPUs, else 0.
     num_gpus: Optional[float] = None
     on_error: Literal["fail", "quarantine"] = "fail"
     # Rows per output Parquet file (one commit unit for resume).
-    rows_per_file: int = 10000
-
-    def validate(self, key: str) -> None:
-        check(self.batch_size > 0, join(key, "batch_size"), "must be positive")
-        check(self.concurrency is None or self.concurrency > 0, join(key, "concurrency"), "must be positive")
-        check(self.rows_per_file > 0, join(key, "rows_per_file"), "must be positive")
+    rows_per_file: Annotated[int, Gt(0)] = 10000
 
 
 @dataclass
@@ -43,8 +40,8 @@ class RayConfig:
     # null = $RAY_ADDRESS if set, else a local ray.init().
     address: Optional[str] = None
     # Train workers; null = as many as the cluster has CPUs for (GPUs when present), at least 1.
-    num_workers: Optional[int] = None
-    cpus_per_worker: float = 1.0
+    num_workers: Annotated[Optional[int], Ge(0)] = None
+    cpus_per_worker: Annotated[float, Gt(0)] = 1.0
     use_gpu: Optional[bool] = None
     max_failures: int = 2
     # Custom resources each Train worker also requests, e.g. {trainer: 1} to place training on
@@ -52,8 +49,6 @@ class RayConfig:
     resources_per_worker: dict[str, float] = field(default_factory=dict)
 
     def validate(self, key: str) -> None:
-        check(self.num_workers is None or self.num_workers >= 0, join(key, "num_workers"), "must be >= 0")
-        check(self.cpus_per_worker > 0, join(key, "cpus_per_worker"), "must be positive")
         for name, amount in self.resources_per_worker.items():
             where = join(join(key, "resources_per_worker"), name)
             check(name not in ("CPU", "GPU"), where, "is built in: use cpus_per_worker / use_gpu")
@@ -64,18 +59,13 @@ class RayConfig:
 @dataclass
 class EvalConfig:
     # Query chunk size of the faiss search: bounds memory at ~chunk x gallery x 12 bytes.
-    chunk_size: int = 1024
+    chunk_size: Annotated[int, Gt(0)] = 1024
     # Training validates retrieval (validation split) after every epoch; false: after the last one only
     # (the other epochs report their losses). A Tune search needs true: schedulers compare epochs.
     every_epoch: bool = True
     # Bootstrap resamples (over queries) of the release gate's 95% intervals, seeded by bootstrap_seed.
-    bootstrap_resamples: int = 1000
+    bootstrap_resamples: Annotated[int, Gt(0)] = 1000
     bootstrap_seed: int = 0
-
-    def validate(self, key: str) -> None:
-        check(self.chunk_size > 0, join(key, "chunk_size"), "must be positive")
-        check(self.bootstrap_resamples > 0, join(key, "bootstrap_resamples"),
-              f"must be positive, got {self.bootstrap_resamples}")
 
 
 @dataclass
@@ -90,7 +80,6 @@ class SideConfig(SideInfoConfig):
     version: str = "1"
 
     def validate(self, key: str) -> None:
-        super().validate(key)
         check(bool(self.name), join(key, "name"), "must not be empty")
         check(bool(self.version), join(key, "version"), "must not be empty")
 
@@ -119,17 +108,14 @@ class BackfillSectionConfig:
 
     enabled: bool = True
     # Items in the gallery to cost; null = the test split this run evaluated.
-    gallery_size: Optional[int] = None
+    gallery_size: Annotated[Optional[int], Gt(0)] = None
     # Not measurable from here: the price of one measured unit, and its storage read rate.
-    dollars_per_hour: float = 0.10
+    dollars_per_hour: Annotated[float, Ge(0)] = 0.10
     read_bandwidth: str = "500 MB/s"
     # Partial-backfill fractions to cost.
     fractions: list[float] = field(default_factory=lambda: [0.25, 0.5])
 
     def validate(self, key: str) -> None:
-        check(self.gallery_size is None or self.gallery_size > 0, join(key, "gallery_size"),
-              f"must be positive, got {self.gallery_size}")
-        check(self.dollars_per_hour >= 0, join(key, "dollars_per_hour"), f"must be >= 0, got {self.dollars_per_hour}")
         check(all(0 < f <= 1 for f in self.fractions), join(key, "fractions"), f"must be in (0, 1], got {self.fractions}")
         parse_bandwidth(self.read_bandwidth, join(key, "read_bandwidth"))
 
@@ -143,21 +129,16 @@ class TrialConfig:
     """
 
     num_workers: int = 1
-    cpus_per_worker: float = 0.75
-    gpus_per_worker: float = 0.0
-    driver_cpus: float = 0.25
-    max_concurrent: Optional[int] = None
+    cpus_per_worker: Annotated[float, Gt(0)] = 0.75
+    gpus_per_worker: Annotated[float, Ge(0)] = 0.0
+    driver_cpus: Annotated[float, Gt(0)] = 0.25
+    max_concurrent: Annotated[Optional[int], Gt(0)] = None
     # Retries of a failed trial (its Train run resumes from its latest checkpoint).
-    max_failures: int = 0
+    max_failures: Annotated[int, Ge(0)] = 0
 
     def validate(self, key: str) -> None:
         check(self.num_workers > 0, join(key, "num_workers"),
               f"must be positive (Tune needs Train workers to report), got {self.num_workers}")
-        check(self.cpus_per_worker > 0, join(key, "cpus_per_worker"), f"must be positive, got {self.cpus_per_worker}")
-        check(self.gpus_per_worker >= 0, join(key, "gpus_per_worker"), f"must be >= 0, got {self.gpus_per_worker}")
-        check(self.driver_cpus > 0, join(key, "driver_cpus"), f"must be positive, got {self.driver_cpus}")
-        check(self.max_concurrent is None or self.max_concurrent > 0, join(key, "max_concurrent"), "must be positive")
-        check(self.max_failures >= 0, join(key, "max_failures"), f"must be >= 0, got {self.max_failures}")
 
     @property
     def cpus(self) -> float:
@@ -178,19 +159,17 @@ class FitCompatConfig:
     budget: float = 4.0
     # Searched keys, as in a Tune search's space; {} = the method's default (raycompat.pipeline.fit_compat_search.DEFAULT_SPACES).
     space: dict[str, Any] = field(default_factory=dict)
-    num_samples: int = 4
+    num_samples: Annotated[int, Gt(0)] = 4
     # Sampling seed of the search (null = a different sample each run).
     seed: Optional[int] = 0
     # Allowed new/new top-1 drop (percent points) below the independent model's.
-    delta: float = 2.0
+    delta: Annotated[float, Ge(0)] = 2.0
     # The search's directory: <output_dir>/tune/<name>.
     name: str = "fit-compat"
     trial: TrialConfig = field(default_factory=TrialConfig)
 
     def validate(self, key: str) -> None:
         check(self.budget > 0, join(key, "budget"), f"must be positive (training runs), got {self.budget}")
-        check(self.num_samples > 0, join(key, "num_samples"), f"must be positive, got {self.num_samples}")
-        check(self.delta >= 0, join(key, "delta"), f"must be >= 0, got {self.delta}")
         check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), join(key, "name"),
               f"must be a plain directory name, got {self.name!r}")
 

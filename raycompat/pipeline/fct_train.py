@@ -49,7 +49,7 @@ from ray.train.torch import TorchTrainer
 from raycompat.storage import artifacts
 from raycompat.storage.artifacts import Location, child
 from raycompat.pipeline.config import PipelineConfig, with_absolute_paths
-from raycompat.configio import from_dict, to_dict
+from raycompat.configio import from_dict, to_dict, validate_tree
 from raycompat.data.feature_store import MISSING_LABEL, FeatureStore
 from raycompat.errors import DataError, FeatureStoreError
 from raycompat.storage.layout import Layout
@@ -259,7 +259,7 @@ def train_transformation_stage(cfg: PipelineConfig, use_side_info: bool, uncerta
     FeatureStoreError / DataError for missing or mismatched inputs before any worker starts.
     """
     cfg = replace(cfg, fct=replace(cfg.fct, use_side_info=use_side_info, uncertainty=uncertainty))
-    cfg.fct.validate("fct")
+    validate_tree(cfg.fct, "fct")
     layout = Layout.of(cfg.output_dir)
     name = transformation_name(use_side_info, uncertainty)
     refs = _open_inputs(cfg, new_model_name)

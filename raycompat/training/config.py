@@ -9,7 +9,9 @@ the other way.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
+
+from annotated_types import Ge, Gt
 
 from raycompat.compat.config import CompatConfig
 from raycompat.configio import check, join
@@ -18,19 +20,12 @@ from raycompat.models.config import ModelConfig
 
 @dataclass
 class OptimConfig:
-    epochs: int = 3
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 5e-4
+    epochs: Annotated[int, Gt(0)] = 3
+    batch_size: Annotated[int, Gt(0)] = 128
+    lr: Annotated[float, Gt(0)] = 1e-3
+    weight_decay: Annotated[float, Ge(0)] = 5e-4
     # Scale s of the cosine classifier s * <w_c, normalize(phi(x))>.
-    scale: float = 16.0
-
-    def validate(self, key: str) -> None:
-        check(self.epochs > 0, join(key, "epochs"), "must be positive")
-        check(self.batch_size > 0, join(key, "batch_size"), "must be positive")
-        check(self.lr > 0, join(key, "lr"), "must be positive")
-        check(self.weight_decay >= 0, join(key, "weight_decay"), "must be >= 0")
-        check(self.scale > 0, join(key, "scale"), "must be positive")
+    scale: Annotated[float, Gt(0)] = 16.0
 
 
 @dataclass
@@ -52,12 +47,8 @@ class OldConfig:
     version: str = "1"
     # An http(s) extractor: seconds to wait for each answer, and retries (with backoff) after a
     # timeout, a refused connection or a 5xx.
-    http_timeout_s: float = 30.0
-    http_retries: int = 2
-
-    def validate(self, key: str) -> None:
-        check(self.http_timeout_s > 0, join(key, "http_timeout_s"), f"must be positive, got {self.http_timeout_s}")
-        check(self.http_retries >= 0, join(key, "http_retries"), f"must be >= 0, got {self.http_retries}")
+    http_timeout_s: Annotated[float, Gt(0)] = 30.0
+    http_retries: Annotated[int, Ge(0)] = 2
 
 
 @dataclass
