@@ -84,7 +84,8 @@ def _ray_cli() -> str:
 )
 def test_submit_options_after_the_stage(argv, stage_args, address, no_wait) -> None:
     """`raycompat submit <stage> --address URL -- <stage args>`: submit's options may follow the stage."""
-    from raycompat.cli import _split_submit_args, build_parser
+    from raycompat.cli import build_parser
+    from raycompat.cli.commands import _split_submit_args
 
     args = build_parser().parse_args(argv)
     _split_submit_args(args)
