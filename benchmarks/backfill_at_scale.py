@@ -32,18 +32,17 @@ from raycompat.backfill.presets import default_strategies
 from raycompat.backfill.quality import load_quality
 from raycompat.backfill.report import run_backfill_report
 from raycompat.backfill.units import parse_count
-from raycompat.models.config import ModelConfig
 from raycompat.configio import from_dict
 from raycompat.errors import RaycompatError
-from raycompat.models.config import SideInfoConfig, TransformationConfig
+from raycompat.models.config import ModelConfig, SideInfoConfig, TransformationConfig
 
 logger = logging.getLogger("backfill_report")
 
 
 def measure_transform(d_old: int, d_side: int, d_new: int) -> float:
     """Vectors/s of raycompat's FCT transformation h (default widths, with FastFill's sigma head) here."""
-    from raycompat.pipeline.measure import transformation_vectors_per_s
     from raycompat.models.transformation import build_transformation
+    from raycompat.pipeline.measure import transformation_vectors_per_s
 
     h = build_transformation(TransformationConfig(uncertainty=True), d_old, d_side, d_new, seed=0)
     return transformation_vectors_per_s(h, d_old, d_side)

@@ -30,9 +30,9 @@ import faiss
 import numpy as np
 import torch
 
+from raycompat.compat.config import RandomWalkConfig
 from raycompat.compat.knn_graph import knn_search, knn_transition_matrix
 from raycompat.compat.random_walk import dense_random_walk, random_walk, refine
-from raycompat.compat.config import RandomWalkConfig
 
 logger = logging.getLogger("benchmarks.random_walk_scale")
 

@@ -28,12 +28,12 @@ import torch
 from raycompat.configio import to_dict
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import FeatureStoreError
-from raycompat.storage.layout import Layout
 from raycompat.pipeline.run import stage_extract_old, stage_train_old
 from raycompat.pipeline.train import old_model_name
 from raycompat.pipeline.tune import init_tune_ray, run_tune
-from raycompat.retrieval.evaluate import cross_model_matrix
 from raycompat.pipeline.tune_space import SearchConfig, load_search_config
+from raycompat.retrieval.evaluate import cross_model_matrix
+from raycompat.storage.layout import Layout
 
 logger = logging.getLogger("benchmarks.tune_frontier")
 

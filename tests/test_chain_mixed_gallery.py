@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
-
 from fixtures.ranking import ranked_outcome
+
 from raycompat.errors import ConfigError, DataError
 from raycompat.retrieval.chain_metrics import chain_summary
 from raycompat.retrieval.evaluate import evaluate, evaluate_per_query

@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raycompat.storage import filesystem
 from raycompat.data.feature_store import (
     MISSING_LABEL,
     QUARANTINE_SCHEMA,
@@ -24,6 +23,7 @@ from raycompat.data.feature_store import (
     read_quarantine,
 )
 from raycompat.errors import DataError, FeatureStoreError
+from raycompat.storage import filesystem
 
 DIM = 8
 EXTRA = {"side": 3, "sigma": "scalar"}

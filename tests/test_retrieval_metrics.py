@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
-
 from fixtures.ranking import ranked_outcome
+
 from raycompat.errors import ConfigError, DataError
 from raycompat.retrieval import (
     Gallery,

@@ -17,7 +17,6 @@ import sys
 from raycompat.cli.parser import build_parser
 from raycompat.errors import RaycompatError
 
-
 # What a re-run picks up after Ctrl-C, per command (the one line printed on an interrupt).
 _KEPT_ON_INTERRUPT = {
     "demo": "the shards and epoch checkpoints committed so far stay under output_dir",

@@ -22,9 +22,9 @@ DEFAULT_DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.ya
 
 def _load(args: argparse.Namespace, check=None):
     """The command's pipeline config, checked (``check(cfg)``, the command's own checks) before the output probe."""
-    from raycompat.storage import filesystem
-    from raycompat.pipeline.config import load_pipeline_config
     from raycompat.errors import ConfigError
+    from raycompat.pipeline.config import load_pipeline_config
+    from raycompat.storage import filesystem
 
     overrides = {"output_dir": args.out} if getattr(args, "out", None) else None
     cfg = load_pipeline_config(args.config, overrides)
@@ -47,10 +47,10 @@ def _stage_bar(total: int, desc: str):
 def cmd_demo(args: argparse.Namespace) -> int:
     import json
 
-    from raycompat.storage.artifacts import child, read_text
-    from raycompat.retrieval.release_gate import gate_verdict
-    from raycompat.storage.layout import Layout
     from raycompat.pipeline.run import run_pipeline, stage_names
+    from raycompat.retrieval.release_gate import gate_verdict
+    from raycompat.storage.artifacts import child, read_text
+    from raycompat.storage.layout import Layout
 
     cfg = _load(args)
     if args.verbose:
@@ -117,9 +117,9 @@ def _with_ray(fn: Callable) -> Callable:
 
 def cmd_train_old(args: argparse.Namespace) -> int:
     from raycompat.errors import ConfigError
-    from raycompat.storage.layout import Layout
     from raycompat.pipeline.ray_session import init_ray
     from raycompat.pipeline.run import stage_train_old
+    from raycompat.storage.layout import Layout
 
     cfg = _load(args)
     if cfg.old.extractor:
@@ -153,9 +153,9 @@ def cmd_extract(cfg, args) -> int:
 
 @_with_ray
 def cmd_train(cfg, args) -> int:
-    from raycompat.storage.layout import Layout
     from raycompat.pipeline.run import stage_train_new
     from raycompat.pipeline.train import new_model_name
+    from raycompat.storage.layout import Layout
 
     metrics = stage_train_new(cfg)
     print(f"new model exported under {Layout.of(cfg.output_dir).model_dir(new_model_name(cfg))}; "
@@ -164,8 +164,8 @@ def cmd_train(cfg, args) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from raycompat.storage.artifacts import read_text
     from raycompat.pipeline.run import stage_evaluate, write_evaluation
+    from raycompat.storage.artifacts import read_text
 
     cfg = _load(args)
     report = write_evaluation(cfg, stage_evaluate(cfg))
@@ -235,9 +235,9 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_suite(args: argparse.Namespace) -> int:
-    from raycompat.storage import filesystem
     from raycompat.configio import load_config
     from raycompat.errors import ConfigError
+    from raycompat.storage import filesystem
     from raycompat.suite.config import SuiteConfig
 
     cfg = load_config(args.config, SuiteConfig, {"output_dir": args.out} if args.out else None)
@@ -295,8 +295,8 @@ def _quiet_suite(cfg, args: argparse.Namespace, command: str, notes: dict) -> Pa
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from raycompat.storage.artifacts import child
     from raycompat.pipeline.tune import run_tune
+    from raycompat.storage.artifacts import child
 
     out = run_tune(args.config, output_dir=args.out)
     print(f"search results under {out} (best config: {child(out, 'best.yaml')}); "
@@ -305,8 +305,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_fit_compat(args: argparse.Namespace) -> int:
-    from raycompat.pipeline.config import with_absolute_paths
     from raycompat.errors import ConfigError
+    from raycompat.pipeline.config import with_absolute_paths
     from raycompat.pipeline.fit_compat import build_search, run_fit_compat
 
     # The stage's own refusals come before the output probe, which creates output_dir.

@@ -21,10 +21,10 @@ from typing import Optional
 import numpy as np
 import yaml
 
-from raycompat.pipeline.config import PipelineConfig
 from raycompat.configio import from_dict
 from raycompat.data.datasets import IMAGE_SUFFIXES, decode_image
 from raycompat.errors import ConfigError, DataError, RaycompatError
+from raycompat.pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 

@@ -36,6 +36,11 @@ without a token.
 """
 
 from raycompat.local_cluster.cluster import LocalCluster
-from raycompat.local_cluster.processes import LOOPBACK, LOOPBACK_CLIENT_ENV, STATE_FILE, node_states
+from raycompat.local_cluster.processes import (
+    LOOPBACK,
+    LOOPBACK_CLIENT_ENV,
+    STATE_FILE,
+    node_states,
+)
 
 __all__ = ["LocalCluster", "LOOPBACK", "LOOPBACK_CLIENT_ENV", "STATE_FILE", "node_states"]

@@ -9,7 +9,10 @@ import sys
 
 from raycompat.errors import RaycompatError
 from raycompat.local_cluster.cluster import LocalCluster
-from raycompat.local_cluster.processes import DEFAULT_OBJECT_STORE_BYTES, LOOPBACK_CLIENT_ENV
+from raycompat.local_cluster.processes import (
+    DEFAULT_OBJECT_STORE_BYTES,
+    LOOPBACK_CLIENT_ENV,
+)
 
 
 def _parse_resources(text: str) -> dict[str, float]:

@@ -47,9 +47,8 @@ def free_port(taken: set[int]) -> int:
 
 def psutil_module() -> Any:
     """Import psutil, which Ray bundles and puts on sys.path when imported."""
-    import ray  # noqa: F401
-
     import psutil
+    import ray  # noqa: F401
 
     return psutil
 

@@ -27,8 +27,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from raycompat.storage import artifacts, filesystem
 from raycompat.errors import DataError
+from raycompat.storage import artifacts, filesystem
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from typing import Annotated, Any, Literal, Optional
 
 from annotated_types import Ge, Gt
 
-from raycompat.storage import filesystem
 from raycompat.backfill.units import parse_bandwidth
 from raycompat.configio import check, join, load_config
 from raycompat.data.config import DataConfig, ProtocolConfig
 from raycompat.models.config import SideInfoConfig, TransformationConfig
+from raycompat.storage import filesystem
 from raycompat.training.config import NewConfig, OldConfig
 
 

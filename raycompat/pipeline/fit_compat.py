@@ -30,15 +30,20 @@ from typing import Any, Optional
 from ray import tune
 from ray.train import ScalingConfig
 
-from raycompat.storage import artifacts
-from raycompat.storage.artifacts import Location, child
-from raycompat.pipeline.config import PipelineConfig, with_absolute_paths
 from raycompat.configio import dump_config
-from raycompat.pipeline.fit_compat_search import Budget, build_search, choose_winner, winner_record
-from raycompat.storage.layout import Layout
+from raycompat.pipeline.config import PipelineConfig, with_absolute_paths
+from raycompat.pipeline.fit_compat_search import (
+    Budget,
+    build_search,
+    choose_winner,
+    winner_record,
+)
 from raycompat.pipeline.train import TRAIN_METRICS, new_model_name, run_training
 from raycompat.pipeline.tune import run_tune, trial_scaling
 from raycompat.pipeline.tune_space import REPORTED_METRICS, apply_params
+from raycompat.storage import artifacts
+from raycompat.storage.artifacts import Location, child
+from raycompat.storage.layout import Layout
 
 log = logging.getLogger(__name__)
 

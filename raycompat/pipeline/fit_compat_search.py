@@ -20,9 +20,15 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from raycompat.pipeline.config import PipelineConfig
 from raycompat.errors import ConfigError
-from raycompat.pipeline.tune_space import ConstraintConfig, ObjectiveConfig, SchedulerConfig, SearchAlgConfig, SearchConfig
+from raycompat.pipeline.config import PipelineConfig
+from raycompat.pipeline.tune_space import (
+    ConstraintConfig,
+    ObjectiveConfig,
+    SchedulerConfig,
+    SearchAlgConfig,
+    SearchConfig,
+)
 
 log = logging.getLogger(__name__)
 

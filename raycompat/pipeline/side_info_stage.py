@@ -30,18 +30,18 @@ from typing import Any
 import ray
 import torch
 
-from raycompat.storage import artifacts
-from raycompat.storage.artifacts import Location, child
-from raycompat.pipeline.config import PipelineConfig, with_absolute_paths
 from raycompat.configio import from_dict, to_dict
 from raycompat.data.datasets import load_dataset
 from raycompat.data.protocols import old_training_set
 from raycompat.errors import ConfigError, DataError
-from raycompat.storage.layout import Layout
 from raycompat.models.export import export_side_model
 from raycompat.models.side_info import build_side_info_model, train_side_info
+from raycompat.pipeline.config import PipelineConfig, with_absolute_paths
 from raycompat.pipeline.extract import ExtractorSpec
 from raycompat.pipeline.ray_session import cluster_cpus_gpus, init_ray
+from raycompat.storage import artifacts
+from raycompat.storage.artifacts import Location, child
+from raycompat.storage.layout import Layout
 
 log = logging.getLogger(__name__)
 

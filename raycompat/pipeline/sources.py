@@ -42,11 +42,10 @@ import pyarrow.parquet as pq
 import ray.data
 
 from raycompat import errors
-
-from raycompat.storage import filesystem
-from raycompat.pipeline.config import PipelineConfig
 from raycompat.data.datasets import IMAGE_SUFFIXES, ImageSet, decode_image, load_dataset
 from raycompat.errors import DataError
+from raycompat.pipeline.config import PipelineConfig
+from raycompat.storage import filesystem
 from raycompat.storage.layout import Layout
 
 log = logging.getLogger(__name__)

@@ -48,10 +48,19 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type
 import numpy as np
 
 from raycompat.compat.config import CompatConfig
-from raycompat.configio import check, deep_merge, from_dict, join, read_yaml, to_dict, yaml_key
+from raycompat.configio import (
+    check,
+    deep_merge,
+    from_dict,
+    join,
+    read_yaml,
+    to_dict,
+    yaml_key,
+)
+from raycompat.errors import ConfigError
+
 # TrialConfig lives in raycompat.pipeline.config (the pipeline's fit_compat section holds one); imported here for searches.
 from raycompat.pipeline.config import PipelineConfig, TrialConfig, load_pipeline_config
-from raycompat.errors import ConfigError
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
 RETRIEVAL_METRICS = tuple(f"{pair}/{k}" for pair in ("new/new", "new/old") for k in ("top1", "top5", "mAP"))

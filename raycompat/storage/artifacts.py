@@ -37,8 +37,8 @@ from typing import Any, Union
 
 import pyarrow.fs as pafs
 
-from raycompat.storage import filesystem
 from raycompat.errors import DataError
+from raycompat.storage import filesystem
 
 logger = logging.getLogger(__name__)
 

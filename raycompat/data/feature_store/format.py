@@ -18,8 +18,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raycompat.storage import filesystem
 from raycompat.errors import FeatureStoreError
+from raycompat.storage import filesystem
 
 FORMAT_VERSION = 1
 MISSING_LABEL = -1

@@ -10,9 +10,9 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raycompat.storage import filesystem
 from raycompat.data.feature_store.format import QUARANTINE_DIR
 from raycompat.errors import DataError
+from raycompat.storage import filesystem
 
 logger = logging.getLogger(__name__)
 

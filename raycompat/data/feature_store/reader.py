@@ -13,7 +13,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from raycompat.storage import filesystem
 from raycompat.data.feature_store.format import (
     MANIFEST,
     READ_BATCH,
@@ -29,6 +28,7 @@ from raycompat.data.feature_store.format import (
     to_numpy,
 )
 from raycompat.errors import DataError, FeatureStoreError, StoreChecksumError
+from raycompat.storage import filesystem
 
 if TYPE_CHECKING:
     import torch

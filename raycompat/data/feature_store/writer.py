@@ -15,7 +15,6 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raycompat.storage import filesystem
 from raycompat.data.feature_store.format import (
     FORMAT_VERSION,
     MANIFEST,
@@ -38,6 +37,7 @@ from raycompat.data.feature_store.format import (
     unique_in_order,
 )
 from raycompat.errors import DataError, FeatureStoreError
+from raycompat.storage import filesystem
 
 logger = logging.getLogger(__name__)
 
