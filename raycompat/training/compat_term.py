@@ -85,7 +85,7 @@ def build_compat_term(
     # are discriminative directions, not places where old features lie.
     align = PrototypeAlignmentLoss(prototypes).to(device) if c.align > 0 else None
     nb = c.neighbors
-    neighbors = OldNeighborLoss(feats, lab, nb.scale, nb.bank, seed, nb.relative).to(device) if nb.weight > 0 else None
+    neighbors = OldNeighborLoss(feats, lab, nb.scale, nb.bank, seed, nb.relative, nb.targets, nb.k).to(device) if nb.weight > 0 else None
     soft = refined is not None and c.soft_targets
 
     def term(new: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

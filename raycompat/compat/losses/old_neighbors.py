@@ -23,6 +23,18 @@ A trained old model spreads its features (sigma about 0.5-0.8 here); an untraine
 random-convolution box puts them in a narrow cone (sigma 0.14), where a fixed s gives
 near-uniform logits. ``relative`` uses s / sigma, so one ``scale`` means the same
 sharpness for every black box.
+
+Why ``targets="old_neighbors"``: the class target above is met by a new feature anywhere
+its class's old features are dense, typically near the class's middle. On a gallery of
+10,000 items, old/old top-1 is won by near-duplicates (an old query's nearest old item is
+often a near-copy of it), which a feature sitting in the middle of its class does not find
+first. The instance target asks the new feature of item i to rank i's class-mates as the old
+model ranks them from i's own old feature g_i::
+
+    L_nb = mean_i -sum_{j in K_i} p_ij log q_ij,   p_ij = softmax_{j in K_i}(s cos(g_i, g_j))
+
+q_ij: the softmax above over B_i; K_i: the ``k`` same-class old features nearest to g_i
+(i itself left out), fixed once from the stored features.
 """
 
 from __future__ import annotations
@@ -45,13 +57,15 @@ class OldNeighborLoss(nn.Module):
     """Soft nearest-neighbour loss of new features against frozen old features ``[N, d_old]`` with ``labels`` [N].
 
     ``relative``: the logit scale is ``scale`` divided by the old features' :func:`spread`.
+    ``targets``: ``"class"`` (any old feature of the item's class) or ``"old_neighbors"`` (its ``k``
+    nearest same-class old features, weighted as the old model ranks them).
     """
 
     feats: torch.Tensor
     labels: torch.Tensor
 
     def __init__(self, old_feats: torch.Tensor, labels: torch.Tensor, scale: float, bank: int = 0,
-                 seed: int = 0, relative: bool = False) -> None:
+                 seed: int = 0, relative: bool = False, targets: str = "class", k: int = 32) -> None:
         super().__init__()
         if scale <= 0:
             raise ConfigError(f"old-neighbourhood loss scale must be positive, got {scale}")
@@ -70,7 +84,31 @@ class OldNeighborLoss(nn.Module):
                 raise DataError(f"old features have no spread ({sigma:.2e}): every unit old feature is the same, "
                                 "so neighbours cannot be ranked (neighbors.relative)")
             self.scale /= sigma
-        self.bank, self.seed = int(bank), int(seed)
+        self.bank, self.seed, self.targets = int(bank), int(seed), targets
+        if targets == "old_neighbors":
+            if k < 1:
+                raise ConfigError(f"old-neighbourhood k must be >= 1, got {k}")
+            nbr_idx, nbr_w = self._instance_targets(labels.detach().long(), int(k))
+            self.register_buffer("nbr_idx", nbr_idx)
+            self.register_buffer("nbr_w", nbr_w)
+        elif targets != "class":
+            raise ConfigError(f"old-neighbourhood targets must be 'class' or 'old_neighbors', got {targets!r}")
+
+    @torch.no_grad()
+    def _instance_targets(self, labels: torch.Tensor, k: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per item: its ``k`` nearest same-class old features (itself left out) and their softmax weights."""
+        n = self.feats.shape[0]
+        k = min(k, n - 1) if n > 1 else 1
+        idx, w = torch.zeros(n, k, dtype=torch.long), torch.zeros(n, k)
+        for start in range(0, n, chunk):
+            rows = torch.arange(start, min(start + chunk, n))
+            sims = self.feats[rows] @ self.feats.T
+            other = labels[rows][:, None] != labels[None, :]
+            other[torch.arange(len(rows)), rows] = True  # leave-one-out
+            top, pos = sims.masked_fill(other, float("-inf")).topk(k, dim=1)
+            # A class with fewer than k other members: the missing targets have weight 0.
+            idx[rows], w[rows] = pos, (self.scale * top).softmax(dim=1).nan_to_num(0.0)
+        return idx, w
 
     def candidates(self, idx: torch.Tensor) -> torch.Tensor:
         """Positions of the old features a batch of items ``idx`` is scored against (sorted)."""
@@ -103,10 +141,16 @@ class OldNeighborLoss(nn.Module):
         rows = own.nonzero().squeeze(1)
         weights = weights.index_put((rows, col[rows]), weights.new_zeros(()))
         onehot = onehot.to(weights.dtype)
-        same = (weights @ onehot).gather(1, labels[:, None]).squeeze(1)
         valid = onehot.sum(dim=0)[labels] - own.to(weights.dtype) > 0
         if not bool(valid.any()):
             return new_feat.sum() * 0.0
+        if self.targets == "old_neighbors":
+            # log q_ij for the targets j: their logits minus the log partition over the candidates.
+            log_z = weights.sum(dim=1).log() + logits.detach().max(dim=1).values
+            target_logits = self.scale * torch.einsum("bd,bkd->bk", query, self.feats[self.nbr_idx[idx]].to(query.dtype))
+            loss = -(self.nbr_w[idx].to(query.dtype) * (target_logits - log_z[:, None])).sum(dim=1)
+            return loss[valid].mean()
+        same = (weights @ onehot).gather(1, labels[:, None]).squeeze(1)
         # clamp: with a large scale, far same-class neighbours can underflow to 0 against the row maximum.
         loss = weights.sum(dim=1).log() - same.clamp_min(torch.finfo(weights.dtype).tiny).log()
         return loss[valid].mean()
