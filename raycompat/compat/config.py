@@ -38,6 +38,12 @@ class NeighborConfig:
     # Divide scale by the spread of the unit old features (RMS distance to their mean): the loss is
     # then as sharp for a black box whose features fill a narrow cone as for one that spreads them.
     relative: bool = False
+    # What a new feature's old neighbours should be: "class" (any old feature of its class) or
+    # "old_neighbors" (its class's old features weighted as the old model ranks them from the item's
+    # own old feature: the instance-level structure old/old top-1 uses on a dense gallery).
+    targets: Literal["class", "old_neighbors"] = "class"
+    # With targets old_neighbors: how many same-class old neighbours of the item are targets.
+    k: Annotated[int, Ge(1)] = 32
 
     def validate(self, key: str) -> None:
         check(self.bank >= 0, join(key, "bank"), "must be >= 0 (0 = all old features)")

@@ -46,10 +46,10 @@ SPLITS = ("val", "test")
 SUBSET_REPEATS = 5
 
 
-def train_net(model_cfg: ModelConfig, optim: OptimConfig, data: ImageSet, image_shape, num_classes: int, seed: int,
-              compat=None, weight: float = 0.0) -> EmbeddingClassifier:
-    """The pipeline's training loop in-process: seeded, AdamW, cosine classifier head, one device (CPU)."""
-    seed_everything(seed)
+def fit_net(model_cfg: ModelConfig, optim: OptimConfig, data: ImageSet, image_shape, num_classes: int, seed: int,
+            compat=None, weight: float = 0.0) -> EmbeddingClassifier:
+    """The pipeline's training loop in-process, from the current RNG state: AdamW, cosine classifier
+    head, one device (CPU); ``seed`` orders the batches."""
     net = EmbeddingClassifier(EmbeddingModel(model_cfg, image_shape),
                               CosineClassifier(model_cfg.embed_dim, num_classes, optim.scale))
     optimizer = torch.optim.AdamW(net.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
@@ -58,8 +58,14 @@ def train_net(model_cfg: ModelConfig, optim: OptimConfig, data: ImageSet, image_
         loader.generator.manual_seed(seed + epoch)
         stats = train_epoch(net, loader, optimizer, torch.device("cpu"), compat, weight)
         log.info("epoch %d/%d: %s", epoch + 1, optim.epochs, {k: round(v, 4) for k, v in stats.items()})
-    net.eval()
     return net
+
+
+def train_net(model_cfg: ModelConfig, optim: OptimConfig, data: ImageSet, image_shape, num_classes: int, seed: int,
+              compat=None, weight: float = 0.0) -> EmbeddingClassifier:
+    """:func:`fit_net` seeded by ``seed`` (initialisation included), returned in eval mode."""
+    seed_everything(seed)
+    return fit_net(model_cfg, optim, data, image_shape, num_classes, seed, compat, weight).eval()
 
 
 def _protocol_config(spec: ProtocolSpec, seed: int) -> ProtocolConfig:
