@@ -49,6 +49,24 @@ def test_independent_has_no_term():
     assert build_compat_term(NewConfig(method="independent"), old, labels, 3, torch.device("cpu")) is None
 
 
+def test_linear_pseudo_classifier_is_fitted_with_the_configured_epochs_and_lr(monkeypatch):
+    import raycompat.training.compat_term as compat_term
+
+    seen = {}
+    real = compat_term.linear_pseudo_classifier
+    monkeypatch.setattr(compat_term, "linear_pseudo_classifier",
+                        lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+    old, labels = features()
+    cfg = NewConfig(method="nifcl")
+    cfg.model.embed_dim = 12
+    cfg.compat.pseudo_classifier = "linear"
+    build_compat_term(cfg, old, labels, 3, torch.device("cpu"))
+    assert (seen["epochs"], seen["lr"]) == (20, 0.05)
+    cfg.compat.linear.epochs, cfg.compat.linear.lr = 2, 0.5
+    build_compat_term(cfg, old, labels, 3, torch.device("cpu"))
+    assert (seen["epochs"], seen["lr"]) == (2, 0.5)
+
+
 def test_nifcl_with_random_walk_soft_targets_equals_the_dense_walk_reference():
     """KL(Y* || softmax(s cos(new, W*))), with W* and Y* from the dense closed form of the walk."""
     from raycompat.compat.knn_graph import knn_transition_matrix
