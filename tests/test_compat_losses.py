@@ -200,12 +200,14 @@ def test_old_neighbors_matches_hand_formula_and_leaves_own_item_out(neighborhood
     assert torch.equal(OldNeighborLoss(old, old_labels, 8.0, bank=50).candidates(idx), torch.arange(12))
 
 
-def _hand_instance_neighbors(feat, idx, old, old_labels, scale, k, candidates):
-    """Item by item: targets = item i's k nearest same-class old features (by its own old feature),
-    softmax-weighted at ``scale``; loss = -sum_j p_ij log q_ij, q over the candidates without i."""
+def _hand_instance_neighbors(feat, idx, old, old_labels, scale, k, candidates, pool=None):
+    """Item by item: targets = item i's k nearest same-class old features (by its own old feature) among
+    ``pool`` (default all), softmax-weighted at ``scale``; loss = -sum_j p_ij log q_ij, q over the
+    candidates without i."""
     total, n = 0.0, 0
+    pool = range(len(old)) if pool is None else pool
     for f, i in zip(feat, idx):
-        mates = [j for j in range(len(old)) if j != i and old_labels[j] == old_labels[i]]
+        mates = [j for j in pool if j != i and old_labels[j] == old_labels[i]]
         if not mates:
             continue
         cos_old = {j: sum(a * b for a, b in zip(_unit(old[i]), _unit(old[j]))) for j in mates}
@@ -221,14 +223,20 @@ def _hand_instance_neighbors(feat, idx, old, old_labels, scale, k, candidates):
 def test_old_neighbors_instance_targets_match_hand_formula(neighborhood):
     new, idx, old, old_labels = neighborhood
     y = old_labels[idx]
-    for k in (1, 2, 10):  # 10: more than any class has, the missing targets weigh 0
+    for k in (1, 2, 10, 0):  # 10: more than any class has, the missing targets weigh 0; 0: every class-mate
         loss = OldNeighborLoss(old, old_labels, scale=8.0, targets="old_neighbors", k=k)
-        hand = _hand_instance_neighbors(new.tolist(), idx.tolist(), old.tolist(), old_labels.tolist(), 8.0, k,
-                                        range(12))
+        hand = _hand_instance_neighbors(new.tolist(), idx.tolist(), old.tolist(), old_labels.tolist(), 8.0,
+                                        k or 12, range(12))
         assert loss(new, idx, y).item() == pytest.approx(hand, rel=1e-6)
     banked = OldNeighborLoss(old, old_labels, scale=8.0, bank=7, seed=3, targets="old_neighbors", k=2)
     hand = _hand_instance_neighbors(new.tolist(), idx.tolist(), old.tolist(), old_labels.tolist(), 8.0, 2,
                                     banked.candidates(idx).tolist())
+    assert banked(new, idx, y).item() == pytest.approx(hand, rel=1e-6)
+    # k 0 with a bank: the targets are the item's class-mates among the candidates.
+    banked = OldNeighborLoss(old, old_labels, scale=8.0, bank=7, seed=3, targets="old_neighbors")
+    cand = banked.candidates(idx).tolist()
+    hand = _hand_instance_neighbors(new.tolist(), idx.tolist(), old.tolist(), old_labels.tolist(), 8.0, 12, cand,
+                                    pool=cand)
     assert banked(new, idx, y).item() == pytest.approx(hand, rel=1e-6)
     # The instance target is not the class target: on its old nearest class-mate a feature scores lower
     # than on its farthest one, where the class target cannot tell them apart by more than their logits.
@@ -242,8 +250,8 @@ def test_old_neighbors_instance_targets_match_hand_formula(neighborhood):
     assert inst(on(near), torch.tensor([i]), y[:1]) < inst(on(far), torch.tensor([i]), y[:1])
     with pytest.raises(ConfigError, match="targets must be"):
         OldNeighborLoss(old, old_labels, scale=1.0, targets="items")
-    with pytest.raises(ConfigError, match="k must be >= 1"):
-        OldNeighborLoss(old, old_labels, scale=1.0, targets="old_neighbors", k=0)
+    with pytest.raises(ConfigError, match="k must be >= 0"):
+        OldNeighborLoss(old, old_labels, scale=1.0, targets="old_neighbors", k=-1)
 
 
 def test_old_neighbors_is_lower_among_own_class_and_frozen(neighborhood):

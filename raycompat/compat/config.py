@@ -42,11 +42,12 @@ class NeighborConfig:
     # "old_neighbors" (its class's old features weighted as the old model ranks them from the item's
     # own old feature: the instance-level structure old/old top-1 uses on a dense gallery).
     targets: Literal["class", "old_neighbors"] = "class"
-    # With targets old_neighbors: how many same-class old neighbours of the item are targets.
-    k: Annotated[int, Ge(1)] = 32
+    # With targets old_neighbors: how many same-class old neighbours of the item are targets; 0 = all.
+    k: int = 0
 
     def validate(self, key: str) -> None:
         check(self.bank >= 0, join(key, "bank"), "must be >= 0 (0 = all old features)")
+        check(self.k >= 0, join(key, "k"), "must be >= 0 (0 = every class-mate)")
 
 
 @dataclass

@@ -43,6 +43,8 @@ DEFAULT_SPACES: dict[str, dict[str, Any]] = {
         "new.compat.align": {"uniform": [0.0, 6.0]},
         "new.compat.neighbors.weight": {"uniform": [0.0, 2.0]},
         "new.compat.neighbors.scale": {"loguniform": [8.0, 64.0]},
+        # Which targets hold depends on the old model and the data (see the protocol suite).
+        "new.compat.neighbors.targets": {"choice": ["class", "old_neighbors"]},
     },
 }
 

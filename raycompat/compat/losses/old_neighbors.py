@@ -33,8 +33,10 @@ model ranks them from i's own old feature g_i::
 
     L_nb = mean_i -sum_{j in K_i} p_ij log q_ij,   p_ij = softmax_{j in K_i}(s cos(g_i, g_j))
 
-q_ij: the softmax above over B_i; K_i: the ``k`` same-class old features nearest to g_i
-(i itself left out), fixed once from the stored features.
+q_ij: the softmax above over B_i; K_i: i's same-class candidates (i itself left out), or only
+the ``k`` of them nearest to g_i (fixed once from the stored features). At the scale of the
+loss, the targets over every class-mate are a soft mix of class and instance structure; on
+the Fashion-MNIST class split, k = 32 cost 1.7-3.5 points of new/new top-1 against k = all.
 """
 
 from __future__ import annotations
@@ -58,14 +60,14 @@ class OldNeighborLoss(nn.Module):
 
     ``relative``: the logit scale is ``scale`` divided by the old features' :func:`spread`.
     ``targets``: ``"class"`` (any old feature of the item's class) or ``"old_neighbors"`` (its ``k``
-    nearest same-class old features, weighted as the old model ranks them).
+    nearest same-class old features, weighted as the old model ranks them; ``k`` 0 = every class-mate).
     """
 
     feats: torch.Tensor
     labels: torch.Tensor
 
     def __init__(self, old_feats: torch.Tensor, labels: torch.Tensor, scale: float, bank: int = 0,
-                 seed: int = 0, relative: bool = False, targets: str = "class", k: int = 32) -> None:
+                 seed: int = 0, relative: bool = False, targets: str = "class", k: int = 0) -> None:
         super().__init__()
         if scale <= 0:
             raise ConfigError(f"old-neighbourhood loss scale must be positive, got {scale}")
@@ -77,6 +79,7 @@ class OldNeighborLoss(nn.Module):
                             f"got shape {tuple(labels.shape)}")
         # One-hot labels: class sums of the neighbour weights are then one matrix product.
         self.register_buffer("onehot", F.one_hot(labels.detach().long()).float())
+        self.register_buffer("labels", labels.detach().long())
         self.scale = float(scale)
         if relative:
             sigma = spread(self.feats)
@@ -84,14 +87,14 @@ class OldNeighborLoss(nn.Module):
                 raise DataError(f"old features have no spread ({sigma:.2e}): every unit old feature is the same, "
                                 "so neighbours cannot be ranked (neighbors.relative)")
             self.scale /= sigma
-        self.bank, self.seed, self.targets = int(bank), int(seed), targets
-        if targets == "old_neighbors":
-            if k < 1:
-                raise ConfigError(f"old-neighbourhood k must be >= 1, got {k}")
+        self.bank, self.seed, self.targets, self.k = int(bank), int(seed), targets, int(k)
+        if targets == "old_neighbors" and k != 0:
+            if k < 0:
+                raise ConfigError(f"old-neighbourhood k must be >= 0 (0 = every class-mate), got {k}")
             nbr_idx, nbr_w = self._instance_targets(labels.detach().long(), int(k))
             self.register_buffer("nbr_idx", nbr_idx)
             self.register_buffer("nbr_w", nbr_w)
-        elif targets != "class":
+        elif targets not in ("class", "old_neighbors"):
             raise ConfigError(f"old-neighbourhood targets must be 'class' or 'old_neighbors', got {targets!r}")
 
     @torch.no_grad()
@@ -145,10 +148,21 @@ class OldNeighborLoss(nn.Module):
         if not bool(valid.any()):
             return new_feat.sum() * 0.0
         if self.targets == "old_neighbors":
-            # log q_ij for the targets j: their logits minus the log partition over the candidates.
+            # log q_ij: logits minus the log partition over the candidates (own item left out).
             log_z = weights.sum(dim=1).log() + logits.detach().max(dim=1).values
-            target_logits = self.scale * torch.einsum("bd,bkd->bk", query, self.feats[self.nbr_idx[idx]].to(query.dtype))
-            loss = -(self.nbr_w[idx].to(query.dtype) * (target_logits - log_z[:, None])).sum(dim=1)
+            if self.k:
+                target_logits = self.scale * torch.einsum("bd,bkd->bk", query,
+                                                          self.feats[self.nbr_idx[idx]].to(query.dtype))
+                loss = -(self.nbr_w[idx].to(query.dtype) * (target_logits - log_z[:, None])).sum(dim=1)
+            else:
+                with torch.no_grad():
+                    cand_labels = self.labels if every else self.labels[cand]
+                    mates = labels[:, None] == cand_labels[None, :]
+                    mates[rows, col[rows]] = False
+                    old_logits = self.scale * self.feats[idx].to(feats.dtype) @ feats.T
+                    # A row without class-mates is all -inf: softmax gives NaN there, read as weight 0.
+                    target = torch.where(mates, old_logits, float("-inf")).softmax(dim=1).nan_to_num_(0.0)
+                loss = -(target.to(logits.dtype) * (logits - log_z[:, None])).sum(dim=1)
             return loss[valid].mean()
         same = (weights @ onehot).gather(1, labels[:, None]).squeeze(1)
         # clamp: with a large scale, far same-class neighbours can underflow to 0 against the row maximum.
