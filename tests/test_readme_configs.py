@@ -36,6 +36,12 @@ def test_readme_config_loads_and_validates(name, monkeypatch):
         cfg = load_backfill_config(path)
         plans = plan_strategies(cfg, load_quality(cfg.quality, name), name)
         assert [p.name for p in plans] == [s.name for s in cfg.strategies]
+    elif "protocols" in data:
+        from raycompat.configio import load_config
+        from raycompat.suite.config import SuiteConfig
+
+        cfg = load_config(path, SuiteConfig)
+        assert cfg.protocols and cfg.recipe in {*cfg.methods, cfg.fit.label}
     elif "search" in data or "space" in data:
         assert load_search_config(path).space
     else:

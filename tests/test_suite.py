@@ -127,6 +127,27 @@ def test_gallery_density_separates_the_split_from_its_size():
     assert summarize([_unit(0, (70, 40), (80, 50), (79, 60), (72, 45))], "nifcl")["gallery_density"] == {}
 
 
+def test_fit_choices_name_the_winner_and_every_candidate_per_seed():
+    units = [_unit(seed, (70, 40), (80, 50), (79, 60), (72, 45)) for seed in (1, 0)]
+    for u, chosen in zip(units, (1, 0)):
+        u["methods"]["nifcl"].update({"chosen": chosen, "candidates": [
+            {"compat": {}, "val new/old top1": 71.0, "val new/new top1": 79.0, "feasible": True},
+            {"compat": {"neighbors": {"targets": "old_neighbors"}}, "val new/old top1": 73.5,
+             "val new/new top1": 77.0, "feasible": chosen == 1}]})
+    doc = summarize(units, "nifcl")
+    rows = doc["fit_choices"]["p"]
+    assert [r["seed"] for r in rows] == [0, 1]
+    assert rows[0]["chosen"] == {} and rows[1]["chosen"] == {"neighbors": {"targets": "old_neighbors"}}
+    doc.update({"command": "c", "machine": {"cores": 2, "torch": "t", "platform": "x"}, "date": "d", "wall_s": 1.0,
+                "units_run": 2, "units_total": 2})
+    md = render(doc)
+    assert ("| p | 0 | (base) | (base) 71.00, 79.00; neighbors.targets=old_neighbors 73.50, 77.00 "
+            "(below the new/new floor) |") in md
+    assert "| p | 1 | neighbors.targets=old_neighbors | (base) 71.00, 79.00; neighbors.targets=old_neighbors " \
+           "73.50, 77.00 |" in md
+    assert summarize([_unit(0, (70, 40), (80, 50), (79, 60), (72, 45))], "nifcl")["fit_choices"] == {}
+
+
 def test_subset_summary_is_the_split_at_full_size_and_shares_subsets_between_pairs():
     from raycompat.data.datasets import ImageSet
     from raycompat.retrieval.evaluate import evaluate
@@ -177,6 +198,8 @@ def test_render_only_adds_notes_to_the_measured_numbers_and_refuses_another_conf
     doc.update({"command": "measured by c", "machine": {"cores": 2, "torch": "t", "platform": "x"}, "date": "d",
                 "wall_s": 1.0, "units_run": 1, "units_total": 1, "unit_wall_s": {"p seed 0": 1.0},
                 "config": {k: v for k, v in to_dict(cfg).items() if k not in _NOT_MEASURED}})
+    # A key added since (here neighbors.targets) at its default: the same config.
+    del doc["config"]["methods"]["nifcl"]["compat"]["neighbors"]["targets"]
     out = tmp_path / "out"
     out.mkdir()
     (out / "suite.json").write_text(json.dumps(doc))
@@ -186,7 +209,7 @@ def test_render_only_adds_notes_to_the_measured_numbers_and_refuses_another_conf
             "--notes", str(notes), "--render-only"]
     assert main(argv) == 0
     md = (out / "suite.md").read_text()
-    assert "## Diagnosis" in md and "8.6 points" in md and "measured by c" in md
+    assert "## Diagnosis" in md and "8.6 points" in md and "measured by c" in md and "Re-rendered" in md
     assert json.loads((out / "suite.json").read_text())["protocols"] == doc["protocols"]
     path.write_text(json.dumps({**TINY, "n_train": 500}))  # numbers measured with n_train 400
     assert main(argv) == 2

@@ -252,7 +252,7 @@ def cmd_bench_suite(args: argparse.Namespace) -> int:
     if args.render_only:
         from raycompat.pipeline.bench_suite import rerender
 
-        path = rerender(cfg, args.out_dir, args.name, **notes)
+        path = rerender(cfg, args.out_dir, args.name, command=shlex.join(["raycompat", *sys.argv[1:]]), **notes)
         print(f"results: {path}, {path.with_suffix('.md')} (re-rendered, nothing measured)")
         return 0
     command = shlex.join(["raycompat", *sys.argv[1:]])

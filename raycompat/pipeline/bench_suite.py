@@ -122,7 +122,7 @@ def run_suite(cfg: SuiteConfig, out_dir: str | Path, name: str = "suite", comman
 
 
 def rerender(cfg: SuiteConfig, out_dir: str | Path, name: str = "suite", notes: Optional[str] = None,
-             notes_file: Optional[str] = None) -> Path:
+             notes_file: Optional[str] = None, command: str = "") -> Path:
     """Re-write ``<name>.md`` (and the notes' file name in ``<name>.json``) from an existing ``<name>.json``.
 
     Nothing is measured: this adds or updates the Diagnosis of a finished suite. The JSON must have been
@@ -134,11 +134,18 @@ def rerender(cfg: SuiteConfig, out_dir: str | Path, name: str = "suite", notes: 
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{path}: no readable suite result to re-render ({exc})") from None
     measured = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_MEASURED}
-    if doc.get("config") != measured:
-        differing = sorted(k for k in set(measured) | set(doc.get("config", {}))
-                           if measured.get(k) != doc.get("config", {}).get(k))
+    try:
+        # Through the config class: keys added since, at their defaults, are the config it was measured with.
+        then = {k: v for k, v in to_dict(from_dict(SuiteConfig, doc.get("config", {}))).items()
+                if k not in _NOT_MEASURED}
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: its config no longer loads ({exc}); run the suite instead") from None
+    if then != measured:
+        differing = sorted(k for k in set(measured) | set(then) if measured.get(k) != then.get(k))
         raise ConfigError(f"{path}: measured with another config (keys {', '.join(differing)} differ); "
                           "run the suite instead of re-rendering")
+    if command:
+        doc["rendered_by"] = command
     return _write(doc, Path(out_dir), name, notes, notes_file)
 
 

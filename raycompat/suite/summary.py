@@ -117,6 +117,20 @@ def gallery_density(rows: list[dict[str, Any]]) -> dict[str, float] | None:
             "n_val": rows[0]["n_val"], "n_test": rows[0]["n_test"]}
 
 
+def fit_choices(units: list[dict], recipe: str) -> list[dict[str, Any]] | None:
+    """Per seed, what a fitted recipe chose on validation: the winner's overrides and every candidate's
+    validation new/old and new/new top-1. None where the recipe is not fitted."""
+    if "candidates" not in units[0]["methods"][recipe]:
+        return None
+    rows = []
+    for u in sorted(units, key=lambda u: u["seed"]):
+        fit = u["methods"][recipe]
+        rows.append({"seed": u["seed"], "chosen": fit["candidates"][fit["chosen"]]["compat"],
+                     "candidates": [{k: c[k] for k in ("compat", "val new/old top1", "val new/new top1", "feasible")}
+                                    for c in fit["candidates"]]})
+    return rows
+
+
 def summarize(units: Iterable[dict], recipe: str) -> dict[str, Any]:
     """The suite document (without provenance) from every unit."""
     by_protocol: dict[str, list[dict]] = {}
@@ -131,7 +145,8 @@ def summarize(units: Iterable[dict], recipe: str) -> dict[str, Any]:
             "fct_gap_closed": {name: gap_closed(test[name]) for name in test},
             "class_groups": {name: g for name, us in by_protocol.items() if (g := class_groups(us, recipe))},
             "per_seed": (seeds := {name: per_seed(us, recipe) for name, us in by_protocol.items()}),
-            "gallery_density": {name: d for name, rows in seeds.items() if (d := gallery_density(rows))}}
+            "gallery_density": {name: d for name, rows in seeds.items() if (d := gallery_density(rows))},
+            "fit_choices": {name: c for name, us in by_protocol.items() if (c := fit_choices(us, recipe))}}
 
 
 def _cell(entry: dict[str, float], metric: str, seeds: int) -> str:
@@ -151,6 +166,17 @@ def _sizing(doc: dict[str, Any]) -> str:
             f"min), so on 2 cores with one torch thread per unit the suite takes about half that")
 
 
+def _overrides(compat: dict[str, Any], prefix: str = "") -> str:
+    """``{"neighbors": {"targets": "x"}}`` -> ``neighbors.targets=x``; ``{}`` -> ``(base)``."""
+    flat = []
+    for key, value in compat.items():
+        if isinstance(value, dict):
+            flat.append(_overrides(value, f"{prefix}{key}."))
+        else:
+            flat.append(f"{prefix}{key}={value}")
+    return ", ".join(flat) or "(base)"
+
+
 def render(doc: dict[str, Any], notes: str | None = None) -> str:
     """``suite.md``: provenance, the criteria per protocol, then one table per protocol (test, then validation).
 
@@ -158,6 +184,7 @@ def render(doc: dict[str, Any], notes: str | None = None) -> str:
     """
     recipe = doc["recipe"]
     lines = ["# Protocol suite", "", f"    {doc['command']}", "",
+             *([f"Re-rendered (nothing measured) by `{doc['rendered_by']}`.", ""] if doc.get("rendered_by") else []),
              f"- machine: {doc['machine']['cores']} cores, torch {doc['machine']['torch']}, "
              f"{doc['machine']['platform']}; date {doc['date']}; wall time {doc['wall_s']:.0f} s "
              f"({doc['units_run']} of {doc['units_total']} units run by this command, the rest resumed)",
@@ -191,6 +218,15 @@ def render(doc: dict[str, Any], notes: str | None = None) -> str:
             for row in rows:
                 cells = " | ".join(f"{row[split][k]:+.2f}" for split in ("val", "test") for k in keys)
                 lines.append(f"| {name} | {row['seed']} | {cells} | {row['n_val']} / {row['n_test']} |")
+    if doc.get("fit_choices"):
+        lines += ["", f"## What `{recipe}` chose on validation", "",
+                  "| protocol | seed | chosen | candidates: overrides, val new/old top-1, val new/new top-1 |",
+                  "|---|---:|---|---|"]
+        for name, rows in doc["fit_choices"].items():
+            for row in rows:
+                tried = "; ".join(f"{_overrides(c['compat'])} {c['val new/old top1']:.2f}, {c['val new/new top1']:.2f}"
+                                  f"{'' if c['feasible'] else ' (below the new/new floor)'}" for c in row["candidates"])
+                lines.append(f"| {name} | {row['seed']} | {_overrides(row['chosen'])} | {tried} |")
     if doc.get("gallery_density"):
         lines += ["", "## Gallery size: the recipe's new/old top-1 − old/old (mean over seeds)", "",
                   "Leave-one-out top-1 depends on how dense the gallery is; the middle column measures random "
