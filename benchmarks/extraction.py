@@ -40,7 +40,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from raycompat.config import DataConfig, ExtractConfig, ModelConfig, PipelineConfig
+from raycompat.data.config import DataConfig
+
+from raycompat.models.config import ModelConfig
+
+from raycompat.pipeline.config import ExtractConfig, PipelineConfig
 from raycompat.data.datasets import ImageSet, load_dataset
 from raycompat.data.feature_store import FeatureStore, FeatureStoreWriter
 from raycompat.models.backbones import EmbeddingModel

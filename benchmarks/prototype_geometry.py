@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from raycompat.config import load_pipeline_config
+from raycompat.pipeline.config import load_pipeline_config
 from raycompat.data.feature_store import FeatureStore
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.pipeline.bench_quality import method_configs
 from raycompat.pipeline.train import new_model_name, old_model_name
 from raycompat.retrieval.evaluate import cross_model_matrix

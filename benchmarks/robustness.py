@@ -41,15 +41,18 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from raycompat.models.random_features import RandomConvFeatures  # noqa: E402
-from raycompat.config import ModelConfig, NewConfig, OptimConfig, ProtocolConfig  # noqa: E402
+from raycompat.data.config import ProtocolConfig  # noqa: E402
+from raycompat.models.config import ModelConfig  # noqa: E402
+from raycompat.training.config import NewConfig, OptimConfig  # noqa: E402
 from raycompat.configio import from_dict  # noqa: E402
 from raycompat.data.datasets import Dataset, ImageSet, load_digits, load_fashion_mnist, stratified_subsample  # noqa: E402
 from raycompat.data.protocols import old_training_set  # noqa: E402
-from raycompat.models.backbones import CosineClassifier, EmbeddingClassifier, EmbeddingModel  # noqa: E402
+from raycompat.suite.unit import fit_net  # noqa: E402
+from raycompat.models.backbones import EmbeddingModel  # noqa: E402
 from raycompat.pipeline.bench_quality import machine  # noqa: E402
 from raycompat.retrieval.evaluate import evaluate  # noqa: E402
 from raycompat.training.compat_term import build_compat_term  # noqa: E402
-from raycompat.training.loop import embed, make_loader, seed_everything, train_epoch  # noqa: E402
+from raycompat.training.loop import embed, seed_everything  # noqa: E402
 
 log = logging.getLogger("robustness")
 RESULTS = ROOT / "benchmarks" / "results"
@@ -119,15 +122,7 @@ def carve_validation(split: ImageSet, fraction: float, seed: int) -> tuple[Image
 def train_model(model_cfg: ModelConfig, optim: OptimConfig, image_shape, data: ImageSet, num_classes: int,
                 seed: int, compat=None, weight: float = 0.0) -> EmbeddingModel:
     """The pipeline's training loop (raycompat.pipeline.train) in-process: seeded, AdamW, cosine head."""
-    net = EmbeddingClassifier(EmbeddingModel(model_cfg, image_shape),
-                              CosineClassifier(model_cfg.embed_dim, num_classes, optim.scale))
-    optimizer = torch.optim.AdamW(net.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
-    loader = make_loader(data.images, data.labels, optim.batch_size, shuffle=True, seed=seed)
-    for epoch in range(optim.epochs):
-        loader.generator.manual_seed(seed + epoch)
-        stats = train_epoch(net, loader, optimizer, torch.device("cpu"), compat, weight)
-        log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in stats.items()})
-    return net.model
+    return fit_net(model_cfg, optim, data, image_shape, num_classes, seed, compat, weight).model
 
 
 def prepare(protocol: str, n_train: int, n_test: int, epochs: int, val_fraction: float, seed: int) -> Setup:

@@ -5,4 +5,4 @@
 #   cluster/local-cluster.sh down --dir /tmp/rc
 # `down` stops exactly the processes `up` started (never `ray stop`).
 set -euo pipefail
-exec "${PYTHON:-python}" -m raycompat.cluster "$@"
+exec "${PYTHON:-python}" -m raycompat.local_cluster "$@"

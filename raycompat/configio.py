@@ -9,16 +9,32 @@ are set, with the dotted prefix of the section for error messages.
 Supported field types: bool, int, float, str, Optional[...], Literal[...],
 list[...], dict[str, ...] and nested dataclasses. A YAML key may differ from
 the Python field name through ``field(metadata={"key": "lambda"})``.
+
+Range checks are declared on the field, ``epochs: Annotated[int, Gt(0)]``, with the
+bound types of ``annotated_types`` (what pydantic's ``Field(gt=...)`` builds on):
+``Gt``, ``Ge``, ``Lt``, ``Le`` and ``Interval``; a null value is not checked.
+``validate`` keeps the checks that are not one bound on one field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
 import types
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import (
+    Annotated,
+    Any,
+    Literal,
+    TypeVar,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 import yaml
+from annotated_types import Ge, Gt, Interval, Le, Lt
 
 from raycompat.errors import ConfigError
 
@@ -116,8 +132,53 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
     return obj
 
 
+def _bounds(tp: Any) -> list[Any]:
+    """The bounds an ``Annotated[...]`` field type declares (none for other types)."""
+    if get_origin(tp) is not Annotated:
+        return []
+    return [m for m in tp.__metadata__ if isinstance(m, (Gt, Ge, Lt, Le, Interval))]
+
+
+_COMPARE = {Gt: ("gt", operator.gt), Ge: ("ge", operator.ge), Lt: ("lt", operator.lt), Le: ("le", operator.le)}
+
+
+def _within(value: Any, bound: Any) -> bool:
+    if isinstance(bound, Interval):
+        return all(_within(value, b) for b in bound)
+    name, compare = _COMPARE[type(bound)]
+    return compare(value, getattr(bound, name))
+
+
+def _describe(bound: Any) -> str:
+    """The error text of a bound, in the words the hand-written checks used ("must be positive")."""
+    if isinstance(bound, Interval):
+        low, high = (f"({bound.gt:g}" if bound.gt is not None else f"[{bound.ge:g}",
+                     f"{bound.lt:g})" if bound.lt is not None else f"{bound.le:g}]")
+        return f"must be in {low}, {high}"
+    if isinstance(bound, Gt):
+        return "must be positive" if bound.gt == 0 else f"must be > {bound.gt:g}"
+    symbol = {Ge: ">=", Lt: "<", Le: "<="}[type(bound)]
+    return f"must be {symbol} {getattr(bound, _COMPARE[type(bound)][0]):g}"
+
+
+def check_bounds(obj: Any, prefix: str = "") -> None:
+    """Raise ConfigError ``key: must be ..., got value`` for the first field of dataclass ``obj``
+    outside its declared bounds (this level only: nested sections check themselves on build)."""
+    hints = get_type_hints(type(obj), include_extras=True)
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not f.init or value is None:
+            continue
+        for bound in _bounds(hints[f.name]):
+            if not _within(value, bound):
+                raise ConfigError(f"{join(prefix, yaml_key(f))}: {_describe(bound)}, got {value}")
+
+
 def validate_tree(obj: Any, prefix: str = "") -> None:
-    """Call ``validate(key)`` on ``obj`` (its nested sections validate themselves on build)."""
+    """Check ``obj``'s field bounds, then call its ``validate(key)`` (its nested sections
+    validate themselves on build)."""
+    if dataclasses.is_dataclass(obj):
+        check_bounds(obj, prefix)
     validate = getattr(obj, "validate", None)
     if callable(validate):
         validate(prefix)
@@ -194,5 +255,5 @@ def join(prefix: str, key: str) -> str:
 
 __all__ = [
     "load_config", "from_dict", "to_dict", "dump_config", "read_yaml", "deep_merge", "check", "join",
-    "validate_tree", "yaml_key",
+    "validate_tree", "check_bounds", "yaml_key",
 ]

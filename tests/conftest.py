@@ -36,6 +36,19 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
+def ray_session() -> Iterator[object]:
+    """A local Ray runtime for one test module: 2 CPUs, no dashboard, workers' logs and Ray
+    Data's progress bars off; shut down after the module's last test."""
+    import ray
+    from ray.data import DataContext
+
+    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 2**20)
+    DataContext.get_current().enable_progress_bars = False
+    yield ctx
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
 def trained_old(tmp_path_factory):
     """An old model trained in Ray Train's local mode, and its features in the stores a new run reads."""
     from fixtures.training import train_old_with_stores

@@ -3,7 +3,7 @@
 No Ray: Ray-free pieces of the stages (model export and loading, evaluation reports,
 the backfill report, feature stores) run against every kind of location. The remote
 ones are ``s3://`` on a local moto server (pyarrow's own S3 client, the endpoint in the
-URI's query) and fsspec's ``memory://`` (the fsspec fallback of raycompat.storage).
+URI's query) and fsspec's ``memory://`` (the fsspec fallback of raycompat.storage.filesystem).
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ import yaml
 
 from conftest import s3_uri
 from test_backfill_report import config_data, quality_data
-from raycompat import artifacts, storage
+from raycompat.storage import artifacts, filesystem
 from raycompat.backfill.report import run_backfill_report
-from raycompat.config import ModelConfig, PipelineConfig
+from raycompat.models.config import ModelConfig
+from raycompat.pipeline.config import PipelineConfig
 from raycompat.data.feature_store import FeatureStore, FeatureStoreWriter
 from raycompat.errors import DataError
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.models.backbones import EmbeddingModel
 from raycompat.models.export import export_model, load_classifier, load_model_meta
 from raycompat.models.extractor import load_extractor
@@ -75,11 +76,11 @@ def tree(path: Path) -> dict[str, bytes]:
 
 def test_uri_paths_keep_the_query_last():
     uri = "s3://b/run?endpoint_override=h:1&scheme=http"
-    assert storage.join(uri, "models", "old") == "s3://b/run/models/old?endpoint_override=h:1&scheme=http"
-    assert storage.parent(storage.join(uri, "eval")) == uri
+    assert filesystem.join(uri, "models", "old") == "s3://b/run/models/old?endpoint_override=h:1&scheme=http"
+    assert filesystem.parent(filesystem.join(uri, "eval")) == uri
     assert artifacts.name(artifacts.child(uri, "eval", "backfill")) == "backfill"
     # A '?' in a local path is part of a name, not a query.
-    assert storage.join("/data/a?b", "c") == "/data/a?b/c"
+    assert filesystem.join("/data/a?b", "c") == "/data/a?b/c"
     assert artifacts.child(Path("/x"), "y") == Path("/x/y") and artifacts.parent(Path("/x/y")) == Path("/x")
 
 
@@ -112,7 +113,7 @@ def test_staged_directory_lands_at_the_location_and_fetches_back(root, cache):
     local = artifacts.fetch(target)
     assert tree(local) == {"model.json": b'{"name": "m"}', "sub/notes.txt": b"hello",
                            "weights.bin": bytes(range(256)) * 100}
-    remote = not storage.is_local(str(root))
+    remote = not filesystem.is_local(str(root))
     # Remote artefacts are copied into the node cache; local ones are used in place.
     assert local.is_relative_to(cache) == remote
     assert not cache.exists() or remote
@@ -248,6 +249,6 @@ def test_s3_output_dir_is_objects_only(s3_endpoint, tmp_path, cache, monkeypatch
     root = s3_uri(s3_endpoint, "objects-only", "run")
     artifacts.write_text(artifacts.child(Layout.of(root).eval_dir, "metrics.json"), "{}")
     assert not any(tmp_path.iterdir())
-    fs, path = storage.resolve(root)
+    fs, path = filesystem.resolve(root)
     files = [i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File]
     assert files == ["objects-only/run/eval/metrics.json"]

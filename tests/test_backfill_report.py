@@ -381,7 +381,7 @@ def test_html_renders_in_headless_chromium(tmp_path, qpath):
 def test_example_config_runs_as_shipped(tmp_path, monkeypatch):
     # As the README runs it: from the checkout, against the committed quality benchmark JSON.
     monkeypatch.chdir(REPO)
-    config = REPO / "configs" / "backfill_example_1e9.yaml"
+    config = REPO / "raycompat" / "configs" / "backfill_example_1e9.yaml"
     assert yaml.safe_load(config.read_text())["gallery"]["size"] == "1e9"
     run_backfill_report(config, tmp_path / "out")
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -492,7 +492,7 @@ def test_benchmark_script_builds_config_and_report(tmp_path, qpath):
     ext = tmp_path / "extraction.json"
     ext.write_text(json.dumps({"images": 5000, "ray_images_per_s": 800.0, "plain_images_per_s": 1000.0,
                                "ratio": 0.8}))
-    spec = importlib.util.spec_from_file_location("backfill_report_bench", REPO / "benchmarks" / "backfill_report.py")
+    spec = importlib.util.spec_from_file_location("backfill_report_bench", REPO / "benchmarks" / "backfill_at_scale.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "bench"
@@ -517,8 +517,8 @@ def test_screenshot_script_usage_error(tmp_path):
 
 
 def test_pipeline_report_summarises_the_backfill_report(tmp_path, qpath):
-    from raycompat.config import PipelineConfig
-    from raycompat.report import write_eval_report
+    from raycompat.pipeline.config import PipelineConfig
+    from raycompat.pipeline.eval_report import write_eval_report
 
     html = run_backfill_report(write_config(tmp_path, config_data(qpath)), tmp_path / "eval" / "backfill")
     m = {"top1": 50.0, "top5": 70.0, "mAP": 40.0}

@@ -27,12 +27,13 @@ from sklearn.datasets import load_digits
 from fixtures.training import small_cfg, write_store
 
 from raycompat.cli import main
-from raycompat.config import ModelConfig, PipelineConfig, load_pipeline_config, with_absolute_paths
+from raycompat.models.config import ModelConfig
+from raycompat.pipeline.config import PipelineConfig, load_pipeline_config, with_absolute_paths
 from raycompat.configio import from_dict
 from raycompat.data.datasets import decode_image, load_digits as load_digits_dataset
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import ConfigError, DataError
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.models.backbones import CosineClassifier, EmbeddingClassifier, EmbeddingModel
 from raycompat.models.export import export_model, load_classifier_file
 from raycompat.models.extractor import load_extractor

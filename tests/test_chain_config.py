@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from raycompat.chain.config import ChainConfig, load_chain_config
-from raycompat.config import ProtocolConfig
+from raycompat.data.config import ProtocolConfig
 from raycompat.configio import from_dict
 from raycompat.data.datasets import load_digits
-from raycompat.data.increments import IncrementConfig, select_increment
+from raycompat.data.config import IncrementConfig
+from raycompat.data.increments import select_increment
 from raycompat.data.protocols import new_training_set, old_training_set
 from raycompat.errors import ConfigError
 
@@ -65,7 +66,7 @@ def test_protocol_increments_select_old_and_new_training_data():
     ({"new_increment": {"fraction": 0}}, "protocol.new_increment.fraction: must be in (0, 1]"),
 ])
 def test_protocol_increments_refused(protocol, message):
-    from raycompat.config import PipelineConfig
+    from raycompat.pipeline.config import PipelineConfig
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         from_dict(PipelineConfig, {"protocol": protocol})

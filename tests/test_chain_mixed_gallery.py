@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from fixtures.ranking import ranked_outcome
 
 from raycompat.errors import ConfigError, DataError
 from raycompat.retrieval.chain_metrics import chain_summary
@@ -32,17 +33,7 @@ def reference(qf, ql, feats, gen, gl, qids=None, gids=None):
             g = np.asarray(feats[gen[j]][j], dtype=np.float64)
             q = np.asarray(qf[i][: len(g)], dtype=np.float64)
             score[j] = math.fsum(q * g) / (math.sqrt(math.fsum(q * q)) * math.sqrt(math.fsum(g * g)))
-        ranked = sorted(cand, key=lambda j: (-score[j], j))
-        rel = [gl[j] == ql[i] for j in ranked]
-        if not any(rel):
-            out.append(None)
-            continue
-        hits, total = 0, 0.0
-        for rank, r in enumerate(rel, start=1):
-            if r:
-                hits += 1
-                total += hits / rank
-        out.append((bool(rel[0]), any(rel[:5]), total / hits))
+        out.append(ranked_outcome(score, lambda j: gl[j] == ql[i]))
     return out
 
 

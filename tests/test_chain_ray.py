@@ -11,13 +11,12 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 
 from raycompat.chain.config import ChainConfig
 from raycompat.configio import from_dict
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import ConfigError
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.pipeline import chain as chain_module
 from raycompat.pipeline.chain import check_chain, generation_config, run_chain
 from raycompat.retrieval.chain_metrics import average_compatibility, average_multimodel_accuracy
@@ -51,14 +50,6 @@ def test_generation_configs_use_the_previous_export_as_a_black_box(tmp_path):
 def test_pipeline_sections_checked_with_their_key(tmp_path):
     with pytest.raises(ConfigError, match=r"^pipeline\.ray\.num_workers: must be >= 0"):
         check_chain(tiny_chain(tmp_path, pipeline={"ray": {"num_workers": -1}}))
-
-
-@pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 1024**2,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    yield
-    ray.shutdown()
 
 
 def count_trainings(monkeypatch) -> list[str]:
@@ -179,7 +170,8 @@ def test_rerun_after_a_failure_keeps_finished_generations(uninterrupted, tmp_pat
 def test_bct_classifier_rows_follow_the_increment_classes(tmp_path):
     import torch
 
-    from raycompat.config import NewConfig, OldConfig, PipelineConfig
+    from raycompat.pipeline.config import PipelineConfig
+    from raycompat.training.config import NewConfig, OldConfig
     from raycompat.errors import DataError
     from raycompat.pipeline.train import bct_classifier
 

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from raycompat.cli import main
-from raycompat.config import ProtocolConfig
+from raycompat.data.config import ProtocolConfig
 from raycompat.data.datasets import load_digits
 from raycompat.data.protocols import old_training_set
 from raycompat.errors import ConfigError

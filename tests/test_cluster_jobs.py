@@ -34,13 +34,13 @@ import pytest
 from ray.job_submission import JobSubmissionClient
 
 from conftest import S3_TEST_ENV, s3_uri
-from raycompat import artifacts
-from raycompat.cluster import LocalCluster
-from raycompat.config import load_pipeline_config
+from raycompat.storage import artifacts
+from raycompat.local_cluster import LocalCluster
+from raycompat.pipeline.config import load_pipeline_config
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import RaycompatError
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.pipeline.jobs import EXCLUDES
 from raycompat.pipeline.train import TRAIN_METRICS, new_model_name
 
@@ -84,7 +84,8 @@ def _ray_cli() -> str:
 )
 def test_submit_options_after_the_stage(argv, stage_args, address, no_wait) -> None:
     """`raycompat submit <stage> --address URL -- <stage args>`: submit's options may follow the stage."""
-    from raycompat.cli import _split_submit_args, build_parser
+    from raycompat.cli import build_parser
+    from raycompat.cli.commands import _split_submit_args
 
     args = build_parser().parse_args(argv)
     _split_submit_args(args)

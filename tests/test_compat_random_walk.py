@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from raycompat.compat.knn_graph import knn_transition_matrix
 from raycompat.compat.random_walk import dense_random_walk, propagate_labels, random_walk, refine
-from raycompat.config import RandomWalkConfig
+from raycompat.compat.config import RandomWalkConfig
 from raycompat.errors import ConfigError, DataError
 
 

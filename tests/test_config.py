@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from raycompat.config import PipelineConfig, load_pipeline_config, with_absolute_paths
+from raycompat.pipeline.config import PipelineConfig, load_pipeline_config, with_absolute_paths
 from raycompat.configio import dump_config, load_config
 from raycompat.errors import ConfigError
 
@@ -23,6 +23,13 @@ def test_demo_config_loads_and_round_trips(tmp_path):
     assert load_pipeline_config(tmp_path / "again.yaml") == cfg
 
 
+def test_linear_pseudo_classifier_keys_default_to_the_former_constants(tmp_path):
+    cfg = load_pipeline_config(write(tmp_path, "new:\n  compat:\n    pseudo_classifier: linear\n"))
+    assert (cfg.new.compat.linear.epochs, cfg.new.compat.linear.lr) == (20, 0.05)
+    cfg = load_pipeline_config(write(tmp_path, "new:\n  compat:\n    linear: {epochs: 3, lr: 0.1}\n"))
+    assert (cfg.new.compat.linear.epochs, cfg.new.compat.linear.lr) == (3, 0.1)
+
+
 def test_lambda_key_maps_to_weight(tmp_path):
     cfg = load_pipeline_config(write(tmp_path, "new:\n  method: nifcl\n  compat:\n    lambda: 2.5\n"))
     assert cfg.new.compat.weight == 2.5
@@ -37,6 +44,8 @@ def test_lambda_key_maps_to_weight(tmp_path):
     ("new:\n  compat:\n    soft_targets: true\n", "new.compat.soft_targets: needs random_walk.enabled"),
     ("new:\n  method: bct\n  compat:\n    align: 1.0\n", "new.compat.align: only method nifcl"),
     ("new:\n  method: nifcl\n  compat:\n    align: -1\n", "new.compat.align: must be >= 0"),
+    ("new:\n  compat:\n    linear: {epochs: 0}\n", "new.compat.linear.epochs: must be positive"),
+    ("new:\n  compat:\n    linear: {lr: -0.1}\n", "new.compat.linear.lr: must be positive"),
     ("new:\n  method: l2\n  compat:\n    neighbors: {weight: 1.0}\n", "new.compat.neighbors.weight: only method nifcl"),
     ("new:\n  method: nifcl\n  compat:\n    neighbors: {bank: -2}\n", "new.compat.neighbors.bank: must be >= 0"),
     ("data: [1, 2]\n", "data: expected a mapping"),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raycompat.console import LiveLine
+from raycompat.cli.console import LiveLine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def test_quiet_console_sends_chatter_to_the_log_and_keeps_our_warnings(tmp_path,
     import logging
     import warnings
 
-    from raycompat.console import quiet_console
+    from raycompat.cli.console import quiet_console
 
     log_file = tmp_path / "logs" / "run.log"
     with quiet_console(log_file, ["only stage"], {}) as console:

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import FASHION_ROOT, needs_fashion_mnist
-from raycompat.config import DataConfig, ProtocolConfig
+from raycompat.data.config import DataConfig, ProtocolConfig
 from raycompat.data.datasets import load_dataset, load_digits, load_fashion_mnist, stratified_subsample
 from raycompat.data.idx import read_idx
 from raycompat.data.protocols import old_training_set

@@ -23,7 +23,13 @@ import pytest
 import torch
 from PIL import Image
 
-from raycompat.config import DataConfig, ExtractConfig, ModelConfig, OldConfig, PipelineConfig
+from raycompat.data.config import DataConfig
+
+from raycompat.models.config import ModelConfig
+
+from raycompat.pipeline.config import ExtractConfig, PipelineConfig
+
+from raycompat.training.config import OldConfig
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStore, read_quarantine
 from raycompat.errors import ConfigError, DataError, FeatureStoreError
@@ -323,7 +329,8 @@ def test_killed_driver_resumes_to_the_clean_result(ray_address, models, clean_ru
     cfg = digits_config(tmp_path / "run")
     script = textwrap.dedent(f"""
         import logging
-        from raycompat.config import DataConfig, ExtractConfig, PipelineConfig, RayConfig
+        from raycompat.data.config import DataConfig
+        from raycompat.pipeline.config import ExtractConfig, PipelineConfig, RayConfig
         from raycompat.pipeline.extract import ExtractorSpec, run_extraction
         logging.basicConfig(level=logging.INFO)
         cfg = PipelineConfig(output_dir={cfg.output_dir!r}, data=DataConfig(name="digits"),

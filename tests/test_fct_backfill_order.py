@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from raycompat.backfill_order import order_by_uncertainty, order_oracle, order_random
+from raycompat.retrieval.backfill_order import order_by_uncertainty, order_oracle, order_random
 from raycompat.errors import ConfigError, DataError
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from raycompat.configio import from_dict, to_dict
 from raycompat.errors import ConfigError
-from raycompat.models.fct_config import SideInfoConfig, TransformationConfig
+from raycompat.models.config import SideInfoConfig, TransformationConfig
 
 
 def test_round_trip():

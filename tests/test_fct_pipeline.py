@@ -13,18 +13,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 
-from raycompat.config import DataConfig, PipelineConfig
+from raycompat.data.config import DataConfig
+
+from raycompat.pipeline.config import PipelineConfig
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import SCALAR, FeatureStore, FeatureStoreWriter
 from raycompat.errors import ConfigError, FeatureStoreError
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.models.export import export_model
 from raycompat.models.extractor import load_extractor
-from raycompat.pipeline.fct_train import load_transformation, train_transformation_stage
-from raycompat.pipeline.side_info import side_extractor, train_side_info_stage
+from raycompat.models.export import load_transformation
+from raycompat.pipeline.fct_train import train_transformation_stage
+from raycompat.pipeline.side_info_stage import side_extractor, train_side_info_stage
 from raycompat.pipeline.transform import run_transform
 from raycompat.training.fct import transform_features
 
@@ -50,16 +52,6 @@ class Projection(torch.nn.Module):
 
 MODELS = {"old": Projection(D_OLD, 1, False), "side": Projection(D_SIDE, 2, False),
           NEW_MODEL: Projection(D_NEW, 3, True)}
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    from ray.data import DataContext
-
-    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
-    DataContext.get_current().enable_progress_bars = False
-    yield ctx
-    ray.shutdown()
 
 
 def features(name: str, images: np.ndarray) -> np.ndarray:

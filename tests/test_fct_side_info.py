@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from raycompat.errors import ConfigError, DataError
-from raycompat.models.fct_config import SideInfoConfig
+from raycompat.models.config import SideInfoConfig
 from raycompat.models.side_info import SideInfoModel, build_side_info_model, train_side_info
 
 FASHION_IMAGES = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")

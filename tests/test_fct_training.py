@@ -5,10 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raycompat.backfill_order import order_by_uncertainty, order_oracle, order_random
+from raycompat.retrieval.backfill_order import order_by_uncertainty, order_oracle, order_random
 from raycompat.errors import ConfigError, DataError
-from raycompat.models.fct_config import TransformationConfig
-from raycompat.training.fct import build_transformation, train_transformation, transform_features
+from raycompat.models.config import TransformationConfig
+from raycompat.training.fct import train_transformation, transform_features
+from raycompat.models.transformation import build_transformation
 
 SMALL = {"hidden": [64], "old_width": 64, "side_width": 32, "epochs": 20, "batch_size": 128, "lr": 3e-3}
 

@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raycompat import storage
 from raycompat.data.feature_store import (
     MISSING_LABEL,
     QUARANTINE_SCHEMA,
@@ -24,6 +23,7 @@ from raycompat.data.feature_store import (
     read_quarantine,
 )
 from raycompat.errors import DataError, FeatureStoreError
+from raycompat.storage import filesystem
 
 DIM = 8
 EXTRA = {"side": 3, "sigma": "scalar"}
@@ -147,8 +147,8 @@ def test_every_open_verifies_checksums_and_names_store_and_part(tmp_path):
 def test_verified_parts_are_hashed_once_per_process_until_rewritten(tmp_path, monkeypatch):
     _store(tmp_path / "s")
     hashed = []
-    real = storage.sha256_file
-    monkeypatch.setattr(storage, "sha256_file", lambda fs, path: hashed.append(path) or real(fs, path))
+    real = filesystem.sha256_file
+    monkeypatch.setattr(filesystem, "sha256_file", lambda fs, path: hashed.append(path) or real(fs, path))
     FeatureStore.open(tmp_path / "s")
     FeatureStore.open(tmp_path / "s")
     assert sorted(Path(p).name for p in hashed) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
@@ -357,7 +357,7 @@ def test_file_uri_works_like_a_plain_path(tmp_path):
 
 def test_fsspec_only_scheme_works(tmp_path):
     uri = f"memory://raycompat-test-{uuid.uuid4().hex}/store"
-    fs, _ = storage.resolve(uri)
+    fs, _ = filesystem.resolve(uri)
     assert isinstance(fs, pafs.PyFileSystem)
     part = _part(0, 5, seed=0)
     writer = FeatureStoreWriter(uri, "old", "2", DIM)
@@ -403,31 +403,31 @@ def test_requarantined_records_after_a_resume_appear_once(tmp_path):
 
 def test_storage_helpers(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    fs, path = storage.resolve("rel/dir")
+    fs, path = filesystem.resolve("rel/dir")
     assert isinstance(fs, pafs.LocalFileSystem) and path == str(tmp_path / "rel" / "dir")
-    assert storage.resolve(tmp_path.as_uri())[1] == str(tmp_path)
+    assert filesystem.resolve(tmp_path.as_uri())[1] == str(tmp_path)
     with pytest.raises(DataError, match="cannot resolve storage URI 'nosuchscheme://x'"):
-        storage.resolve("nosuchscheme://x")
+        filesystem.resolve("nosuchscheme://x")
 
-    storage.makedirs(fs, path)
-    target = storage.join(path, "a.json")
-    digest = storage.atomic_write_bytes(fs, target, b"old")
-    assert digest == hashlib.sha256(b"old").hexdigest() == storage.sha256_file(fs, target)
+    filesystem.makedirs(fs, path)
+    target = filesystem.join(path, "a.json")
+    digest = filesystem.atomic_write_bytes(fs, target, b"old")
+    assert digest == hashlib.sha256(b"old").hexdigest() == filesystem.sha256_file(fs, target)
 
     def fail(sink):
         sink.write(b"partial")
         raise RuntimeError("crash mid-write")
 
     with pytest.raises(RuntimeError):
-        storage.atomic_write(fs, target, fail)
-    assert storage.read_bytes(fs, target) == b"old"  # untouched, and the temp file is gone
-    assert storage.list_files(fs, path) == ["a.json"]
-    assert storage.list_files(fs, storage.join(path, "missing")) == []
-    assert storage.exists(fs, target) and not storage.exists(fs, storage.join(path, "b"))
+        filesystem.atomic_write(fs, target, fail)
+    assert filesystem.read_bytes(fs, target) == b"old"  # untouched, and the temp file is gone
+    assert filesystem.list_files(fs, path) == ["a.json"]
+    assert filesystem.list_files(fs, filesystem.join(path, "missing")) == []
+    assert filesystem.exists(fs, target) and not filesystem.exists(fs, filesystem.join(path, "b"))
 
 
 def test_evaluate_refuses_a_store_rewritten_after_it_was_written(tmp_path):
-    from raycompat.evaluation import evaluate_stores
+    from raycompat.retrieval.evaluate_stores import evaluate_stores
 
     _store(tmp_path / "old")
     _store(tmp_path / "new", model="new")
@@ -437,8 +437,18 @@ def test_evaluate_refuses_a_store_rewritten_after_it_was_written(tmp_path):
         evaluate_stores(tmp_path / "old", tmp_path / "new")
 
 
+def test_evaluate_refuses_new_features_narrower_than_the_old(tmp_path):
+    from raycompat.retrieval.evaluate_stores import evaluate_stores
+
+    _store(tmp_path / "old")
+    _store(tmp_path / "new", model="new", dim=DIM - 2)
+    with pytest.raises(DataError, match=rf"{tmp_path / 'new'} against {tmp_path / 'old'}: new features have 6 dims, "
+                                        r"fewer than the old features' 8"):
+        evaluate_stores(tmp_path / "old", tmp_path / "new")
+
+
 def test_evaluate_names_the_store_and_record_of_non_finite_features(tmp_path):
-    from raycompat.evaluation import evaluate_stores
+    from raycompat.retrieval.evaluate_stores import evaluate_stores
 
     _store(tmp_path / "old")
     writer = FeatureStoreWriter(tmp_path / "new", "new", "1", DIM)

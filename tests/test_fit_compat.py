@@ -17,16 +17,17 @@ import ray
 import yaml
 
 from raycompat.cli import main
-from raycompat.config import DataConfig, PipelineConfig, RayConfig, load_pipeline_config
+from raycompat.data.config import DataConfig
+from raycompat.pipeline.config import PipelineConfig, RayConfig, load_pipeline_config
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStoreWriter
 from raycompat.errors import ConfigError
-from raycompat.fit_compat import DEFAULT_SPACES, Budget, build_search, choose_winner, winner_record
-from raycompat.layout import Layout
+from raycompat.pipeline.fit_compat_search import DEFAULT_SPACES, Budget, build_search, choose_winner, winner_record
+from raycompat.storage.layout import Layout
 from raycompat.models.extractor import load_extractor
 from raycompat.pipeline.fit_compat import EpochBudgetStopper, export_winner, run_fit_compat
 from raycompat.pipeline.tune import init_tune_ray, trial_scaling
-from raycompat.tune_space import apply_params
+from raycompat.pipeline.tune_space import apply_params
 
 OLD_DIM = 16
 
@@ -169,7 +170,7 @@ def test_the_stage_is_a_job_entrypoint():
 # --- a real search --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ray_session() -> Iterator[None]:
+def tune_ray_session() -> Iterator[None]:
     init_tune_ray(RayConfig(), num_cpus=2, log_to_driver=False, object_store_memory=256 * 2**20)
     yield
     ray.shutdown()
@@ -191,7 +192,7 @@ def output_dir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.ray
-def test_fit_compat_chooses_by_validation_exports_the_winner_within_budget_and_resumes(ray_session, output_dir):
+def test_fit_compat_chooses_by_validation_exports_the_winner_within_budget_and_resumes(tune_ray_session, output_dir):
     cfg = small_config(output_dir)
     cfg.fit_compat.num_samples = 3
     # Wide enough that a trial or more meets the constraint on 80 validation items.

@@ -18,7 +18,7 @@ import ray
 
 import psutil  # bundled with ray: importable once ray is imported
 
-from raycompat.cluster import LOOPBACK, STATE_FILE, LocalCluster
+from raycompat.local_cluster import LOOPBACK, STATE_FILE, LocalCluster
 from raycompat.errors import ConfigError
 
 # The GCS declares a node dead after 5 missed 1 s health checks (Ray default: ~15 s).
@@ -172,7 +172,7 @@ def test_kill_worker_node_is_reported_dead(cluster: LocalCluster, driver: None) 
 @pytest.mark.ray
 def test_cli_status_then_down_stops_every_process(cluster: LocalCluster) -> None:
     cluster_dir = cluster.state_path.parent
-    cmd = [sys.executable, "-m", "raycompat.cluster"]
+    cmd = [sys.executable, "-m", "raycompat.local_cluster"]
     status = subprocess.run(
         [*cmd, "status", "--dir", str(cluster_dir)], capture_output=True, text=True, timeout=120
     )

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from raycompat.config import ModelConfig
+from raycompat.models.config import ModelConfig
 from raycompat.errors import DataError
 from raycompat.models.backbones import CosineClassifier, EmbeddingModel
-from raycompat.models.export import export_model, load_classifier, load_model_meta, sha256_file
+from raycompat.models.export import export_model, load_classifier, load_model_meta
+from raycompat.storage.artifacts import sha256
 from raycompat.models.extractor import load_extractor
 from raycompat.models.http_server import serve_in_thread
 
@@ -42,7 +43,7 @@ def test_export_writes_black_box_and_metadata(exported):
     out, images, expected = exported
     meta = load_model_meta(out)
     assert (meta["name"], meta["version"], meta["dim"], meta["input_shape"]) == ("old", "7", 16, [1, 8, 8])
-    assert meta["sha256"] == sha256_file(out / "extractor.pt")
+    assert meta["sha256"] == sha256(out / "extractor.pt")
     weight, classes = load_classifier(out)
     assert weight.shape == (3, 16) and classes == [1, 4, 6]
 

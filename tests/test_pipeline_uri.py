@@ -21,20 +21,21 @@ from ray.train import ScalingConfig
 
 from conftest import s3_uri
 from fixtures.training import small_cfg, write_store
-from raycompat import artifacts
-from raycompat.artifacts import child
-from raycompat.config import DataConfig, PipelineConfig
+from raycompat.storage import artifacts
+from raycompat.storage.artifacts import child
+from raycompat.data.config import DataConfig
+from raycompat.pipeline.config import PipelineConfig
 from raycompat.configio import to_dict
 from raycompat.data.datasets import load_dataset, load_digits
 from raycompat.data.feature_store import FeatureStore
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.models.extractor import load_extractor
 from raycompat.pipeline.run import run_pipeline, stage_evaluate, write_evaluation
 from raycompat.pipeline.train import TRAIN_METRICS, VALIDATION_OUTCOMES, new_model_name, run_training
-from raycompat.release_gate import cheapest_backfill, save_outcomes
+from raycompat.retrieval.release_gate import cheapest_backfill, save_outcomes
 from raycompat.retrieval.evaluate import cross_model_matrix
 from raycompat.pipeline.tune import EpochMetricsLog, _check_same_search, search_dir, write_outputs
-from raycompat.tune_space import SearchConfig
+from raycompat.pipeline.tune_space import SearchConfig
 
 MODEL_FILES = ("extractor.pt", "model.json", "classifier.pt", TRAIN_METRICS)
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import ray
 
-from raycompat.config import RayConfig
+from raycompat.pipeline.config import RayConfig
 from raycompat.pipeline.ray_session import init_ray, pinned_api_server
 
 

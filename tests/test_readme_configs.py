@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from raycompat.cli import main
-from raycompat.config import load_pipeline_config
-from raycompat.tune_space import load_search_config
+from raycompat.pipeline.config import load_pipeline_config
+from raycompat.pipeline.tune_space import load_search_config
 
 REPO = Path(__file__).resolve().parents[1]
 NAMED = sorted(set(re.findall(r"(?<![\w/.])((?:raycompat/)?configs/[\w.-]+\.yaml)", (REPO / "README.md").read_text())))
@@ -19,7 +19,7 @@ NAMED = sorted(set(re.findall(r"(?<![\w/.])((?:raycompat/)?configs/[\w.-]+\.yaml
 
 def test_the_readme_names_the_demo_cluster_and_backfill_configs():
     assert {"raycompat/configs/demo.yaml", "raycompat/configs/cluster_test.yaml",
-            "configs/backfill_example_1e9.yaml"} <= set(NAMED), NAMED
+            "raycompat/configs/backfill_example_1e9.yaml"} <= set(NAMED), NAMED
 
 
 @pytest.mark.parametrize("name", NAMED)

@@ -5,8 +5,9 @@ import io
 import numpy as np
 import pytest
 
-from raycompat import release_gate as rg
-from raycompat.config import DataConfig
+from raycompat.retrieval import release_gate as rg
+from raycompat.configio import validate_tree
+from raycompat.data.config import DataConfig
 from raycompat.data.datasets import Dataset, ImageSet, load_digits
 from raycompat.data.protocols import validation_split
 from raycompat.errors import ConfigError, DataError
@@ -203,4 +204,4 @@ def test_validation_split_keeps_one_training_item_per_class():
 
 def test_config_validation_fraction_range():
     with pytest.raises(ConfigError, match="data.validation: must be in"):
-        DataConfig(validation=1.0).validate("data")
+        validate_tree(DataConfig(validation=1.0), "data")

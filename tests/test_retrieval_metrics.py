@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from fixtures.ranking import ranked_outcome
 
 from raycompat.errors import ConfigError, DataError
 from raycompat.retrieval import (
@@ -31,17 +32,7 @@ def reference(qf, ql, gf, gl, qids=None, gids=None):
     for i in range(len(qn)):
         cand = [j for j in range(len(gn)) if qids is None or gids[j] != qids[i]]
         score = {j: math.fsum(qn[i] * gn[j]) for j in cand}
-        ranked = sorted(cand, key=lambda j: (-score[j], j))
-        rel = [gl[j] == ql[i] for j in ranked]
-        if not any(rel):
-            out.append(None)
-            continue
-        hits, total = 0, 0.0
-        for rank, r in enumerate(rel, start=1):
-            if r:
-                hits += 1
-                total += hits / rank
-        out.append((bool(rel[0]), any(rel[:5]), total / hits))
+        out.append(ranked_outcome(score, lambda j: gl[j] == ql[i]))
     return out
 
 

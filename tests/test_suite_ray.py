@@ -14,16 +14,7 @@ from test_suite import TINY
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def ray_runtime():
-    import ray
-
-    ray.init(num_cpus=2, log_to_driver=False, object_store_memory=256 * 2**20)
-    yield
-    ray.shutdown()
-
-
-def test_suite_runs_units_as_tasks_and_resumes_only_what_is_missing(ray_runtime, tmp_path):
+def test_suite_runs_units_as_tasks_and_resumes_only_what_is_missing(ray_session, tmp_path):
     from raycompat.pipeline.bench_suite import run_suite, units_dir
 
     cfg = from_dict(SuiteConfig, {**TINY, "output_dir": str(tmp_path / "run")})

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from raycompat.config import DataConfig, PipelineConfig, ProtocolConfig
+from raycompat.data.config import DataConfig, ProtocolConfig
+
+from raycompat.pipeline.config import PipelineConfig
 from raycompat.errors import ConfigError, DataError
 
 
@@ -18,15 +20,6 @@ def test_old_class_ids_outside_the_dataset_are_refused_before_workers_start(tmp_
     # No Ray session exists: the check must not need one.
     with pytest.raises(ConfigError, match=r"protocol.old_classes: class id 42 outside the dataset's 0..9"):
         build_trainer(cfg, "old")
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024**2)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.ray

@@ -5,22 +5,14 @@ import time
 
 import psutil
 import pytest
-import ray
 from ray.train import ScalingConfig
 
 from fixtures.training import small_cfg
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.pipeline.train import VALIDATION_OUTCOMES, default_run_name, run_training
-from raycompat.release_gate import load_outcomes
+from raycompat.retrieval.release_gate import load_outcomes
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 1024**2)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,16 @@ import torch
 from ray.train import ScalingConfig
 
 from fixtures.training import small_cfg, write_store
-from raycompat.config import DataConfig, NewConfig
+from raycompat.data.config import DataConfig
+from raycompat.training.config import NewConfig
 from raycompat.data.datasets import load_digits
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import DataError, FeatureStoreError
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.models.extractor import load_extractor
 from raycompat.pipeline.train import run_training
 from raycompat.training.compat_term import build_compat_term
-from raycompat.tune_space import ObjectiveConfig, score
+from raycompat.pipeline.tune_space import ObjectiveConfig, score
 
 
 
@@ -46,6 +47,24 @@ def test_compat_terms_are_finite_and_fall_when_new_matches_old(method):
 def test_independent_has_no_term():
     old, labels = features()
     assert build_compat_term(NewConfig(method="independent"), old, labels, 3, torch.device("cpu")) is None
+
+
+def test_linear_pseudo_classifier_is_fitted_with_the_configured_epochs_and_lr(monkeypatch):
+    import raycompat.training.compat_term as compat_term
+
+    seen = {}
+    real = compat_term.linear_pseudo_classifier
+    monkeypatch.setattr(compat_term, "linear_pseudo_classifier",
+                        lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+    old, labels = features()
+    cfg = NewConfig(method="nifcl")
+    cfg.model.embed_dim = 12
+    cfg.compat.pseudo_classifier = "linear"
+    build_compat_term(cfg, old, labels, 3, torch.device("cpu"))
+    assert (seen["epochs"], seen["lr"]) == (20, 0.05)
+    cfg.compat.linear.epochs, cfg.compat.linear.lr = 2, 0.5
+    build_compat_term(cfg, old, labels, 3, torch.device("cpu"))
+    assert (seen["epochs"], seen["lr"]) == (2, 0.5)
 
 
 def test_nifcl_with_random_walk_soft_targets_equals_the_dense_walk_reference():
@@ -206,7 +225,7 @@ def _train_new(out, monkeypatch, old_train, poison_test=False):
 def test_training_reads_validation_never_test(tmp_path, monkeypatch):
     from raycompat.data.protocols import validation_split
     from raycompat.pipeline.train import VALIDATION_OUTCOMES
-    from raycompat.release_gate import load_outcomes
+    from raycompat.retrieval.release_gate import load_outcomes
 
     ds = load_digits()
     old_train = np.random.default_rng(0).normal(size=(len(ds.train), 16)).astype(np.float32)

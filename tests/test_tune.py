@@ -21,13 +21,15 @@ import pytest
 import ray
 from ray import tune
 
-from raycompat.config import DataConfig, PipelineConfig, RayConfig, load_pipeline_config
+from raycompat.data.config import DataConfig
+
+from raycompat.pipeline.config import PipelineConfig, RayConfig, load_pipeline_config
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStoreWriter
 from raycompat.errors import ConfigError, FeatureStoreError
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.pipeline.tune import SearchInterrupted, init_tune_ray, param_space, pareto_front, run_tune
-from raycompat.tune_space import ConstraintConfig, ObjectiveConfig, SchedulerConfig, SearchConfig, TrialConfig, \
+from raycompat.pipeline.tune_space import ConstraintConfig, ObjectiveConfig, SchedulerConfig, SearchConfig, TrialConfig, \
     apply_params, score
 
 pytestmark = pytest.mark.ray

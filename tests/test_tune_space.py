@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raycompat.config import PipelineConfig, load_pipeline_config
+from raycompat.pipeline.config import PipelineConfig, load_pipeline_config
 from raycompat.configio import to_dict
 from raycompat.errors import ConfigError
-from raycompat.tune_space import (
+from raycompat.pipeline.tune_space import (
     ConstraintConfig, ObjectiveConfig, SearchConfig, apply_params, load_search_config, nest, reference_at, score,
 )
 
@@ -180,7 +180,7 @@ def test_search_refuses_no_validation_split_and_searching_it():
 
 
 def test_reference_is_the_same_pipeline_with_an_independent_model_and_no_nifcl_term():
-    from raycompat.tune_space import reference_config
+    from raycompat.pipeline.tune_space import reference_config
 
     base = nifcl_base()
     base.new.compat.align = 3.0

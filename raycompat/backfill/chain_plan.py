@@ -35,9 +35,8 @@ from typing import Any, Literal, Optional
 
 import numpy as np
 
-from raycompat.backfill.config import CostInputsConfig, GalleryConfig, NodeTypeConfig
+from raycompat.backfill.config import CostInputsConfig, GalleryConfig, NodeTypeConfig, check_cluster_costs
 from raycompat.backfill.costs import PassCost, cluster_rates, pass_cost
-from raycompat.configio import check, join
 from raycompat.errors import ConfigError
 from raycompat.retrieval.chain_metrics import lower_triangle
 
@@ -60,13 +59,7 @@ class ChainCosts:
     costs: CostInputsConfig
 
     def validate(self, key: str) -> None:
-        names = [n.name for n in self.cluster]
-        check(len(names) > 0, join(key, "cluster"), "needs at least one node type")
-        check(len(set(names)) == len(names), join(key, "cluster"), f"node type names repeat: {names}")
-        missing = sorted(set(names) - set(self.costs.nodes))
-        extra = sorted(set(self.costs.nodes) - set(names))
-        check(not missing, join(key, "costs.nodes"), f"no measured costs for node type(s) {missing}")
-        check(not extra, join(key, "costs.nodes"), f"costs for unknown node type(s) {extra} (cluster has {names})")
+        check_cluster_costs(self.cluster, self.costs, key)
 
     def validate_all(self) -> None:
         """Validate every section (parsing units in place); idempotent, so built-by-hand sections work too."""

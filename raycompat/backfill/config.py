@@ -1,6 +1,6 @@
 """The backfill-report config: gallery, cluster, measured costs, quality source, strategies.
 
-See ``configs/backfill_example_1e9.yaml`` for a commented example. Sizes and
+See ``raycompat/configs/backfill_example_1e9.yaml`` for a commented example. Sizes and
 bandwidths accept units ("50 kB", "1 GB/s"); the gallery size accepts 1e9 as a
 number or a string. ``validate`` normalises them to plain numbers (bytes,
 an int item count; the bandwidth into ``read_bytes_per_s``, since a plain
@@ -160,16 +160,21 @@ class BackfillConfig:
     notes: list[str] = field(default_factory=list)
 
     def validate(self, key: str) -> None:
-        names = [n.name for n in self.cluster]
-        check(len(names) > 0, join(key, "cluster"), "needs at least one node type")
-        check(len(set(names)) == len(names), join(key, "cluster"), f"node type names repeat: {names}")
-        missing = sorted(set(names) - set(self.costs.nodes))
-        extra = sorted(set(self.costs.nodes) - set(names))
-        check(not missing, join(key, "costs.nodes"), f"no measured costs for node type(s) {missing}")
-        check(not extra, join(key, "costs.nodes"), f"costs for unknown node type(s) {extra} (cluster has {names})")
+        check_cluster_costs(self.cluster, self.costs, key)
         labels = [s.name for s in self.strategies]
         check(len(labels) > 0, join(key, "strategies"), "needs at least one strategy")
         check(len(set(labels)) == len(labels), join(key, "strategies"), f"strategy names repeat: {labels}")
+
+
+def check_cluster_costs(cluster: list[NodeTypeConfig], costs: CostInputsConfig, key: str) -> None:
+    """The cluster's node types are named once each, and ``costs.nodes`` measures exactly those."""
+    names = [n.name for n in cluster]
+    check(len(names) > 0, join(key, "cluster"), "needs at least one node type")
+    check(len(set(names)) == len(names), join(key, "cluster"), f"node type names repeat: {names}")
+    missing = sorted(set(names) - set(costs.nodes))
+    extra = sorted(set(costs.nodes) - set(names))
+    check(not missing, join(key, "costs.nodes"), f"no measured costs for node type(s) {missing}")
+    check(not extra, join(key, "costs.nodes"), f"costs for unknown node type(s) {extra} (cluster has {names})")
 
 
 def load_backfill_config(path: str | Path, overrides: dict | None = None) -> BackfillConfig:

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from raycompat import artifacts
 from raycompat.backfill.config import QualityConfig
 from raycompat.errors import ConfigError, DataError
+from raycompat.storage import artifacts
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from raycompat.chain.config import ChainConfig, GenerationConfig
-from raycompat.config import CompatConfig
+from raycompat.compat.config import CompatConfig
 from raycompat.configio import deep_merge, from_dict, join, load_config, to_dict
 from raycompat.errors import ConfigError
 

@@ -21,9 +21,12 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from raycompat.chain.cost_plan import CostPlanConfig
-from raycompat.config import CompatConfig, DataConfig, ModelConfig, OptimConfig
+from raycompat.compat.config import CompatConfig
+from raycompat.data.config import DataConfig
+from raycompat.models.config import ModelConfig
+from raycompat.training.config import OptimConfig
 from raycompat.configio import check, deep_merge, from_dict, join, load_config, to_dict
-from raycompat.data.increments import IncrementConfig
+from raycompat.data.config import IncrementConfig
 from raycompat.errors import ConfigError
 
 # Classes of the built-in datasets, so a bad class id is refused on load; the others

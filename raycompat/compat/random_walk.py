@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from raycompat.compat.checks import as_tensor, check_features_labels
+from raycompat.compat.config import RandomWalkConfig
 from raycompat.compat.knn_graph import knn_transition_matrix
 from raycompat.compat.pseudo_classifier import class_means
-from raycompat.config import RandomWalkConfig
 from raycompat.errors import ConfigError
 
 logger = logging.getLogger(__name__)

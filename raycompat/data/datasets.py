@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raycompat.config import DataConfig
+from raycompat.data.config import DataConfig
 from raycompat.data.idx import read_idx
 from raycompat.errors import DataError
 

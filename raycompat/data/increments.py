@@ -15,40 +15,14 @@ the mapping, as :mod:`raycompat.data.protocols` does for the old model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Optional
+from dataclasses import replace
 
 import numpy as np
 
-from raycompat.configio import check, join
+from raycompat.configio import join
+from raycompat.data.config import IncrementConfig
+from raycompat.data.datasets import ImageSet
 from raycompat.errors import ConfigError
-
-if TYPE_CHECKING:  # datasets imports the pipeline config, which imports this module
-    from raycompat.data.datasets import ImageSet
-
-
-@dataclass
-class IncrementConfig:
-    """One model's training data within the training split."""
-
-    # The classes trained on; null = every class of the dataset.
-    classes: Optional[list[int]] = None
-    # The share of every (selected) class's training images, nested by seed (see the module doc).
-    fraction: float = 1.0
-
-    def validate(self, key: str) -> None:
-        check(0.0 < self.fraction <= 1.0, join(key, "fraction"), f"must be in (0, 1], got {self.fraction}")
-        if self.classes is not None:
-            check(len(self.classes) > 0, join(key, "classes"), "must not be empty")
-            check(len(set(self.classes)) == len(self.classes), join(key, "classes"), "has duplicates")
-            check(min(self.classes) >= 0, join(key, "classes"), "class ids must be >= 0")
-
-    def contains(self, other: "IncrementConfig") -> bool:
-        """Whether this increment holds every item of ``other`` (selected with the same seed)."""
-        mine = None if self.classes is None else set(self.classes)
-        theirs = None if other.classes is None else set(other.classes)
-        classes_ok = mine is None or (theirs is not None and theirs <= mine)
-        return classes_ok and self.fraction >= other.fraction
 
 
 def resolve_classes(inc: IncrementConfig, num_classes: int, key: str) -> list[int]:
@@ -61,8 +35,8 @@ def resolve_classes(inc: IncrementConfig, num_classes: int, key: str) -> list[in
     return sorted(inc.classes)
 
 
-def select_increment(train: "ImageSet", inc: IncrementConfig, seed: int, num_classes: int,
-                     key: str = "increment") -> tuple["ImageSet", list[int]]:
+def select_increment(train: ImageSet, inc: IncrementConfig, seed: int, num_classes: int,
+                     key: str = "increment") -> tuple[ImageSet, list[int]]:
     """The items of ``train`` in increment ``inc`` (in their original order), labels remapped; and the classes.
 
     Every selected class keeps at least one item.

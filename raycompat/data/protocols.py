@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from raycompat.config import DataConfig, ProtocolConfig
+from raycompat.data.config import DataConfig, ProtocolConfig
 from raycompat.data.datasets import Dataset, ImageSet
 from raycompat.data.increments import resolve_classes, select_increment
 from raycompat.errors import ConfigError

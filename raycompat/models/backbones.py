@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raycompat.config import ModelConfig
+from raycompat.models.config import ModelConfig
 
 
 class Preprocess(nn.Module):

@@ -3,7 +3,7 @@
 ``load_extractor(spec)`` accepts
 - a TorchScript file (``.../extractor.pt``) or an exported model directory, as a local
   path or a storage URI (``s3://``, ``gs://``: fetched into the node's cache, see
-  :mod:`raycompat.artifacts`; ``file://``: read in place);
+  :mod:`raycompat.storage.artifacts`; ``file://``: read in place);
 - ``package.module:callable``: a callable taking a uint8 array (N, C, H, W) and
   returning features (a class is instantiated with no arguments first);
 - ``http://host:port/path``: an endpoint that takes a POSTed ``.npy`` uint8 batch
@@ -27,8 +27,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from raycompat import artifacts, storage
 from raycompat.errors import DataError
+from raycompat.storage import artifacts, filesystem
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def load_extractor(spec: str, device: str | None = None, timeout_s: float = 30.0
     if spec.startswith(("http://", "https://")):
         return Extractor(_http(spec, timeout_s, retries), spec)
     # Any other URI is stored TorchScript: this process fetches it into its node's cache.
-    path = artifacts.fetch(spec) if storage.is_uri(spec) else Path(spec)
+    path = artifacts.fetch(spec) if filesystem.is_uri(spec) else Path(spec)
     if path.is_dir():
         path = path / "extractor.pt"
     if path.suffix in (".pt", ".pth", ".ts") or path.exists():

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from raycompat.errors import ConfigError, DataError
-from raycompat.models.fct_config import SideInfoConfig
+from raycompat.models.config import SideInfoConfig
 
 logger = logging.getLogger(__name__)
 

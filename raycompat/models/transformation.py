@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from raycompat.errors import ConfigError, DataError
+from raycompat.models.config import TransformationConfig
 
 
 def _block(d_in: int, d_out: int) -> nn.Sequential:
@@ -97,3 +98,17 @@ class Transformation(nn.Module):
         z = self.trunk(z)
         sigma = self.sigma_head(z).squeeze(1) if self.sigma_head is not None else None
         return self.head(z), sigma
+
+
+def build_transformation(cfg: TransformationConfig, d_old: int, d_side: int, d_new: int, seed: int) -> Transformation:
+    """The transformation ``cfg`` describes; the side branch only when ``cfg.use_side_info``.
+
+    Initialisation is deterministic in ``seed`` and leaves the global RNG alone.
+    """
+    if cfg.use_side_info and d_side <= 0:
+        raise ConfigError(f"use_side_info: true needs side-info features, but their size is {d_side}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Transformation(
+            d_old, d_side if cfg.use_side_info else 0, d_new, cfg.hidden, cfg.uncertainty, cfg.old_width, cfg.side_width
+        )

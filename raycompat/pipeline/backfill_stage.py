@@ -22,20 +22,20 @@ from typing import Any
 import numpy as np
 import yaml
 
-from raycompat.artifacts import Location, child, staged
 from raycompat.backfill.config import BackfillConfig
 from raycompat.backfill.presets import default_strategies
 from raycompat.backfill.quality import parse_quality
 from raycompat.backfill.report import write_backfill_report
-from raycompat.backfill_order import order_random
-from raycompat.config import PipelineConfig
 from raycompat.configio import from_dict
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import ConfigError, DataError
-from raycompat.layout import Layout
+from raycompat.pipeline.config import PipelineConfig
 from raycompat.pipeline.measure import measure_costs
 from raycompat.pipeline.train import new_model_name, old_model_name
 from raycompat.retrieval.backfill_curve import backfill_curve
+from raycompat.retrieval.backfill_order import order_random
+from raycompat.storage.artifacts import Location, child, staged
+from raycompat.storage.layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def stage_backfill_report(cfg: PipelineConfig, matrix: dict[str, dict], n_items:
     """Write ``eval/backfill/{quality.json, config.yaml, report.*}``; return report.html's location.
 
     For a remote ``output_dir`` the files are written in a local staging directory and
-    uploaded at the end (:func:`raycompat.artifacts.staged`).
+    uploaded at the end (:func:`raycompat.storage.artifacts.staged`).
     """
     final = child(Layout.of(cfg.output_dir).eval_dir, "backfill")
     with staged(final) as out:

@@ -10,7 +10,7 @@ partial backfill of the transformed gallery. Writes ``<name>.json``,
 ``<name>_curves.png`` (the result files are listed in benchmarks/README.md); the
 summary ends with each acceptance criterion, checked against the measured numbers, and
 each method's release gate (validation and test intervals, see
-:mod:`raycompat.release_gate`) with, where it says no, the cheapest measured
+:mod:`raycompat.retrieval.release_gate`) with, where it says no, the cheapest measured
 strategy that reaches old/old quality.
 """
 
@@ -28,15 +28,15 @@ from typing import Callable, Optional
 import numpy as np
 import ray
 
-from raycompat import storage
-from raycompat.artifacts import Location
-from raycompat.backfill_order import order_by_uncertainty, order_oracle, order_random
-from raycompat.config import PipelineConfig
+from raycompat.storage import filesystem
+from raycompat.storage.artifacts import Location
+from raycompat.retrieval.backfill_order import order_by_uncertainty, order_oracle, order_random
+from raycompat.pipeline.config import PipelineConfig
 from raycompat.configio import deep_merge, from_dict, to_dict
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import ConfigError
-from raycompat.evaluation import evaluate_stores
-from raycompat.layout import Layout
+from raycompat.retrieval.evaluate_stores import evaluate_stores
+from raycompat.storage.layout import Layout
 from raycompat.pipeline.extract import run_extraction
 from raycompat.pipeline.fct_train import train_transformation_stage, transformation_name
 from raycompat.pipeline.ray_session import init_ray
@@ -47,10 +47,11 @@ from raycompat.pipeline.run import (
     stage_train_old,
     validation_outcomes,
 )
-from raycompat.pipeline.side_info import side_extractor, train_side_info_stage
+from raycompat.pipeline.stage_clock import StageClock
+from raycompat.pipeline.side_info_stage import side_extractor, train_side_info_stage
 from raycompat.pipeline.train import new_model_name, run_training
 from raycompat.pipeline.transform import SIGMA_COLUMN, run_transform
-from raycompat.release_gate import GATE_METRICS, release_gate
+from raycompat.retrieval.release_gate import GATE_METRICS, release_gate
 from raycompat.retrieval.backfill_curve import DEFAULT_FRACTIONS, backfill_curve, join_curves, plot_curves
 from raycompat.retrieval.evaluate import cross_model_matrix
 
@@ -95,11 +96,11 @@ def _store_arrays(path: str | Path, ids: np.ndarray, extra: Optional[str] = None
 
 def _drop_stale_store(path: Location, version: str) -> None:
     """Remove the benchmark's own store of an earlier model version (it retrained), so extraction redoes it."""
-    fs, root = storage.resolve(path)
-    manifest = storage.join(root, "_manifest.json")
-    parts = storage.list_files(fs, storage.join(root, "_parts"), ".json")
-    record = manifest if storage.exists(fs, manifest) else (storage.join(root, "_parts", parts[0]) if parts else None)
-    if record is not None and json.loads(storage.read_bytes(fs, record)).get("version") != version:
+    fs, root = filesystem.resolve(path)
+    manifest = filesystem.join(root, "_manifest.json")
+    parts = filesystem.list_files(fs, filesystem.join(root, "_parts"), ".json")
+    record = manifest if filesystem.exists(fs, manifest) else (filesystem.join(root, "_parts", parts[0]) if parts else None)
+    if record is not None and json.loads(filesystem.read_bytes(fs, record)).get("version") != version:
         log.info("bench: %s holds an earlier model version; re-extracting", path)
         fs.delete_dir(root)
 
@@ -121,17 +122,9 @@ def run_bench_quality(cfg: PipelineConfig, out_dir: str | Path, progress: Option
     out.mkdir(parents=True, exist_ok=True)
     methods = method_configs(cfg)
     layout = Layout.of(cfg.output_dir)
-    step = progress or (lambda name: None)
     init_ray(cfg.ray)
-    timings: dict[str, float] = {}
-
-    def timed(name: str, fn: Callable, *args, **kwargs):
-        step(name)
-        t0 = time.perf_counter()
-        value = fn(*args, **kwargs)
-        timings[name] = round(time.perf_counter() - t0, 1)
-        log.info("bench: %s took %.1f s", name, timings[name])
-        return value
+    clock = StageClock(progress)
+    timed = clock.run
 
     timed(black_box_line(cfg) or "train old model", stage_train_old, cfg)
     extractors = [old_extractor_spec(cfg)]
@@ -173,7 +166,7 @@ def run_bench_quality(cfg: PipelineConfig, out_dir: str | Path, progress: Option
         "command": command,
         "machine": machine(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "stage_seconds": timings,
+        "stage_seconds": clock.seconds,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     (out / f"{name}.json").write_text(json.dumps(quality, indent=2))

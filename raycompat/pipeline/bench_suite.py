@@ -19,10 +19,10 @@ from typing import Any, Callable, Optional
 
 import ray
 
-from raycompat.config import RayConfig
 from raycompat.configio import from_dict, to_dict
 from raycompat.errors import ConfigError
 from raycompat.pipeline.bench_quality import machine
+from raycompat.pipeline.config import RayConfig
 from raycompat.pipeline.ray_session import init_ray
 from raycompat.suite.config import SuiteConfig
 from raycompat.suite.summary import render, summarize

@@ -29,20 +29,22 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
-from raycompat import artifacts, storage
-from raycompat.artifacts import Location, child, staged
+from raycompat.storage import artifacts, filesystem
+from raycompat.storage.artifacts import Location, child, staged
 from raycompat.backfill.chain_document import pays_off_sentence, write_chain_plan
 from raycompat.chain.config import ChainConfig
 from raycompat.chain.cost_plan import chain_cost_plan, load_chain_costs
 from raycompat.chain.evaluate import evaluate_chain
 from raycompat.chain.report import render_chain_report
-from raycompat.config import NewConfig, OldConfig, PipelineConfig, ProtocolConfig
+from raycompat.data.config import ProtocolConfig
+from raycompat.pipeline.config import PipelineConfig
+from raycompat.training.config import NewConfig, OldConfig
 from raycompat.configio import from_dict, to_dict
 from raycompat.data.datasets import load_dataset
 from raycompat.data.increments import select_increment
 from raycompat.data.protocols import validation_split
 from raycompat.errors import DataError
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.models.export import load_model_meta
 from raycompat.pipeline.extract import ExtractorSpec, run_extraction
 from raycompat.pipeline.ray_session import init_ray
@@ -137,10 +139,10 @@ def _discard(layout: Layout, name: str) -> None:
     The stores are tagged with the export's checksum: a retrained model could not resume into them.
     """
     for split in ("train", "test"):
-        fs, root = storage.resolve(layout.store(name, split))
-        if storage.exists(fs, root):
+        fs, root = filesystem.resolve(layout.store(name, split))
+        if filesystem.exists(fs, root):
             fs.delete_dir(root)
-    storage.remove(*storage.resolve(_record_path(layout, name)))
+    filesystem.remove(*filesystem.resolve(_record_path(layout, name)))
 
 
 def _previous_record(layout: Layout, name: str, fingerprint: str) -> Optional[dict]:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from raycompat import artifacts
+from raycompat.storage import artifacts
 from raycompat.chain.bench_config import ChainBenchConfig
 from raycompat.pipeline.bench_quality import machine
 from raycompat.pipeline.chain import run_chain

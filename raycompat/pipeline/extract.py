@@ -41,11 +41,10 @@ import pyarrow.parquet as pq
 import ray.data
 import torch
 
-from raycompat.config import ExtractConfig, PipelineConfig
 from raycompat.data.feature_store import FeatureStoreWriter, QuarantineWriter
 from raycompat.errors import ConfigError, DataError
-from raycompat.layout import Layout
 from raycompat.models.extractor import Extractor, load_extractor
+from raycompat.pipeline.config import ExtractConfig, PipelineConfig
 from raycompat.pipeline.ray_session import cluster_cpus_gpus, init_ray
 from raycompat.pipeline.sources import (
     GallerySource,
@@ -55,6 +54,7 @@ from raycompat.pipeline.sources import (
     gallery_source,
     raycompat_errors_from_ray,
 )
+from raycompat.storage.layout import Layout
 
 log = logging.getLogger(__name__)
 

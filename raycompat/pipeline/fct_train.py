@@ -46,26 +46,28 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
-from raycompat import artifacts
-from raycompat.artifacts import Location, child
-from raycompat.config import PipelineConfig, with_absolute_paths
-from raycompat.configio import from_dict, to_dict
+from raycompat.storage import artifacts
+from raycompat.storage.artifacts import Location, child
+from raycompat.pipeline.config import PipelineConfig, with_absolute_paths
+from raycompat.configio import from_dict, to_dict, validate_tree
 from raycompat.data.feature_store import MISSING_LABEL, FeatureStore
 from raycompat.errors import DataError, FeatureStoreError
-from raycompat.layout import Layout
-from raycompat.models.export import load_classifier, sha256_file
-from raycompat.models.fct_config import TransformationConfig
-from raycompat.models.transformation import Transformation
+from raycompat.storage.layout import Layout
+from raycompat.models.export import (
+    TRANSFORMATION_KIND,
+    TRANSFORMATION_META,
+    load_classifier,
+    load_transformation,
+    save_transformation,
+)
 from raycompat.pipeline.ray_session import init_ray
 from raycompat.pipeline.train import scaling_config
 from raycompat.pipeline.train_errors import StopOnRaycompatError, fit
-from raycompat.training.fct import build_transformation, iterate_batches, make_optimizer, train_epoch
+from raycompat.training.fct import iterate_batches, make_optimizer, train_epoch
+from raycompat.models.transformation import build_transformation
 
 log = logging.getLogger(__name__)
 
-KIND = "fct_transformation"
-STATE_FILE = "transformation.pt"
-META_FILE = "transformation.json"
 _CHECKPOINT_FILE = "state.pt"
 _FINGERPRINT_CHARS = 12
 
@@ -169,51 +171,6 @@ def _mean_over_workers(metrics: dict[str, float], device: torch.device) -> dict[
     return dict(zip(keys, values.tolist(), strict=True))
 
 
-def save_transformation(model_dir: Path, model: Transformation, meta: dict[str, Any]) -> Path:
-    """Write ``transformation.pt`` then ``transformation.json`` (the commit point) to ``model_dir``.
-
-    ``meta`` gets ``version``: the sha256 prefix of the state file, so every retrained h
-    is a new version and stores transformed by another h are never mixed with this one's.
-    """
-    model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = model_dir / f"{STATE_FILE}.tmp"
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-    tmp.replace(model_dir / STATE_FILE)
-    meta = {**meta, "version": sha256_file(model_dir / STATE_FILE)[:_FINGERPRINT_CHARS]}
-    tmp_meta = model_dir / f"{META_FILE}.tmp"
-    tmp_meta.write_text(json.dumps(meta, indent=2))
-    tmp_meta.replace(model_dir / META_FILE)
-    return model_dir
-
-
-def load_transformation(model_dir: str | Path) -> tuple[Transformation, dict[str, Any]]:
-    """The trained h of ``model_dir`` (eval mode, CPU) and its ``transformation.json``.
-
-    ``model_dir`` may be a storage URI: it is then fetched into this node's cache. Raises
-    DataError when the directory holds no transformation, or its state file is not the one
-    its metadata was written for (errors name ``model_dir``, not the cache).
-    """
-    model_dir = artifacts.as_location(model_dir)
-    meta_path, state_path = child(model_dir, META_FILE), child(model_dir, STATE_FILE)
-    if not artifacts.is_file(meta_path) or not artifacts.is_file(state_path):
-        raise DataError(f"{model_dir} holds no trained transformation ({META_FILE} + {STATE_FILE}): run train-fct")
-    local = artifacts.fetch(model_dir)
-    meta = json.loads((local / META_FILE).read_text())
-    if meta.get("kind") != KIND:
-        raise DataError(f"{meta_path}: not an FCT transformation (kind {meta.get('kind')!r})")
-    if sha256_file(local / STATE_FILE)[:_FINGERPRINT_CHARS] != meta["version"]:
-        raise DataError(f"{state_path} is not the state {meta_path} describes (version {meta['version']})")
-    return transformation_from_state(meta, torch.load(local / STATE_FILE, map_location="cpu")), meta
-
-
-def transformation_from_state(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> Transformation:
-    """Rebuild h (eval mode) from its ``transformation.json`` content and state dict."""
-    fct = from_dict(TransformationConfig, meta["config"])
-    model = build_transformation(fct, meta["d_old"], meta["d_side"], meta["d_new"], seed=0)
-    model.load_state_dict(state)
-    return model.eval()
-
-
 def _rows(values: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
     return None if values is None else values[index]
 
@@ -266,7 +223,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     if rank == 0:
         refs = config["stores"]
         meta = {
-            "name": config["name"], "kind": KIND, "config": to_dict(fct),
+            "name": config["name"], "kind": TRANSFORMATION_KIND, "config": to_dict(fct),
             "d_old": model.d_old, "d_side": model.d_side, "d_new": model.d_new, "seed": cfg.seed,
             "old": {"name": refs["old"]["model"], "version": refs["old"]["version"]},
             "side": {"name": refs["side"]["model"], "version": refs["side"]["version"]} if "side" in refs else None,
@@ -275,13 +232,13 @@ def _train_loop(config: dict[str, Any]) -> None:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         # A remote model_dir is written through a local staging directory on this node.
-        with artifacts.staged(artifacts.as_location(config["model_dir"]), commit_last=(META_FILE,)) as staging:
+        with artifacts.staged(artifacts.as_location(config["model_dir"]), commit_last=(TRANSFORMATION_META,)) as staging:
             save_transformation(staging, model, meta)
 
 
 def _trained_by(model_dir: Location, run_name: str) -> bool:
     """True when ``model_dir`` holds the finished result of run ``run_name`` (same config and inputs)."""
-    if not artifacts.is_file(child(model_dir, META_FILE)):
+    if not artifacts.is_file(child(model_dir, TRANSFORMATION_META)):
         return False
     try:
         _, meta = load_transformation(model_dir)
@@ -302,7 +259,7 @@ def train_transformation_stage(cfg: PipelineConfig, use_side_info: bool, uncerta
     FeatureStoreError / DataError for missing or mismatched inputs before any worker starts.
     """
     cfg = replace(cfg, fct=replace(cfg.fct, use_side_info=use_side_info, uncertainty=uncertainty))
-    cfg.fct.validate("fct")
+    validate_tree(cfg.fct, "fct")
     layout = Layout.of(cfg.output_dir)
     name = transformation_name(use_side_info, uncertainty)
     refs = _open_inputs(cfg, new_model_name)

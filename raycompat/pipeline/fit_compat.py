@@ -1,11 +1,11 @@
 """``raycompat fit-compat``: tune the compatibility weights on validation, export the winner as the new model.
 
 1. the search (:func:`raycompat.pipeline.tune.run_tune`, built by
-   :func:`raycompat.fit_compat.build_search`): a reference run measures the
+   :func:`raycompat.pipeline.fit_compat_search.build_search`): a reference run measures the
    independent model's new/new top-1 per epoch once, then ASHA trials, stopped all
    together by :class:`EpochBudgetStopper` once they have reported the search's
    share of the budget;
-2. the winner (:func:`raycompat.fit_compat.choose_winner`) trained to the full
+2. the winner (:func:`raycompat.pipeline.fit_compat_search.choose_winner`) trained to the full
    schedule: a trial that trained every epoch is reused as it is, otherwise its Train
    run continues from its last checkpoint; either way exported to
    ``models/<new model name>/``, where ``raycompat train`` exports, so ``extract
@@ -30,15 +30,20 @@ from typing import Any, Optional
 from ray import tune
 from ray.train import ScalingConfig
 
-from raycompat import artifacts
-from raycompat.artifacts import Location, child
-from raycompat.config import PipelineConfig, with_absolute_paths
 from raycompat.configio import dump_config
-from raycompat.fit_compat import Budget, build_search, choose_winner, winner_record
-from raycompat.layout import Layout
+from raycompat.pipeline.config import PipelineConfig, with_absolute_paths
+from raycompat.pipeline.fit_compat_search import (
+    Budget,
+    build_search,
+    choose_winner,
+    winner_record,
+)
 from raycompat.pipeline.train import TRAIN_METRICS, new_model_name, run_training
 from raycompat.pipeline.tune import run_tune, trial_scaling
-from raycompat.tune_space import REPORTED_METRICS, apply_params
+from raycompat.pipeline.tune_space import REPORTED_METRICS, apply_params
+from raycompat.storage import artifacts
+from raycompat.storage.artifacts import Location, child
+from raycompat.storage.layout import Layout
 
 log = logging.getLogger(__name__)
 

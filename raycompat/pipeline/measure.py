@@ -27,17 +27,17 @@ from typing import Any, Optional
 import numpy as np
 import ray
 
-from raycompat import artifacts
-from raycompat.artifacts import child
-from raycompat.config import PipelineConfig
 from raycompat.configio import to_dict
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import ConfigError
-from raycompat.layout import Layout
+from raycompat.pipeline.config import PipelineConfig
 from raycompat.pipeline.fct_train import transformation_name
 from raycompat.pipeline.ray_session import init_ray
 from raycompat.pipeline.train import new_model_name, old_model_name
+from raycompat.storage import artifacts
+from raycompat.storage.artifacts import child
+from raycompat.storage.layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +101,10 @@ def _measure(backbone: str, images: np.ndarray, transformation_dir: Optional[str
     import torch
 
     from raycompat.configio import from_dict
+    from raycompat.models.config import TransformationConfig
+    from raycompat.models.export import load_transformation
     from raycompat.models.extractor import load_extractor
-    from raycompat.models.fct_config import TransformationConfig
-    from raycompat.pipeline.fct_train import load_transformation
-    from raycompat.training.fct import build_transformation
+    from raycompat.models.transformation import build_transformation
 
     torch.set_num_threads(max(1, threads))
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -8,7 +8,7 @@ import socket
 
 import ray
 
-from raycompat.config import RayConfig
+from raycompat.pipeline.config import RayConfig
 
 log = logging.getLogger(__name__)
 

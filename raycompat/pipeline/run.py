@@ -16,22 +16,22 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import Callable, Optional
 
-from raycompat import artifacts
-from raycompat.artifacts import Location, child, staged
-from raycompat.config import PipelineConfig
+from raycompat.storage import artifacts
+from raycompat.storage.artifacts import Location, child, staged
+from raycompat.pipeline.config import PipelineConfig
 from raycompat.errors import DataError
-from raycompat.evaluation import evaluate_stores
-from raycompat.layout import Layout
+from raycompat.retrieval.evaluate_stores import evaluate_stores
+from raycompat.storage.layout import Layout
 from raycompat.models.export import load_model_meta
 from raycompat.pipeline.backfill_stage import stage_backfill_report
 from raycompat.pipeline.extract import ExtractorSpec, ProgressHook, run_extraction
 from raycompat.pipeline.ray_session import init_ray
+from raycompat.pipeline.stage_clock import StageClock
 from raycompat.pipeline.train import VALIDATION_OUTCOMES, new_model_name, old_classifier, old_model_name, run_training
-from raycompat.release_gate import cheapest_backfill, load_outcomes, release_gate
-from raycompat.report import write_eval_report
+from raycompat.retrieval.release_gate import cheapest_backfill, load_outcomes, release_gate
+from raycompat.pipeline.eval_report import write_eval_report
 from raycompat.retrieval.metrics import QueryOutcomes
 
 log = logging.getLogger(__name__)
@@ -156,21 +156,13 @@ def run_pipeline(cfg: PipelineConfig, progress: Optional[Progress] = None,
         # Read it now: a bad file is refused before the old features are extracted, not after.
         old_classifier(cfg)
     init_ray(cfg.ray)
-    step = progress or (lambda name: None)
     hooks = {stage_extract_old: {"progress": records}, stage_extract_new: {"progress": records}} if records else {}
-    timings: dict[str, float] = {}
+    clock = StageClock(progress)
     result: dict = {}
     for name, stage in _stages(cfg):
-        step(name)
-        t0 = time.perf_counter()
-        result = stage(cfg, **hooks.get(stage, {}))
-        timings[name] = round(time.perf_counter() - t0, 1)
-        log.info("stage %r done in %.1f s", name, timings[name])
+        result = clock.run(name, stage, cfg, **hooks.get(stage, {}))
     backfill = None
     if cfg.backfill.enabled:
-        step("backfill report")
-        t0 = time.perf_counter()
-        backfill = stage_backfill_report(cfg, result["matrix"], result["n_items"])
-        timings["backfill report"] = round(time.perf_counter() - t0, 1)
-    result["stage_seconds"] = timings
+        backfill = clock.run("backfill report", stage_backfill_report, cfg, result["matrix"], result["n_items"])
+    result["stage_seconds"] = clock.seconds
     return write_evaluation(cfg, result, backfill)

@@ -3,7 +3,7 @@
 A *shard* is one Parquet file; it is the unit of resume (one feature-store part per
 shard). Built-in datasets are written as shards once (:func:`prepare_gallery`), image
 folders are packed into shards by a Ray job (:func:`pack_image_folder`), and user Parquet
-tables are read where they are, on any filesystem :mod:`raycompat.storage` resolves. So
+tables are read where they are, on any filesystem :mod:`raycompat.storage.filesystem` resolves. So
 every source streams the same way: extraction plans work items as row-group ranges of
 the shards (from their footers) and each actor reads its own (see
 :mod:`raycompat.pipeline.extract`).
@@ -41,11 +41,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
 
-from raycompat import errors, storage
-from raycompat.config import PipelineConfig
+from raycompat import errors
 from raycompat.data.datasets import IMAGE_SUFFIXES, ImageSet, decode_image, load_dataset
 from raycompat.errors import DataError
-from raycompat.layout import Layout
+from raycompat.pipeline.config import PipelineConfig
+from raycompat.storage import filesystem
+from raycompat.storage.layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def open_source(uri: str, image_size: int, channels: int) -> GallerySource:
     ``image_size`` and ``channels`` say what encoded or list images become. All shards
     must share the image codec and the presence of ``label``; part names must be unique.
     """
-    fs, root = storage.resolve(uri)
+    fs, root = filesystem.resolve(uri)
     paths = _list_parquet(fs, root, uri)
 
     def footer(path: str) -> tuple[int, pa.Schema, tuple[int, ...]]:
@@ -261,11 +262,11 @@ def _fingerprint(split: ImageSet) -> str:
 
 
 def _read_marker(fs: pafs.FileSystem, root: str) -> dict | None:
-    path = storage.join(root, GALLERY_MARKER)
-    if not storage.exists(fs, path):
+    path = filesystem.join(root, GALLERY_MARKER)
+    if not filesystem.exists(fs, path):
         return None
     try:
-        return json.loads(storage.read_bytes(fs, path))
+        return json.loads(filesystem.read_bytes(fs, path))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: not valid JSON ({exc}); delete the gallery directory to rebuild it") from None
 
@@ -278,7 +279,7 @@ def prepare_gallery(split: ImageSet, out_uri: str, rows_per_file: int) -> str:
     last. A directory whose marker matches the split is reused as is; one with another
     split's marker is refused, so features are never mixed across datasets.
     """
-    fs, root = storage.resolve(out_uri)
+    fs, root = filesystem.resolve(out_uri)
     fingerprint = _fingerprint(split)
     marker = _read_marker(fs, root)
     if marker is not None:
@@ -289,7 +290,7 @@ def prepare_gallery(split: ImageSet, out_uri: str, rows_per_file: int) -> str:
             )
         log.info("gallery %s already prepared (%d rows)", out_uri, marker.get("rows", 0))
         return out_uri
-    storage.makedirs(fs, root)
+    filesystem.makedirs(fs, root)
     shape = list(split.images.shape[1:])
     schema = pa.schema(
         [pa.field("id", pa.string(), nullable=False), pa.field("image", pa.binary(), nullable=False),
@@ -308,11 +309,11 @@ def prepare_gallery(split: ImageSet, out_uri: str, rows_per_file: int) -> str:
             schema=schema,
         )
         name = f"shard-{index:05d}.parquet"
-        storage.atomic_write(fs, storage.join(root, name),
+        filesystem.atomic_write(fs, filesystem.join(root, name),
                              lambda sink, t=table: pq.write_table(t, sink, row_group_size=GALLERY_ROW_GROUP_ROWS))
         shards += 1
     doc = {"rows": n, "image_shape": shape, "fingerprint": fingerprint}
-    storage.atomic_write_bytes(fs, storage.join(root, GALLERY_MARKER), json.dumps(doc, indent=2).encode())
+    filesystem.atomic_write_bytes(fs, filesystem.join(root, GALLERY_MARKER), json.dumps(doc, indent=2).encode())
     log.info("gallery %s: wrote %d rows in %d shards", out_uri, n, shards)
     return out_uri
 
@@ -326,19 +327,19 @@ def pack_image_folder(root: str, split: str, out_uri: str, rows_per_file: int) -
     does. Done once: the marker ``_gallery.json`` is written last, and a directory without
     it is cleared and packed again.
     """
-    src_fs, src_root = storage.resolve(root)
-    fs, out_root = storage.resolve(out_uri)
+    src_fs, src_root = filesystem.resolve(root)
+    fs, out_root = filesystem.resolve(out_uri)
     if _read_marker(fs, out_root) is not None:
         log.info("image folder %s/%s already packed in %s", root, split, out_uri)
         return out_uri
     classes = sorted(
-        i.base_name for i in src_fs.get_file_info(pafs.FileSelector(storage.join(src_root, "train"), allow_not_found=True))
+        i.base_name for i in src_fs.get_file_info(pafs.FileSelector(filesystem.join(src_root, "train"), allow_not_found=True))
         if i.type == pafs.FileType.Directory
     )
     if not classes:
         raise DataError(f"image folder {root}/train has no class folders")
     index = {c: i for i, c in enumerate(classes)}
-    split_root = storage.join(src_root, split)
+    split_root = filesystem.join(src_root, split)
 
     def to_records(batch: pa.Table) -> pa.Table:
         paths = batch.column("path").to_pylist()
@@ -352,7 +353,7 @@ def pack_image_folder(root: str, split: str, out_uri: str, rows_per_file: int) -
         return pa.table({"id": pa.array(rel, pa.string()), "image": batch.column("bytes"),
                          "label": pa.array(labels, pa.int64())})
 
-    if storage.exists(fs, out_root):
+    if filesystem.exists(fs, out_root):
         log.warning("removing the unfinished pack in %s", out_uri)
         fs.delete_dir_contents(out_root)
     files = ray.data.read_binary_files(
@@ -364,7 +365,7 @@ def pack_image_folder(root: str, split: str, out_uri: str, rows_per_file: int) -
             out_root, filesystem=fs, max_rows_per_file=rows_per_file
         )
     doc = {"source": f"{root}/{split}", "classes": classes}
-    storage.atomic_write_bytes(fs, storage.join(out_root, GALLERY_MARKER), json.dumps(doc, indent=2).encode())
+    filesystem.atomic_write_bytes(fs, filesystem.join(out_root, GALLERY_MARKER), json.dumps(doc, indent=2).encode())
     log.info("packed the images of %s/%s into %s", root, split, out_uri)
     return out_uri
 
@@ -389,5 +390,5 @@ def gallery_source(cfg: PipelineConfig, split: str, source_uri: str | None = Non
         elif data.name == "imagefolder":
             source_uri = pack_image_folder(data.root, split, gallery_dir, cfg.extract.rows_per_file)
         else:
-            source_uri = storage.join(data.root, split)
+            source_uri = filesystem.join(data.root, split)
     return open_source(source_uri, data.image_size, data.channels)

@@ -43,15 +43,16 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 
-from raycompat import artifacts
-from raycompat.artifacts import Location
-from raycompat.config import PipelineConfig, with_absolute_paths
+from raycompat.storage import artifacts
+from raycompat.storage.artifacts import Location
+from raycompat.pipeline.config import PipelineConfig, with_absolute_paths
+from raycompat.compat.losses.compatible_slice import compatible_slice
 from raycompat.configio import from_dict, to_dict
 from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStore, require_finite
 from raycompat.data.protocols import new_training_set, old_training_set, resolve_old_classes, validation_split
 from raycompat.errors import DataError
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.models.backbones import (
     CosineClassifier,
     EmbeddingClassifier,
@@ -60,7 +61,7 @@ from raycompat.models.backbones import (
 from raycompat.models.export import export_model, load_classifier, load_classifier_file
 from raycompat.pipeline.ray_session import cluster_cpus_gpus
 from raycompat.pipeline.train_errors import StopOnRaycompatError, fit
-from raycompat.release_gate import save_outcomes
+from raycompat.retrieval.release_gate import save_outcomes
 from raycompat.retrieval.evaluate import cross_model_matrix
 from raycompat.training.compat_term import build_compat_term
 from raycompat.training.loop import embed, make_loader, seed_everything, train_epoch
@@ -69,7 +70,7 @@ log = logging.getLogger(__name__)
 
 # Written by run_training into the model directory: the training run's final metrics.
 TRAIN_METRICS = "train_metrics.json"
-# Written by rank 0 beside the new model's export: per-query validation outcomes (raycompat.release_gate).
+# Written by rank 0 beside the new model's export: per-query validation outcomes (raycompat.retrieval.release_gate).
 VALIDATION_OUTCOMES = "validation_outcomes.npz"
 
 
@@ -207,9 +208,9 @@ def _validate(model: EmbeddingModel, validation, gallery_old: Optional[np.ndarra
         matrix = cross_model_matrix({"old": feats}, validation.labels, validation.ids, [("old", "old")],
                                     cfg.eval.chunk_size)
         return flatten_metrics(matrix), None
-    d_old = gallery_old.shape[1]
     pairs = [("new", "new"), ("new|c", "old")] + ([("old", "old")] if gate else [])
-    matrix = cross_model_matrix({"new": feats, "new|c": feats[:, :d_old], "old": gallery_old}, validation.labels,
+    sliced = compatible_slice(feats, gallery_old.shape[1])
+    matrix = cross_model_matrix({"new": feats, "new|c": sliced, "old": gallery_old}, validation.labels,
                                 validation.ids, pairs, cfg.eval.chunk_size, return_outcomes=True)
     outcomes = {"old/old": matrix["old/old"].pop("outcomes"), "new/old": matrix["new|c/old"]["outcomes"]} if gate else None
     matrix = {"new/new": matrix["new/new"], "new/old": matrix["new|c/old"]}

@@ -34,14 +34,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from raycompat import artifacts, storage
-from raycompat.artifacts import Location
-from raycompat.config import PipelineConfig
+from raycompat.storage import artifacts, filesystem
+from raycompat.storage.artifacts import Location
+from raycompat.pipeline.config import PipelineConfig
 from raycompat.data.feature_store import MISSING_LABEL, SCALAR, FeatureStore, FeatureStoreWriter
 from raycompat.errors import DataError, FeatureStoreError, RaycompatError
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.pipeline.extract import plan_pool
-from raycompat.pipeline.fct_train import load_transformation, transformation_from_state
+from raycompat.models.export import load_transformation, transformation_from_state
 from raycompat.pipeline.ray_session import cluster_cpus_gpus, init_ray
 from raycompat.training.fct import transform_features
 
@@ -83,12 +83,12 @@ def _part_files(old: FeatureStore, side: FeatureStore | None) -> dict[str, tuple
                 "(run_extraction(cfg, split, [old, side]))"
             )
         part = name[len(_PART_PREFIX):-len(_PART_SUFFIX)]
-        parts[part] = (storage.join(old.uri, name), None if side is None else storage.join(side.uri, name))
+        parts[part] = (filesystem.join(old.uri, name), None if side is None else filesystem.join(side.uri, name))
     return parts
 
 
 def _read_part(uri: str, columns: list[str]) -> pa.Table:
-    fs, path = storage.resolve(uri)
+    fs, path = filesystem.resolve(uri)
     with fs.open_input_file(path) as f:
         return pq.read_table(f, columns=columns)
 

@@ -1,4 +1,4 @@
-"""Ray Tune search over the compatibility-loss weights (any new-model key, see :mod:`raycompat.tune_space`).
+"""Ray Tune search over the compatibility-loss weights (any new-model key, see :mod:`raycompat.pipeline.tune_space`).
 
 Train v2 (Ray 2.60's default) no longer runs a Trainer inside Tune; as Ray
 documents it, each trial is a Tune *function* trainable (:func:`compat_trial`)
@@ -44,16 +44,16 @@ from ray import tune
 from ray.train import ScalingConfig, UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from raycompat import artifacts
-from raycompat.artifacts import Location, child
-from raycompat.config import PipelineConfig, RayConfig, with_absolute_paths
+from raycompat.storage import artifacts
+from raycompat.storage.artifacts import Location, child
+from raycompat.pipeline.config import PipelineConfig, RayConfig, with_absolute_paths
 from raycompat.configio import dump_config, from_dict, to_dict
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import ConfigError, RaycompatError
-from raycompat.layout import Layout
+from raycompat.storage.layout import Layout
 from raycompat.pipeline.ray_session import cluster_cpus_gpus, init_ray
 from raycompat.pipeline.train import build_trainer, old_model_name, run_training
-from raycompat.tune_space import (
+from raycompat.pipeline.tune_space import (
     ObjectiveConfig, ParamSpec, SearchConfig, TrialConfig, apply_params, expected_trials, load_search_config,
     plain_value, reference_at, reference_config, score,
 )

@@ -9,10 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from raycompat.config import CompatConfig, ModelConfig, NewConfig, OptimConfig
+from raycompat.compat.config import CompatConfig
+
+from raycompat.models.config import ModelConfig
+
+from raycompat.training.config import NewConfig, OptimConfig
 from raycompat.configio import check, deep_merge, from_dict, join, to_dict, validate_tree
 from raycompat.errors import ConfigError
-from raycompat.models.fct_config import SideInfoConfig, TransformationConfig
+from raycompat.models.config import SideInfoConfig, TransformationConfig
 
 # Classes of the suite's datasets, so a bad class id is refused on load, before Ray starts.
 NUM_CLASSES = {"fashion_mnist": 10, "digits": 10}

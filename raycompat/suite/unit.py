@@ -20,7 +20,11 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from raycompat.config import DataConfig, ModelConfig, OptimConfig, ProtocolConfig
+from raycompat.data.config import DataConfig, ProtocolConfig
+
+from raycompat.models.config import ModelConfig
+
+from raycompat.training.config import OptimConfig
 from raycompat.data.datasets import Dataset, ImageSet, load_dataset
 from raycompat.data.protocols import old_training_set, validation_split
 from raycompat.models.backbones import CosineClassifier, EmbeddingClassifier, EmbeddingModel
@@ -30,7 +34,8 @@ from raycompat.retrieval.evaluate import evaluate, evaluate_per_query
 from raycompat.retrieval.metrics import QueryOutcomes, summarize
 from raycompat.suite.config import ProtocolSpec, SuiteConfig
 from raycompat.training.compat_term import build_compat_term
-from raycompat.training.fct import build_transformation, train_transformation, transform_features
+from raycompat.training.fct import train_transformation, transform_features
+from raycompat.models.transformation import build_transformation
 from raycompat.training.loop import embed, make_loader, seed_everything, train_epoch
 
 log = logging.getLogger(__name__)
@@ -41,10 +46,10 @@ SPLITS = ("val", "test")
 SUBSET_REPEATS = 5
 
 
-def train_net(model_cfg: ModelConfig, optim: OptimConfig, data: ImageSet, image_shape, num_classes: int, seed: int,
-              compat=None, weight: float = 0.0) -> EmbeddingClassifier:
-    """The pipeline's training loop in-process: seeded, AdamW, cosine classifier head, one device (CPU)."""
-    seed_everything(seed)
+def fit_net(model_cfg: ModelConfig, optim: OptimConfig, data: ImageSet, image_shape, num_classes: int, seed: int,
+            compat=None, weight: float = 0.0) -> EmbeddingClassifier:
+    """The pipeline's training loop in-process, from the current RNG state: AdamW, cosine classifier
+    head, one device (CPU); ``seed`` orders the batches."""
     net = EmbeddingClassifier(EmbeddingModel(model_cfg, image_shape),
                               CosineClassifier(model_cfg.embed_dim, num_classes, optim.scale))
     optimizer = torch.optim.AdamW(net.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
@@ -53,8 +58,14 @@ def train_net(model_cfg: ModelConfig, optim: OptimConfig, data: ImageSet, image_
         loader.generator.manual_seed(seed + epoch)
         stats = train_epoch(net, loader, optimizer, torch.device("cpu"), compat, weight)
         log.info("epoch %d/%d: %s", epoch + 1, optim.epochs, {k: round(v, 4) for k, v in stats.items()})
-    net.eval()
     return net
+
+
+def train_net(model_cfg: ModelConfig, optim: OptimConfig, data: ImageSet, image_shape, num_classes: int, seed: int,
+              compat=None, weight: float = 0.0) -> EmbeddingClassifier:
+    """:func:`fit_net` seeded by ``seed`` (initialisation included), returned in eval mode."""
+    seed_everything(seed)
+    return fit_net(model_cfg, optim, data, image_shape, num_classes, seed, compat, weight).eval()
 
 
 def _protocol_config(spec: ProtocolSpec, seed: int) -> ProtocolConfig:

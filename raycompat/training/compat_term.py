@@ -29,7 +29,7 @@ from raycompat.compat.losses.old_neighbors import OldNeighborLoss
 from raycompat.compat.losses.prototype_alignment import PrototypeAlignmentLoss
 from raycompat.compat.pseudo_classifier import linear_pseudo_classifier, mean_prototypes, synthesize_bct_classifier
 from raycompat.compat.random_walk import refine
-from raycompat.config import NewConfig
+from raycompat.training.config import NewConfig
 from raycompat.compat.checks import check_features
 from raycompat.errors import DataError
 from raycompat.training.loop import CompatTerm
@@ -78,7 +78,8 @@ def build_compat_term(
         prototypes, basis = mean_prototypes(feats, lab, num_classes), feats
     weight = prototypes
     if c.pseudo_classifier == "linear":
-        weight = linear_pseudo_classifier(basis, lab, num_classes, scale=c.scale, epochs=20, lr=0.05, seed=seed)
+        weight = linear_pseudo_classifier(basis, lab, num_classes, scale=c.scale, epochs=c.linear.epochs,
+                                          lr=c.linear.lr, seed=seed)
     influence = InfluenceLoss(weight, c.scale).to(device)
     # Alignment targets the class prototypes whatever the classifier: a linear head's rows
     # are discriminative directions, not places where old features lie.

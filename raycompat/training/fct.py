@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from raycompat.compat.losses.fastfill import fastfill_loss
 from raycompat.errors import ConfigError, DataError
-from raycompat.models.fct_config import TransformationConfig
+from raycompat.models.config import TransformationConfig
 from raycompat.models.transformation import Transformation
 
 logger = logging.getLogger(__name__)
@@ -36,19 +36,6 @@ class FeatureBatch(NamedTuple):
     new: torch.Tensor
     labels: Optional[torch.Tensor]
 
-
-def build_transformation(cfg: TransformationConfig, d_old: int, d_side: int, d_new: int, seed: int) -> Transformation:
-    """The transformation ``cfg`` describes; the side branch only when ``cfg.use_side_info``.
-
-    Initialisation is deterministic in ``seed`` and leaves the global RNG alone.
-    """
-    if cfg.use_side_info and d_side <= 0:
-        raise ConfigError(f"use_side_info: true needs side-info features, but their size is {d_side}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return Transformation(
-            d_old, d_side if cfg.use_side_info else 0, d_new, cfg.hidden, cfg.uncertainty, cfg.old_width, cfg.side_width
-        )
 
 
 def make_optimizer(

@@ -4,7 +4,7 @@ One module per concern: ``format`` (constants, schema, manifest and part-file ch
 ``writer`` (parts committed one by one, then finalize), ``reader`` (open, validate, read),
 ``quarantine`` (records that could not be featurised).
 
-A store is a directory at any storage URI (see :mod:`raycompat.storage`)::
+A store is a directory at any storage URI (see :mod:`raycompat.storage.filesystem`)::
 
     part-<name>.parquet          one file per committed part (e.g. one per input shard)
     _parts/<name>.json           commit record of a part, written after its Parquet file:

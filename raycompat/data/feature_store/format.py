@@ -18,8 +18,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raycompat import storage
 from raycompat.errors import FeatureStoreError
+from raycompat.storage import filesystem
 
 FORMAT_VERSION = 1
 MISSING_LABEL = -1
@@ -87,7 +87,7 @@ def describe(doc: Mapping[str, Any], with_dim: bool = True) -> str:
 
 def load_json(fs: pafs.FileSystem, path: str, uri: str) -> dict[str, Any]:
     try:
-        doc = json.loads(storage.read_bytes(fs, path))
+        doc = json.loads(filesystem.read_bytes(fs, path))
     except FileNotFoundError as err:
         raise FeatureStoreError(f"feature store {uri}: {path} is missing") from err
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -153,7 +153,7 @@ def checked_part(fs: pafs.FileSystem, path: str, where: str, schema: pa.Schema, 
     ``verify(path)`` passes (the checksum; hashed first, so a corrupt file is reported as
     such, not as a decoding error), and its schema and row count are the store's.
     ``listed_in`` names the promise in errors (the manifest, or the part's record)."""
-    if not storage.exists(fs, path):
+    if not filesystem.exists(fs, path):
         raise FeatureStoreError(f"{where} is listed in {listed_in} but missing")
     if verify is not None:
         verify(path)

@@ -10,9 +10,9 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raycompat import storage
 from raycompat.data.feature_store.format import QUARANTINE_DIR
 from raycompat.errors import DataError
+from raycompat.storage import filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +36,9 @@ class QuarantineWriter:
     def __init__(self, uri: str | os.PathLike[str], flush_rows: int = 10_000) -> None:
         """Quarantine rows under ``uri`` (typically the feature store's directory)."""
         self.uri = os.fspath(uri)
-        fs, root = storage.resolve(uri)
+        fs, root = filesystem.resolve(uri)
         self._fs = fs
-        self._dir = storage.join(root, QUARANTINE_DIR)
+        self._dir = filesystem.join(root, QUARANTINE_DIR)
         self._flush_rows = flush_rows
         self._rows: dict[str, list[str | None]] = {"id": [], "source": [], "reason": []}
 
@@ -58,8 +58,8 @@ class QuarantineWriter:
             return None
         table = pa.table(self._rows, schema=QUARANTINE_SCHEMA)
         name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-        storage.makedirs(self._fs, self._dir)
-        storage.atomic_write(self._fs, storage.join(self._dir, name), lambda sink: pq.write_table(table, sink))
+        filesystem.makedirs(self._fs, self._dir)
+        filesystem.atomic_write(self._fs, filesystem.join(self._dir, name), lambda sink: pq.write_table(table, sink))
         logger.info("quarantine %s: wrote %d rows to %s", self.uri, table.num_rows, name)
         self._rows = {"id": [], "source": [], "reason": []}
         return name
@@ -82,13 +82,13 @@ def read_quarantine(uri: str | os.PathLike[str]) -> pa.Table:
     A run that crashed after quarantining a shard's records but before committing the
     shard quarantines them again when resumed: only the newest row of an id is kept.
     """
-    fs, root = storage.resolve(uri)
-    directory = storage.join(root, QUARANTINE_DIR)
+    fs, root = filesystem.resolve(uri)
+    directory = filesystem.join(root, QUARANTINE_DIR)
     tables = []
-    for name in storage.list_files(fs, directory, ".parquet"):
-        if storage.is_temp(name):
+    for name in filesystem.list_files(fs, directory, ".parquet"):
+        if filesystem.is_temp(name):
             continue
-        path = storage.join(directory, name)
+        path = filesystem.join(directory, name)
         try:
             with fs.open_input_file(path) as f:
                 table = pq.read_table(f)

@@ -13,7 +13,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from raycompat import storage
 from raycompat.data.feature_store.format import (
     MANIFEST,
     READ_BATCH,
@@ -29,6 +28,7 @@ from raycompat.data.feature_store.format import (
     to_numpy,
 )
 from raycompat.errors import DataError, FeatureStoreError, StoreChecksumError
+from raycompat.storage import filesystem
 
 if TYPE_CHECKING:
     import torch
@@ -70,9 +70,9 @@ class FeatureStore:
         another model, version or dim than an ``expect_*`` given.
         """
         text = os.fspath(uri)
-        fs, root = storage.resolve(uri)
-        path = storage.join(root, MANIFEST)
-        if not storage.exists(fs, path):
+        fs, root = filesystem.resolve(uri)
+        path = filesystem.join(root, MANIFEST)
+        if not filesystem.exists(fs, path):
             raise FeatureStoreError(f"feature store {text} has no {MANIFEST}: not a feature store")
         manifest = load_json(fs, path, text)
         check_header(manifest, f"feature store {text}: {MANIFEST}")
@@ -100,7 +100,7 @@ class FeatureStore:
         for entry in files:
             if not isinstance(entry, dict) or not {"name", "rows", "sha256"} <= entry.keys():
                 raise FeatureStoreError(f"feature store {self.uri}: {MANIFEST} has a bad files entry {entry!r}")
-            path = storage.join(self._root, entry["name"])
+            path = filesystem.join(self._root, entry["name"])
             where = f"feature store {self.uri}: {entry['name']}"
             verify_entry = (lambda p, e=entry: self._verify_part(p, e["name"], e["sha256"])) if verify else None
             with checked_part(self._fs, path, where, schema, entry["rows"], MANIFEST, verify_entry):
@@ -118,7 +118,7 @@ class FeatureStore:
         stamp = (info.size, info.mtime_ns)
         if _VERIFIED.get(key) == stamp:
             return
-        digest = storage.sha256_file(self._fs, path)
+        digest = filesystem.sha256_file(self._fs, path)
         if digest != sha256:
             raise StoreChecksumError(
                 f"feature store {self.uri}: part {name} has sha256 {digest}, {MANIFEST} says {sha256} "
@@ -183,7 +183,7 @@ class FeatureStore:
 
     def _record_batches(self, columns: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
         for entry in self.manifest["files"]:
-            path = storage.join(self._root, entry["name"])
+            path = filesystem.join(self._root, entry["name"])
             with open_parquet(self._fs, path, f"feature store {self.uri}: {entry['name']}") as parquet:
                 yield from parquet.iter_batches(batch_size=batch_size, columns=columns)
 

@@ -15,7 +15,6 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raycompat import storage
 from raycompat.data.feature_store.format import (
     FORMAT_VERSION,
     MANIFEST,
@@ -38,6 +37,7 @@ from raycompat.data.feature_store.format import (
     unique_in_order,
 )
 from raycompat.errors import DataError, FeatureStoreError
+from raycompat.storage import filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class FeatureStoreWriter:
             if not isinstance(value, str) or not value:
                 raise FeatureStoreError(f"feature store {what} must be a non-empty string, got {value!r}")
         self.uri = os.fspath(uri)
-        self._fs, self._root = storage.resolve(uri)
+        self._fs, self._root = filesystem.resolve(uri)
         self._header: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "model": model,
@@ -76,9 +76,9 @@ class FeatureStoreWriter:
             "columns": check_columns(dim, extra_columns),
         }
         self._schema = feature_schema(dim, extra_columns)
-        self._parts_dir = storage.join(self._root, PARTS_DIR)
-        manifest_path = storage.join(self._root, MANIFEST)
-        if storage.exists(self._fs, manifest_path):
+        self._parts_dir = filesystem.join(self._root, PARTS_DIR)
+        manifest_path = filesystem.join(self._root, MANIFEST)
+        if filesystem.exists(self._fs, manifest_path):
             manifest = load_json(self._fs, manifest_path, self.uri)
             self._check_same(manifest, MANIFEST)
             self._created: str = manifest.get("created", now_iso())
@@ -87,9 +87,9 @@ class FeatureStoreWriter:
             self._refuse_foreign_dir()
             self._created = now_iso()
             self._complete_on_disk = False
-            storage.makedirs(self._fs, self._root)
+            filesystem.makedirs(self._fs, self._root)
             self._write_manifest(self._partial_manifest())
-        storage.makedirs(self._fs, self._parts_dir)
+        filesystem.makedirs(self._fs, self._parts_dir)
         self._records()  # checks every committed part belongs to this model/version/dim
 
     def _check_same(self, doc: Mapping[str, Any], name: str) -> None:
@@ -105,7 +105,7 @@ class FeatureStoreWriter:
         infos = self._fs.get_file_info(pafs.FileSelector(self._root, allow_not_found=True))
         for info in infos:
             name = info.base_name
-            ours = name in (PARTS_DIR, QUARANTINE_DIR) or storage.is_temp(name)
+            ours = name in (PARTS_DIR, QUARANTINE_DIR) or filesystem.is_temp(name)
             if not ours and not (name.startswith("part-") and name.endswith(".parquet")):
                 raise FeatureStoreError(
                     f"{self.uri} is not a feature store: it has {name!r} but no {MANIFEST}"
@@ -123,17 +123,17 @@ class FeatureStoreWriter:
 
     def _write_manifest(self, manifest: Mapping[str, Any]) -> None:
         data = json.dumps(manifest, indent=2).encode()
-        storage.atomic_write_bytes(self._fs, storage.join(self._root, MANIFEST), data)
+        filesystem.atomic_write_bytes(self._fs, filesystem.join(self._root, MANIFEST), data)
 
     def _record_path(self, part_name: str) -> str:
-        return storage.join(self._parts_dir, f"{part_name}.json")
+        return filesystem.join(self._parts_dir, f"{part_name}.json")
 
     def completed_parts(self) -> set[str]:
         """Names of the committed parts (by this or any other writer of the store)."""
         return {
             name[: -len(".json")]
-            for name in storage.list_files(self._fs, self._parts_dir, ".json")
-            if not storage.is_temp(name)
+            for name in filesystem.list_files(self._fs, self._parts_dir, ".json")
+            if not filesystem.is_temp(name)
         }
 
     def _records(self) -> list[dict[str, Any]]:
@@ -153,7 +153,7 @@ class FeatureStoreWriter:
         """Ids in the committed parts; reads only the id column of each part file."""
         ids: set[str] = set()
         for record in self._records():
-            path = storage.join(self._root, record["file"])
+            path = filesystem.join(self._root, record["file"])
             with open_parquet(self._fs, path, f"feature store {self.uri}: {record['file']}") as parquet:
                 ids.update(parquet.read(columns=["id"]).column("id").to_pylist())
         return ids
@@ -182,7 +182,7 @@ class FeatureStoreWriter:
                 f"feature store {self.uri}: part name {part_name!r} must be letters, digits, '_', '.', '-'"
             )
         record_path = self._record_path(part_name)
-        if storage.exists(self._fs, record_path):
+        if filesystem.exists(self._fs, record_path):
             logger.info("feature store %s: part %s already committed, skipped", self.uri, part_name)
             return False
         table = self._build_table(part_name, ids, labels, features, dict(extra or {}))
@@ -193,9 +193,9 @@ class FeatureStoreWriter:
         file_name = f"part-{part_name}.parquet"
         floats_per_row = sum(1 if s == SCALAR else s for s in self._header["columns"].values())
         row_group = max(1, ROW_GROUP_BYTES // (4 * floats_per_row))
-        sha256 = storage.atomic_write(
+        sha256 = filesystem.atomic_write(
             self._fs,
-            storage.join(self._root, file_name),
+            filesystem.join(self._root, file_name),
             lambda sink: pq.write_table(
                 table, sink, row_group_size=row_group, use_dictionary=["model", "version"]
             ),
@@ -209,7 +209,7 @@ class FeatureStoreWriter:
             "sources": [str(s) for s in sources],
             "created": now_iso(),
         }
-        storage.atomic_write_bytes(self._fs, record_path, json.dumps(record, indent=2).encode())
+        filesystem.atomic_write_bytes(self._fs, record_path, json.dumps(record, indent=2).encode())
         logger.info("feature store %s: committed part %s (%d rows)", self.uri, part_name, table.num_rows)
         return True
 
@@ -299,11 +299,11 @@ class FeatureStoreWriter:
             raise FeatureStoreError(f"feature store {self.uri}: no committed parts to finalize")
         id_tables = []
         for index, record in enumerate(records):
-            path = storage.join(self._root, record["file"])
+            path = filesystem.join(self._root, record["file"])
             where = f"feature store {self.uri} part {record['name']!r} ({record['file']})"
 
             def verify_record(p: str, record: dict[str, Any] = record, where: str = where) -> None:
-                if (digest := storage.sha256_file(self._fs, p)) != record["sha256"]:
+                if (digest := filesystem.sha256_file(self._fs, p)) != record["sha256"]:
                     raise FeatureStoreError(f"{where}: sha256 {digest} differs from its record {record['sha256']}")
 
             with checked_part(self._fs, path, where, self._schema, record["rows"], "its record",
@@ -339,8 +339,8 @@ class FeatureStoreWriter:
 
     def _remove_leftovers(self, committed: set[str]) -> None:
         for directory in (self._root, self._parts_dir):
-            for name in storage.list_files(self._fs, directory):
+            for name in filesystem.list_files(self._fs, directory):
                 orphan = directory == self._root and name.startswith("part-") and name not in committed
-                if storage.is_temp(name) or orphan:
+                if filesystem.is_temp(name) or orphan:
                     logger.warning("feature store %s: removing uncommitted %s", self.uri, name)
-                    storage.remove(self._fs, storage.join(directory, name))
+                    filesystem.remove(self._fs, filesystem.join(directory, name))

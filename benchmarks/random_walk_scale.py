@@ -1,6 +1,6 @@
 """Benchmark: random-walk refinement (kNN graph + walk) at scale, and its agreement with the closed form.
 
-    python benchmarks/random_walk.py --n 1000000 --dim 128 --k 20 --out benchmarks/results/random_walk.json
+    python benchmarks/random_walk_scale.py --n 1000000 --dim 128 --k 20 --out benchmarks/results/random_walk.json
 
 Synthetic clustered features (``--classes`` Gaussian clusters on the sphere, a share
 of mislabelled items as outliers) go through the full ``refine`` on the
@@ -30,11 +30,11 @@ import faiss
 import numpy as np
 import torch
 
+from raycompat.compat.config import RandomWalkConfig
 from raycompat.compat.knn_graph import knn_search, knn_transition_matrix
 from raycompat.compat.random_walk import dense_random_walk, random_walk, refine
-from raycompat.config import RandomWalkConfig
 
-logger = logging.getLogger("benchmarks.random_walk")
+logger = logging.getLogger("benchmarks.random_walk_scale")
 
 
 def clustered_features(n: int, dim: int, classes: int, noise: float, mislabel: float,

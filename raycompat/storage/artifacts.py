@@ -1,7 +1,7 @@
 """Small artefacts (model directories, reports, metrics, plots) at a local path or a storage URI.
 
 A *location* is a local path (a ``Path``, or a string without a scheme) or a storage URI
-string (``s3://``, ``gs://``, ``file://``, ...: anything :func:`raycompat.storage.resolve`
+string (``s3://``, ``gs://``, ``file://``, ...: anything :func:`raycompat.storage.filesystem.resolve`
 opens). Bulk data (feature stores, gallery shards, Ray Train checkpoints) goes through
 pyarrow filesystems directly; this module is for the small files that libraries (torch,
 matplotlib, the report writers) read and write as local files:
@@ -37,8 +37,8 @@ from typing import Any, Union
 
 import pyarrow.fs as pafs
 
-from raycompat import storage
 from raycompat.errors import DataError
+from raycompat.storage import filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -52,36 +52,36 @@ _COPY_CHUNK = 8 << 20
 def as_location(value: str | os.PathLike[str]) -> Location:
     """A location from text or a path: URIs stay strings, local paths become ``Path``."""
     text = os.fspath(value)
-    return text if storage.is_uri(text) else Path(text)
+    return text if filesystem.is_uri(text) else Path(text)
 
 
 def child(location: Location, *parts: str) -> Location:
     """``location / parts``: a local path stays a ``Path``; a URI keeps its query last."""
     if isinstance(location, Path):
         return location.joinpath(*parts)
-    return as_location(storage.join(location, *parts))
+    return as_location(filesystem.join(location, *parts))
 
 
 def parent(location: Location) -> Location:
     """The directory holding ``location``."""
     if isinstance(location, Path):
         return location.parent
-    return as_location(storage.parent(location))
+    return as_location(filesystem.parent(location))
 
 
 def name(location: Location) -> str:
     """The last component of ``location`` (a URI's query left out)."""
     if isinstance(location, Path):
         return location.name
-    return posixpath.basename(storage.split_query(location)[0].rstrip("/"))
+    return posixpath.basename(filesystem.split_query(location)[0].rstrip("/"))
 
 
 def local_path(location: Location) -> Path | None:
     """The path of a local location (plain path or ``file://`` URI); None for a remote one."""
     text = os.fspath(location)
-    if not storage.is_local(text):
+    if not filesystem.is_local(text):
         return None
-    return Path(storage.resolve(text)[1]) if storage.is_uri(text) else Path(text)
+    return Path(filesystem.resolve(text)[1]) if filesystem.is_uri(text) else Path(text)
 
 
 def cache_dir() -> Path:
@@ -97,18 +97,18 @@ def cache_dir() -> Path:
 
 def exists(location: Location) -> bool:
     """True when ``location`` is an existing file or directory (a non-empty prefix on object stores)."""
-    return storage.exists(*storage.resolve(location))
+    return filesystem.exists(*filesystem.resolve(location))
 
 
 def is_file(location: Location) -> bool:
     """True when ``location`` is an existing file."""
-    fs, path = storage.resolve(location)
+    fs, path = filesystem.resolve(location)
     return fs.get_file_info(path).type == pafs.FileType.File
 
 
 def makedirs(location: Location) -> None:
     """Create directory ``location`` and its parents; no-op when it exists."""
-    storage.makedirs(*storage.resolve(location))
+    filesystem.makedirs(*filesystem.resolve(location))
 
 
 @contextmanager
@@ -123,7 +123,7 @@ def _missing_names(location: Location) -> Iterator[None]:
 def read_bytes(location: Location) -> bytes:
     """The content of file ``location``; DataError when it does not exist."""
     with _missing_names(location):
-        return storage.read_bytes(*storage.resolve(location))
+        return filesystem.read_bytes(*filesystem.resolve(location))
 
 
 def read_text(location: Location) -> str:
@@ -132,10 +132,13 @@ def read_text(location: Location) -> str:
 
 
 def write_bytes(location: Location, data: bytes) -> None:
-    """Write file ``location`` atomically (see :func:`raycompat.storage.atomic_write`), creating its directory."""
-    fs, path = storage.resolve(location)
-    storage.makedirs(fs, storage.parent(path))
-    storage.atomic_write_bytes(fs, path, data)
+    """Write file ``location`` atomically, creating its directory.
+
+    See :func:`raycompat.storage.filesystem.atomic_write`.
+    """
+    fs, path = filesystem.resolve(location)
+    filesystem.makedirs(fs, filesystem.parent(path))
+    filesystem.atomic_write_bytes(fs, path, data)
 
 
 def write_text(location: Location, text: str) -> None:
@@ -162,7 +165,7 @@ def append_text(location: Location, text: str) -> None:
 def sha256(location: Location) -> str:
     """sha256 hex digest of file ``location``, read in streaming chunks."""
     with _missing_names(location):
-        return storage.sha256_file(*storage.resolve(location))
+        return filesystem.sha256_file(*filesystem.resolve(location))
 
 
 @contextmanager
@@ -196,17 +199,17 @@ def upload_dir(local_dir: Path, location: Location, commit_last: Sequence[str] =
     Each file is written atomically; the relative paths in ``commit_last`` are written
     after all others, so a reader that waits for them sees complete data.
     """
-    fs, root = storage.resolve(location)
+    fs, root = filesystem.resolve(location)
     files = sorted(p for p in local_dir.rglob("*") if p.is_file())
     # sorted() is stable: commit files move to the end, everything else keeps its order.
     files = sorted(files, key=lambda p: p.relative_to(local_dir).as_posix() in commit_last)
     # Like the feature store, create directories first: local and fsspec filesystems need them.
-    for directory in sorted({storage.parent(storage.join(root, p.relative_to(local_dir).as_posix())) for p in files}):
-        storage.makedirs(fs, directory)
+    for directory in sorted({filesystem.parent(filesystem.join(root, p.relative_to(local_dir).as_posix())) for p in files}):
+        filesystem.makedirs(fs, directory)
     size = 0
     for path in files:
         rel = path.relative_to(local_dir).as_posix()
-        storage.atomic_write(fs, storage.join(root, rel), lambda sink, p=path: _copy_file(p, sink))
+        filesystem.atomic_write(fs, filesystem.join(root, rel), lambda sink, p=path: _copy_file(p, sink))
         size += path.stat().st_size
     logger.info("uploaded %d files (%d bytes) to %s", len(files), size, location)
     return len(files)
@@ -220,8 +223,8 @@ def _remote_files(fs: pafs.FileSystem, path: str, info: pafs.FileInfo) -> list[t
     files = []
     for entry in fs.get_file_info(selector):
         rel = entry.path[len(path):].lstrip("/")
-        # Temporary files are uncommitted writes of another process (storage.atomic_write).
-        if entry.type == pafs.FileType.File and not storage.is_temp(posixpath.basename(rel)):
+        # Temporary files are uncommitted writes of another process (filesystem.atomic_write).
+        if entry.type == pafs.FileType.File and not filesystem.is_temp(posixpath.basename(rel)):
             files.append((rel, entry))
     return sorted(files, key=lambda item: item[0])
 
@@ -240,7 +243,7 @@ def fetch(location: Location) -> Path:
         if not local.exists():
             raise DataError(f"no such file or directory: {location}")
         return local
-    fs, path = storage.resolve(location)
+    fs, path = filesystem.resolve(location)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"no such file or directory: {location}")

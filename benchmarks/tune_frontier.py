@@ -1,6 +1,6 @@
 """Ray Tune search over the compatibility-loss weights on Fashion-MNIST, with its frontier.
 
-    python benchmarks/tune.py --config raycompat/configs/tune_fashion_mnist.yaml
+    python benchmarks/tune_frontier.py --config raycompat/configs/tune_fashion_mnist.yaml
 
 Trains the old model and extracts its features when the config's output_dir has
 no old feature stores yet, runs the search (``run_tune``: ASHA, every trial a
@@ -28,14 +28,14 @@ import torch
 from raycompat.configio import to_dict
 from raycompat.data.feature_store import FeatureStore
 from raycompat.errors import FeatureStoreError
-from raycompat.layout import Layout
 from raycompat.pipeline.run import stage_extract_old, stage_train_old
 from raycompat.pipeline.train import old_model_name
 from raycompat.pipeline.tune import init_tune_ray, run_tune
+from raycompat.pipeline.tune_space import SearchConfig, load_search_config
 from raycompat.retrieval.evaluate import cross_model_matrix
-from raycompat.tune_space import SearchConfig, load_search_config
+from raycompat.storage.layout import Layout
 
-logger = logging.getLogger("benchmarks.tune")
+logger = logging.getLogger("benchmarks.tune_frontier")
 
 
 def machine() -> str:

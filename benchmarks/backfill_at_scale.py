@@ -5,7 +5,7 @@ benchmark's JSON (plus a fresh measurement of the FCT transformation's
 throughput on this machine, unless --transform-vectors-per-s is given), writes
 it as ``config.yaml`` into --out, then writes the report beside it::
 
-    python benchmarks/backfill_report.py --quality benchmarks/results/quality_fashion_mnist.json \\
+    python benchmarks/backfill_at_scale.py --quality benchmarks/results/quality_fashion_mnist.json \\
         --extraction benchmarks/results/extraction.json --n 1e9 --out benchmarks/results/backfill_1e9
 
 The cluster is --nodes copies of the machine the extraction benchmark ran on,
@@ -32,18 +32,17 @@ from raycompat.backfill.presets import default_strategies
 from raycompat.backfill.quality import load_quality
 from raycompat.backfill.report import run_backfill_report
 from raycompat.backfill.units import parse_count
-from raycompat.config import ModelConfig
 from raycompat.configio import from_dict
 from raycompat.errors import RaycompatError
-from raycompat.models.fct_config import SideInfoConfig, TransformationConfig
+from raycompat.models.config import ModelConfig, SideInfoConfig, TransformationConfig
 
 logger = logging.getLogger("backfill_report")
 
 
 def measure_transform(d_old: int, d_side: int, d_new: int) -> float:
     """Vectors/s of raycompat's FCT transformation h (default widths, with FastFill's sigma head) here."""
+    from raycompat.models.transformation import build_transformation
     from raycompat.pipeline.measure import transformation_vectors_per_s
-    from raycompat.training.fct import build_transformation
 
     h = build_transformation(TransformationConfig(uncertainty=True), d_old, d_side, d_new, seed=0)
     return transformation_vectors_per_s(h, d_old, d_side)
@@ -82,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         n = parse_count(args.n, "--n")
         if args.transform_vectors_per_s is None:
             tps = measure_transform(args.d_old, args.d_side, args.d_new)
-            tsource = (f"measured by benchmarks/backfill_report.py: raycompat Transformation "
+            tsource = (f"measured by benchmarks/backfill_at_scale.py: raycompat Transformation "
                        f"({args.d_old}+{args.d_side} -> {args.d_new}, default widths, sigma head), "
                        f"torch CPU inference, {os.cpu_count()} cores = {tps:,.0f} vectors/s")
         else:

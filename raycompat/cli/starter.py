@@ -21,10 +21,10 @@ from typing import Optional
 import numpy as np
 import yaml
 
-from raycompat.config import PipelineConfig
 from raycompat.configio import from_dict
 from raycompat.data.datasets import IMAGE_SUFFIXES, decode_image
 from raycompat.errors import ConfigError, DataError, RaycompatError
+from raycompat.pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def starter_config(info: GalleryInfo, extractor: str, command: str = "raycompat 
 # Run everything (extract old features through the black box, train a compatible new model,
 # extract its features, evaluate, backfill cost section):
 #   raycompat demo --config THIS_FILE [--out DIR]
-# Every key is documented in raycompat/config.py; an unknown or bad key is an error naming it.
+# Every key is documented in raycompat/pipeline/config.py and the layer configs it composes; an unknown or bad key is an error naming it.
 output_dir: {s('runs/' + info.root.name)}
 seed: 0
 data:

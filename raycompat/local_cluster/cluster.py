@@ -1,48 +1,13 @@
-"""A real multi-node Ray cluster on 127.0.0.1, started with ``ray start``.
-
-``LocalCluster`` starts one head node and N worker nodes as separate raylets on
-this machine, each declaring its own CPUs, GPUs and custom resources, so that
-placement, node loss and Ray Jobs can be exercised without a cloud. It records
-which processes belong to each node and stops exactly those: never
-``ray stop``, which kills every Ray process of every user of the machine.
-
-Which processes are a node's: each ``ray start`` runs as the leader of a new
-session (``setsid``). The daemons it spawns (GCS, raylet, dashboard, agents)
-and the workers the raylet forks later inherit that session id. ``ray start``
-exits once its node is up, and Linux hands out no pid that is still a live
-process's session id, so the processes whose session id is that pid are
-exactly the node's. A JSON state file in the cluster directory keeps address,
-dashboard URL, session ids and pids, so another process can stop the cluster
-(``python -m raycompat.cluster down --dir DIR``).
-
-Loopback only: ``ray start --node-ip-address=127.0.0.1`` and
-``ray.init(address="127.0.0.1:PORT")`` both rewrite 127.0.0.1 to the machine's
-routable IP, unless Ray's single-node mode (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``)
-is on, and that mode makes ``ray start --address`` refuse to join. So the nodes
-are started through a small bootstrap that runs Ray's own CLI without the
-rewrite, and their processes (Ray workers, job drivers) run in single-node mode,
-in which 127.0.0.1 stays 127.0.0.1. Every address the cluster advertises and
-listens on is 127.0.0.1. A driver started outside the cluster needs
-``LOOPBACK_CLIENT_ENV`` in its environment before importing ray (see
-``LocalCluster.client_env``); ``ray job submit`` needs nothing.
-
-Authentication: Ray 2.60 turns token authentication on for ``ray start --head``
-whenever a token is available (``~/.ray/auth_token``, which a local
-``ray.init()`` creates, or ``RAY_AUTH_TOKEN``); clients without
-``RAY_AUTH_MODE=token`` and the token then fail ("Missing authentication
-token"). These nodes run with ``RAY_AUTH_MODE=disabled``: the cluster is
-reachable from this machine only, and ``ray job submit`` / the Jobs SDK work
-without a token.
+"""``LocalCluster``: start, attach to, inspect and stop a multi-node Ray cluster on 127.0.0.1
+(see :mod:`raycompat.local_cluster` for how it finds and stops exactly its own processes).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,126 +17,23 @@ from types import TracebackType
 from typing import Any
 
 from raycompat.errors import ConfigError, RaycompatError
+from raycompat.local_cluster.processes import (
+    DEFAULT_OBJECT_STORE_BYTES,
+    LOOPBACK,
+    LOOPBACK_CLIENT_ENV,
+    MAX_TEMP_DIR_CHARS,
+    RAY_START_BOOTSTRAP,
+    STATE_FILE,
+    free_port,
+    node_states,
+    process_name,
+    psutil_module,
+    recorded_processes,
+    session_processes,
+    terminate,
+)
 
 logger = logging.getLogger(__name__)
-
-LOOPBACK = "127.0.0.1"
-STATE_FILE = "cluster.json"
-DEFAULT_OBJECT_STORE_BYTES = 512 * 1024 * 1024
-# Unix socket paths are limited to 107 bytes and Ray appends ~65 characters
-# ("/session_<timestamp>_<pid>/sockets/plasma_store") to the temp dir.
-MAX_TEMP_DIR_CHARS = 40
-_SINGLE_NODE_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-LOOPBACK_CLIENT_ENV = {_SINGLE_NODE_VAR: "0"}
-
-# Ray's `ray start`, run in multi-node mode (so that a worker node may join;
-# the caller's environment may have single-node mode on for its own drivers)
-# but keeping 127.0.0.1 as the node IP. The processes it spawns inherit
-# single-node mode, so their ray.init() keeps 127.0.0.1 too.
-_RAY_START_BOOTSTRAP = f"""\
-import os, sys
-os.environ.pop("{_SINGLE_NODE_VAR}", None)
-import ray._private.services as services
-from ray.scripts.scripts import main
-_resolve = services.resolve_ip_for_localhost
-services.resolve_ip_for_localhost = lambda host: host if host == "{LOOPBACK}" else _resolve(host)
-os.environ["{_SINGLE_NODE_VAR}"] = "0"
-sys.argv[0] = "ray"
-main()
-"""
-
-
-def _free_port(taken: set[int]) -> int:
-    """Return a loopback TCP port that is free now and not already in ``taken``."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((LOOPBACK, 0))
-            port = sock.getsockname()[1]
-        if port not in taken:
-            taken.add(port)
-            return port
-
-
-def _psutil() -> Any:
-    """Import psutil, which Ray bundles and puts on sys.path when imported."""
-    import ray  # noqa: F401
-
-    import psutil
-
-    return psutil
-
-
-def _session_processes(session_id: int) -> list[Any]:
-    """Live processes of session ``session_id`` (whose leader, ``ray start``, has exited).
-
-    A live process with pid ``session_id`` means the leader still runs or the
-    id now belongs to an unrelated session: either way none are returned.
-    """
-    psutil = _psutil()
-    if psutil.pid_exists(session_id):
-        return []
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getsid(proc.pid) == session_id and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except (OSError, psutil.Error):
-            continue
-    return found
-
-
-def _recorded_processes(pids: list[dict[str, Any]]) -> list[Any]:
-    """Live processes among the recorded ``pids`` whose start time still matches."""
-    psutil = _psutil()
-    found = []
-    for rec in pids:
-        try:
-            proc = psutil.Process(rec["pid"])
-            if abs(proc.create_time() - rec["create_time"]) < 0.01:
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
-
-
-def _name(proc: Any) -> str:
-    """The process name, or "" once the process is gone."""
-    try:
-        return proc.name()
-    except _psutil().Error:
-        return ""
-
-
-def _terminate(procs: list[Any], grace_s: float) -> list[Any]:
-    """SIGTERM ``procs``, SIGKILL those left after ``grace_s``; return the survivors."""
-    psutil = _psutil()
-    for proc in procs:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            continue
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            continue
-    _, alive = psutil.wait_procs(alive, timeout=5)
-    return alive
-
-
-def node_states(address: str, timeout_s: float = 10.0) -> dict[str, str]:
-    """Map each node id (hex) of the cluster at ``address`` to "ALIVE" or "DEAD".
-
-    Asks the GCS directly, so it needs neither a driver nor the dashboard.
-    """
-    from ray._raylet import GcsClient
-    from ray.core.generated.gcs_pb2 import GcsNodeInfo
-
-    infos = GcsClient(address=address).get_all_node_info(timeout=timeout_s)
-    return {
-        node_id.hex(): GcsNodeInfo.GcsNodeState.Name(info.state) for node_id, info in infos.items()
-    }
 
 
 class LocalCluster:
@@ -291,8 +153,8 @@ class LocalCluster:
 
     def node_processes(self, node: dict[str, Any]) -> list[Any]:
         """Live processes (psutil) of ``node``: its session's plus its recorded pids."""
-        procs = {p.pid: p for p in _recorded_processes(node["pids"])}
-        for proc in _session_processes(node["session_id"]):
+        procs = {p.pid: p for p in recorded_processes(node["pids"])}
+        for proc in session_processes(node["session_id"]):
             procs.setdefault(proc.pid, proc)
         return list(procs.values())
 
@@ -323,7 +185,7 @@ class LocalCluster:
         if self.state_path.exists():
             raise RaycompatError(
                 f"LocalCluster: {self.state_path} records a cluster already; stop it first "
-                f"(python -m raycompat.cluster down --dir {self._cluster_dir})"
+                f"(python -m raycompat.local_cluster down --dir {self._cluster_dir})"
             )
         owns_temp_dir = self._temp_dir is None
         if self._temp_dir is None:
@@ -336,8 +198,8 @@ class LocalCluster:
         self._temp_dir.mkdir(parents=True, exist_ok=True)
 
         ports: set[int] = set()
-        gcs_port = _free_port(ports)
-        dashboard_port = _free_port(ports)
+        gcs_port = free_port(ports)
+        dashboard_port = free_port(ports)
         self._state = {
             "address": f"{LOOPBACK}:{gcs_port}",
             "dashboard_url": f"http://{LOOPBACK}:{dashboard_port}" if self.dashboard else None,
@@ -351,7 +213,7 @@ class LocalCluster:
             head_args = [
                 "--head",
                 f"--port={gcs_port}",
-                f"--ray-client-server-port={_free_port(ports)}",
+                f"--ray-client-server-port={free_port(ports)}",
                 f"--num-cpus={self.head_cpus}",
                 "--num-gpus=0",
             ]
@@ -397,7 +259,7 @@ class LocalCluster:
         cmd = [
             sys.executable,
             "-c",
-            _RAY_START_BOOTSTRAP,
+            RAY_START_BOOTSTRAP,
             "start",
             *args,
             f"--node-ip-address={LOOPBACK}",
@@ -405,7 +267,7 @@ class LocalCluster:
             f"--object-store-memory={self.object_store_memory}",
             # The defaults (agent port 52365, worker ports 10002-19999) collide
             # between nodes, and with other clusters, on one machine.
-            f"--dashboard-agent-listen-port={_free_port(ports)}",
+            f"--dashboard-agent-listen-port={free_port(ports)}",
             "--min-worker-port=0",
             "--max-worker-port=0",
             "--disable-usage-stats",
@@ -448,7 +310,7 @@ class LocalCluster:
             tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
             outcome = "timed out" if returncode is None else f"exited with {returncode}"
             raise RaycompatError(f"LocalCluster: `ray start` for {name} {outcome}:\n{tail}")
-        procs = _session_processes(proc.pid)
+        procs = session_processes(proc.pid)
         node["pids"] = [
             {"pid": p.pid, "name": p.name(), "create_time": p.create_time()} for p in procs
         ]
@@ -526,10 +388,10 @@ class LocalCluster:
         Returns:
             The node's Ray node id (hex), as in ``ray.nodes()``.
         """
-        psutil = _psutil()
+        psutil = psutil_module()
         node = self.worker_node(index)
         # The raylet first: a lost raylet is what the GCS detects as a lost node.
-        procs = sorted(self.node_processes(node), key=lambda p: _name(p) != "raylet")
+        procs = sorted(self.node_processes(node), key=lambda p: process_name(p) != "raylet")
         for proc in procs:
             try:
                 proc.kill()
@@ -560,12 +422,12 @@ class LocalCluster:
         procs = {p.pid: p for node in self.nodes for p in self.node_processes(node)}
         stages: list[list[Any]] = [[], [], []]
         for proc in procs.values():
-            name = _name(proc)
+            name = process_name(proc)
             stages[0 if name == "raylet" else 2 if name == "gcs_server" else 1].append(proc)
         survivors = []
         for number, stage in enumerate(stages, 1):
             began = time.monotonic()
-            survivors += _terminate(stage, self.grace_s)
+            survivors += terminate(stage, self.grace_s)
             logger.debug(
                 "LocalCluster: stop stage %d (%d processes) took %.1fs",
                 number,
@@ -591,7 +453,7 @@ class LocalCluster:
         head = next(n for n in state["nodes"] if n["role"] == "head")
         gcs: dict[str, str] = {}
         # Asking a GCS that is gone takes Ray's client ~40 s to give up.
-        if any(_name(p) == "gcs_server" for p in self.node_processes(head)):
+        if any(process_name(p) == "gcs_server" for p in self.node_processes(head)):
             try:
                 gcs = node_states(self.address)
             except Exception as exc:  # noqa: BLE001 (an unhealthy GCS is a status, not an error)
@@ -621,84 +483,3 @@ class LocalCluster:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-def _parse_resources(text: str) -> dict[str, float]:
-    """Parse ``--worker-resources`` JSON (argparse reports the ValueError)."""
-    value = json.loads(text)
-    if not isinstance(value, dict):
-        raise ValueError("expected a JSON object")
-    return value
-
-
-def _print_usage(cluster: LocalCluster) -> None:
-    """Print how to reach the cluster: address, dashboard, env, a ``ray job submit`` line."""
-    env = " ".join(f"{k}={v}" for k, v in LOOPBACK_CLIENT_ENV.items())
-    print(f"address:    {cluster.address}")
-    print(f"dashboard:  {cluster.dashboard_url or '(disabled: no Ray Jobs)'}")
-    print(f"state:      {cluster.state_path}")
-    print("auth:       none (RAY_AUTH_MODE=disabled; the cluster listens on 127.0.0.1 only)")
-    print(f"driver:     {env} python -c \"import ray; ray.init(address='{cluster.address}')\"")
-    if cluster.dashboard_url:
-        print(
-            f"submit:     ray job submit --address {cluster.dashboard_url} --working-dir . "
-            "-- python jobs/pipeline.py --config raycompat/configs/demo.yaml"
-        )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI: ``up`` / ``down`` / ``status`` of a local multi-node cluster kept in ``--dir``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m raycompat.cluster",
-        description="A real multi-node Ray cluster on 127.0.0.1: a head and N worker nodes.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="start a head and N worker nodes")
-    up.add_argument("--dir", required=True, help="cluster directory: state file, ray start logs")
-    up.add_argument("--workers", type=int, default=2, help="worker nodes (default 2)")
-    up.add_argument("--head-cpus", type=int, default=1)
-    up.add_argument("--worker-cpus", type=int, default=1)
-    up.add_argument("--gpus", type=int, default=0, help="GPUs declared per worker node")
-    up.add_argument(
-        "--worker-resources",
-        type=_parse_resources,
-        default={},
-        help='custom resources per worker node, as JSON: \'{"transform": 1}\'',
-    )
-    up.add_argument("--object-store-mb", type=int, default=DEFAULT_OBJECT_STORE_BYTES // 2**20)
-    up.add_argument("--no-dashboard", action="store_true", help="no dashboard, hence no Ray Jobs")
-    for name, text in (("down", "stop exactly this cluster's processes"), ("status", "show nodes")):
-        cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("--dir", required=True, help="the directory given to up")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.command == "up":
-            cluster = LocalCluster(
-                num_workers=args.workers,
-                head_cpus=args.head_cpus,
-                worker_cpus=args.worker_cpus,
-                worker_resources=args.worker_resources,
-                gpus=args.gpus,
-                dashboard=not args.no_dashboard,
-                cluster_dir=args.dir,
-                object_store_memory=args.object_store_mb * 2**20,
-            ).start()
-            _print_usage(cluster)
-        elif args.command == "down":
-            cluster = LocalCluster.attach(args.dir)
-            address = cluster.address
-            cluster.stop()
-            print(f"stopped {address}")
-        else:
-            cluster = LocalCluster.attach(args.dir)
-            print(json.dumps(cluster.status(), indent=2))
-            _print_usage(cluster)
-    except RaycompatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

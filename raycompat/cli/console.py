@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from raycompat.artifacts import local_path
+from raycompat.storage.artifacts import local_path
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # The training loop's per-epoch line (raycompat.pipeline.train): "rank 0 epoch 3: {'loss': ...}".

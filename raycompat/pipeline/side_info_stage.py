@@ -25,28 +25,25 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import ray
 import torch
 
-from raycompat import artifacts
-from raycompat.artifacts import Location, child
-from raycompat.config import PipelineConfig, with_absolute_paths
 from raycompat.configio import from_dict, to_dict
 from raycompat.data.datasets import load_dataset
 from raycompat.data.protocols import old_training_set
 from raycompat.errors import ConfigError, DataError
-from raycompat.layout import Layout
-from raycompat.models.export import sha256_file
-from raycompat.models.side_info import SideInfoModel, build_side_info_model, train_side_info
+from raycompat.models.export import export_side_model
+from raycompat.models.side_info import build_side_info_model, train_side_info
+from raycompat.pipeline.config import PipelineConfig, with_absolute_paths
 from raycompat.pipeline.extract import ExtractorSpec
 from raycompat.pipeline.ray_session import cluster_cpus_gpus, init_ray
+from raycompat.storage import artifacts
+from raycompat.storage.artifacts import Location, child
+from raycompat.storage.layout import Layout
 
 log = logging.getLogger(__name__)
-
-KIND = "side_info"
 
 
 def side_extractor(cfg: PipelineConfig) -> ExtractorSpec:
@@ -79,28 +76,6 @@ def _train_task(pipeline: dict[str, Any], threads: int, device: str) -> dict[str
                              cfg.seed)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return {"state": state, "image_shape": [channels, height, width], "losses": losses, "images": len(images)}
-
-
-def export_side_model(model: SideInfoModel, out_dir: Path, name: str, version: str, extra: dict[str, Any]) -> Path:
-    """Script psi to ``extractor.pt`` and write ``model.json`` (as :func:`export_model` does, minus a classifier).
-
-    Scripted rather than traced so the black box keeps psi's input-shape check.
-    ``model.json`` is written last: a directory without it holds no model.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    scripted = torch.jit.script(model.cpu().eval())
-    tmp = out_dir / "extractor.pt.tmp"
-    scripted.save(str(tmp))
-    tmp.replace(out_dir / "extractor.pt")
-    meta = {
-        "name": name, "version": version, "dim": model.dim,
-        "input_shape": [model.in_channels, model.image_size, model.image_size], "input_dtype": "uint8",
-        "sha256": sha256_file(out_dir / "extractor.pt"), "kind": KIND, **extra,
-    }
-    tmp_meta = out_dir / "model.json.tmp"
-    tmp_meta.write_text(json.dumps(meta, indent=2))
-    tmp_meta.replace(out_dir / "model.json")
-    return out_dir
 
 
 def _existing(model_dir: Location, cfg: PipelineConfig) -> bool:

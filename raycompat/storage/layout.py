@@ -9,8 +9,8 @@
 
 ``output_dir`` is a local path or a storage URI (``s3://bucket/run``, ``gs://...``,
 ``file:///abs/path``). For a local path every location is a ``pathlib.Path``; for a
-URI it is a URI string, opened with :mod:`raycompat.storage` (bulk data) or
-:mod:`raycompat.artifacts` (small files), never as a local file.
+URI it is a URI string, opened with :mod:`raycompat.storage.filesystem` (bulk data) or
+:mod:`raycompat.storage.artifacts` (small files), never as a local file.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from raycompat import storage
-from raycompat.artifacts import Location, child
+from raycompat.storage import filesystem
+from raycompat.storage.artifacts import Location, child
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Layout:
     @classmethod
     def of(cls, output_dir: str | os.PathLike[str]) -> "Layout":
         text = os.fspath(output_dir)
-        return cls(text if storage.is_uri(text) else str(Path(text).absolute()))
+        return cls(text if filesystem.is_uri(text) else str(Path(text).absolute()))
 
     def _at(self, *parts: str) -> Location:
         return child(self.root, *parts)

@@ -1,7 +1,7 @@
-"""``raycompat``: the command line. Each subcommand is one pipeline stage (or the demo).
+"""The subcommands' bodies: each loads its config, runs its stage and prints what it wrote.
 
-Bad input (config, data, stores) ends with a one-line ``error: ...`` and exit
-code 2, never a traceback; ``-v`` shows debug logs.
+Each command imports what it needs inside its body: torch, Ray and the pipeline load
+only for the command that runs.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from raycompat.errors import RaycompatError
 
 log = logging.getLogger("raycompat")
 
-DEFAULT_DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+DEFAULT_DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 def _load(args: argparse.Namespace, check=None):
     """The command's pipeline config, checked (``check(cfg)``, the command's own checks) before the output probe."""
-    from raycompat import storage
-    from raycompat.config import load_pipeline_config
     from raycompat.errors import ConfigError
+    from raycompat.pipeline.config import load_pipeline_config
+    from raycompat.storage import filesystem
 
     overrides = {"output_dir": args.out} if getattr(args, "out", None) else None
     cfg = load_pipeline_config(args.config, overrides)
@@ -34,7 +34,7 @@ def _load(args: argparse.Namespace, check=None):
         except ConfigError as exc:
             raise ConfigError(f"{args.config}: {exc}") from None
     # Every stage writes under output_dir: a file in the way or a read-only mount fails here, before Ray starts.
-    storage.check_writable_dir(cfg.output_dir, "--out" if overrides else f"{args.config}: output_dir")
+    filesystem.check_writable_dir(cfg.output_dir, "--out" if overrides else f"{args.config}: output_dir")
     return cfg
 
 
@@ -47,10 +47,10 @@ def _stage_bar(total: int, desc: str):
 def cmd_demo(args: argparse.Namespace) -> int:
     import json
 
-    from raycompat.artifacts import child, read_text
-    from raycompat.release_gate import gate_verdict
-    from raycompat.layout import Layout
     from raycompat.pipeline.run import run_pipeline, stage_names
+    from raycompat.retrieval.release_gate import gate_verdict
+    from raycompat.storage.artifacts import child, read_text
+    from raycompat.storage.layout import Layout
 
     cfg = _load(args)
     if args.verbose:
@@ -85,7 +85,7 @@ def _quiet_demo(cfg):
     """The demo with one live line; everything else in a log file. Returns the report and the log file."""
     import ray
 
-    from raycompat.console import log_path_for, quiet_console
+    from raycompat.cli.console import log_path_for, quiet_console
     from raycompat.pipeline.ray_session import init_ray
     from raycompat.pipeline.run import run_pipeline, stage_names
 
@@ -117,9 +117,9 @@ def _with_ray(fn: Callable) -> Callable:
 
 def cmd_train_old(args: argparse.Namespace) -> int:
     from raycompat.errors import ConfigError
-    from raycompat.layout import Layout
     from raycompat.pipeline.ray_session import init_ray
     from raycompat.pipeline.run import stage_train_old
+    from raycompat.storage.layout import Layout
 
     cfg = _load(args)
     if cfg.old.extractor:
@@ -153,9 +153,9 @@ def cmd_extract(cfg, args) -> int:
 
 @_with_ray
 def cmd_train(cfg, args) -> int:
-    from raycompat.layout import Layout
     from raycompat.pipeline.run import stage_train_new
     from raycompat.pipeline.train import new_model_name
+    from raycompat.storage.layout import Layout
 
     metrics = stage_train_new(cfg)
     print(f"new model exported under {Layout.of(cfg.output_dir).model_dir(new_model_name(cfg))}; "
@@ -164,8 +164,8 @@ def cmd_train(cfg, args) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from raycompat.artifacts import read_text
     from raycompat.pipeline.run import stage_evaluate, write_evaluation
+    from raycompat.storage.artifacts import read_text
 
     cfg = _load(args)
     report = write_evaluation(cfg, stage_evaluate(cfg))
@@ -176,7 +176,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 @_with_ray
 def cmd_train_side_info(cfg, args) -> int:
-    from raycompat.pipeline.side_info import train_side_info_stage
+    from raycompat.pipeline.side_info_stage import train_side_info_stage
 
     print(f"side-info model exported under {train_side_info_stage(cfg)}")
     return 0
@@ -235,14 +235,14 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_suite(args: argparse.Namespace) -> int:
-    from raycompat import storage
     from raycompat.configio import load_config
     from raycompat.errors import ConfigError
+    from raycompat.storage import filesystem
     from raycompat.suite.config import SuiteConfig
 
     cfg = load_config(args.config, SuiteConfig, {"output_dir": args.out} if args.out else None)
-    storage.check_writable_dir(cfg.output_dir, "--out" if args.out else f"{args.config}: output_dir")
-    storage.check_writable_dir(args.out_dir, "--out-dir")
+    filesystem.check_writable_dir(cfg.output_dir, "--out" if args.out else f"{args.config}: output_dir")
+    filesystem.check_writable_dir(args.out_dir, "--out-dir")
     notes = {}
     if args.notes:
         try:
@@ -278,7 +278,7 @@ def _quiet_suite(cfg, args: argparse.Namespace, command: str, notes: dict) -> Pa
     """The suite with one live line (the last finished unit); Ray's and the units' output in a log file."""
     import ray
 
-    from raycompat.console import log_path_for, quiet_console
+    from raycompat.cli.console import log_path_for, quiet_console
     from raycompat.pipeline.bench_suite import run_suite
 
     log_file = log_path_for(cfg.output_dir, "bench-suite")
@@ -295,8 +295,8 @@ def _quiet_suite(cfg, args: argparse.Namespace, command: str, notes: dict) -> Pa
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from raycompat.artifacts import child
     from raycompat.pipeline.tune import run_tune
+    from raycompat.storage.artifacts import child
 
     out = run_tune(args.config, output_dir=args.out)
     print(f"search results under {out} (best config: {child(out, 'best.yaml')}); "
@@ -305,8 +305,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_fit_compat(args: argparse.Namespace) -> int:
-    from raycompat.config import with_absolute_paths
     from raycompat.errors import ConfigError
+    from raycompat.pipeline.config import with_absolute_paths
     from raycompat.pipeline.fit_compat import build_search, run_fit_compat
 
     # The stage's own refusals come before the output probe, which creates output_dir.
@@ -322,9 +322,9 @@ def cmd_fit_compat(args: argparse.Namespace) -> int:
 
 
 def cmd_chain(args: argparse.Namespace) -> int:
-    from raycompat import storage
-    from raycompat.artifacts import read_text
     from raycompat.chain.config import load_chain_config
+    from raycompat.storage import filesystem
+    from raycompat.storage.artifacts import read_text
     from raycompat.errors import ConfigError
     from raycompat.pipeline.chain import check_chain, run_chain
 
@@ -333,7 +333,7 @@ def cmd_chain(args: argparse.Namespace) -> int:
         check_chain(cfg)
     except ConfigError as exc:
         raise ConfigError(f"{args.config}: {exc}") from None
-    storage.check_writable_dir(cfg.output_dir, "--out" if args.out else f"{args.config}: output_dir")
+    filesystem.check_writable_dir(cfg.output_dir, "--out" if args.out else f"{args.config}: output_dir")
     report = run_chain(cfg, progress=lambda line: log.info("chain: %s", line))
     print(read_text(report))
     print(f"results: {report} and metrics.json beside it")
@@ -341,11 +341,11 @@ def cmd_chain(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_chain(args: argparse.Namespace) -> int:
-    from raycompat import storage
     from raycompat.chain.bench_config import load_chain_bench_config
     from raycompat.errors import ConfigError
     from raycompat.pipeline.chain import check_chain
     from raycompat.pipeline.chain_bench import run_chain_bench
+    from raycompat.storage import filesystem
 
     cfg = load_chain_bench_config(args.config, {"output_dir": args.out} if args.out else None)
     try:
@@ -354,8 +354,8 @@ def cmd_bench_chain(args: argparse.Namespace) -> int:
                 check_chain(cfg.run_config(chain, method))
     except ConfigError as exc:
         raise ConfigError(f"{args.config}: {exc}") from None
-    storage.check_writable_dir(cfg.output_dir, "--out" if args.out else f"{args.config}: output_dir")
-    storage.check_writable_dir(args.out_dir, "--out-dir")
+    filesystem.check_writable_dir(cfg.output_dir, "--out" if args.out else f"{args.config}: output_dir")
+    filesystem.check_writable_dir(args.out_dir, "--out-dir")
     command = shlex.join(["raycompat", *sys.argv[1:]])
     path = run_chain_bench(cfg, args.out_dir, args.name, command, lambda line: log.info("bench chain: %s", line))
     print(path.with_suffix(".md").read_text())
@@ -456,7 +456,7 @@ def cmd_serve_extractor(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from raycompat.starter import write_starter_config
+    from raycompat.cli.starter import write_starter_config
 
     command = shlex.join(["raycompat", "init", "--gallery", args.gallery, "--old-extractor", args.old_extractor,
                           "--out", args.out])
@@ -465,173 +465,3 @@ def cmd_init(args: argparse.Namespace) -> int:
           f"{info.counts['test']} test images, {info.channels}x{info.image_size}x{info.image_size}; "
           f"run it with: raycompat demo --config {shlex.quote(str(path))}")
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="raycompat",
-        description="Upgrade an embedding model without backfilling the whole gallery: train compatible models "
-        "(NIFCL, BCT, L2), forward transformations (FCT/FastFill), and measure what each costs. "
-        "Stages run on Ray: a local runtime by default, a cluster with RAY_ADDRESS or ray.address.",
-    )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add(name: str, fn: Callable, help_: str, config_required: bool = True) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_, description=help_)
-        if config_required:
-            sp.add_argument("--config", required=True, help="pipeline config YAML (see raycompat/configs/)")
-        sp.add_argument("--out", help="override output_dir from the config")
-        sp.set_defaults(fn=fn)
-        return sp
-
-    demo = add("demo", cmd_demo, "Run the whole pipeline end to end (train old, extract, train new, evaluate, "
-               "backfill cost section) and write a report.", config_required=False)
-    demo.add_argument("--config", default=str(DEFAULT_DEMO_CONFIG),
-                      help="pipeline config YAML (default: the bundled Fashion-MNIST demo)")
-    add("train-old", cmd_train_old, "Train an old model for the config's protocol and export it as a "
-        "TorchScript black box (models/<old.name>/); refused when old.extractor names one.")
-    ex = add("extract", cmd_extract, "Extract features with Ray Data into a Parquet feature store "
-             "(old model: train and test splits; new model: test split).")
-    ex.add_argument("--model", choices=["old", "new"], default="old", help="which model to extract with")
-    ex.add_argument("--split", nargs="+", choices=["train", "test"], default=["train", "test"],
-                    help="splits to extract (old model only)")
-    add("train", cmd_train, "Train the new model with Ray Train (new.method: independent | l2 | bct | nifcl), "
-        "using stored old features; exports models/new-<method>/.")
-    add("eval", cmd_eval, "Evaluate old/old, new/new, new/old (top-1, top-5, mAP, negative flips) "
-        "from the feature stores; writes eval/metrics.json and eval/report.md.")
-    add("train-side-info", cmd_train_side_info, "FCT: train the side-information model (no labels) on the old "
-        "training images and export it (models/side/); extract it together with the old model.")
-    fct = add("train-fct", cmd_train_fct, "FCT: train the transformation h(old, side) -> new with Ray Train on "
-              "cached features only; saves models/<variant>/.")
-    fct.add_argument("--variant", choices=["fct", "fct+side", "fastfill"], default="fct+side",
-                     help="without side-info, with it, or with it plus FastFill's uncertainty head")
-    fct.add_argument("--target", help="new model whose features h maps to (default: new-<new.method>)")
-    tr = add("transform", cmd_transform, "FCT: transform the stored old (+ side) features of a split with a trained "
-             "transformation (Ray Data), writing a new feature store (with sigma for FastFill).")
-    tr.add_argument("--transformation", required=True, help="models/<variant> directory written by train-fct")
-    tr.add_argument("--split", choices=["train", "test"], default="test")
-    mc = add("measure-costs", cmd_measure_costs, "Measure backbone images/s and transformation vectors/s on one "
-             "unit of the current Ray cluster (a GPU if any, else a node) and write the cluster and costs "
-             "sections of a backfill config.")
-    mc.add_argument("--write", required=True, help="YAML file to write")
-    mc.add_argument("--backbone", help="extractor spec to time (default: the config's exported new model)")
-    mc.add_argument("--transformation", help="trained transformation dir (default: the config's, if trained)")
-    mc.add_argument("--read-bandwidth", default="500 MB/s", help="storage read rate per unit (not measured)")
-    mc.add_argument("--dollars-per-hour", type=float, default=0.0, help="price of one unit (not measured)")
-    bench = sub.add_parser("bench", help="Benchmarks (quality, suite).", description="Benchmarks.")
-    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
-    bq = bench_sub.add_parser("quality", help="Train old (unless old.extractor names a black box) and new models "
-                              "for every method of bench.methods (plus FCT and FastFill) and write <name>.json / "
-                              "<name>.md.",
-                              description="Quality benchmark: every strategy on one protocol, measured the same way.")
-    bq.add_argument("--config", required=True, help="pipeline config with a bench section")
-    bq.add_argument("--out", help="override output_dir (the working storage) from the config")
-    bq.add_argument("--out-dir", required=True, help="where the results go")
-    bq.add_argument("--name", default="quality", help="results are <out-dir>/<name>.json, <name>.md, <name>_curves.png")
-    bq.set_defaults(fn=cmd_bench_quality)
-    bs = bench_sub.add_parser("suite", help="The protocol suite: one NIFCL recipe and every baseline on several "
-                              "protocols and seeds (one Ray task per protocol and seed, resumable); writes "
-                              "<name>.json / <name>.md.",
-                              description="Protocol suite: several protocols x seeds, mean and spread, criteria.")
-    bs.add_argument("--config", required=True, help="suite config (see raycompat/configs/suite.yaml)")
-    bs.add_argument("--out", help="override output_dir (where finished units are kept) from the config")
-    bs.add_argument("--out-dir", required=True, help="where the results go")
-    bs.add_argument("--name", default="suite", help="results are <out-dir>/<name>.json, <name>.md")
-    bs.add_argument("--notes", help="Markdown file: the reading of the results, the Diagnosis section of <name>.md")
-    bs.add_argument("--render-only", action="store_true",
-                    help="re-write <name>.md from an existing <name>.json measured with this config (e.g. to "
-                         "add --notes); runs nothing")
-    bs.set_defaults(fn=cmd_bench_suite)
-    bc = bench_sub.add_parser("chain", help="Chains of upgrades x methods (raycompat chain for each, resumable); "
-                              "writes <name>.json / <name>.md with AC, AM and the matrices.",
-                              description="Chain benchmark: every chain of the config with every method.")
-    bc.add_argument("--config", required=True, help="chain benchmark config (see raycompat/configs/bench_chain_*.yaml)")
-    bc.add_argument("--out", help="override output_dir (the runs' working storage) from the config")
-    bc.add_argument("--out-dir", required=True, help="where the results go")
-    bc.add_argument("--name", default="chain", help="results are <out-dir>/<name>.json, <name>.md")
-    bc.set_defaults(fn=cmd_bench_chain)
-    tn = sub.add_parser("tune", help="Ray Tune search over the compatibility-loss weights.",
-                        description="Ray Tune search (ASHA) over loss weights; resumes an interrupted search.")
-    tn.add_argument("--config", required=True, help="search config YAML (see raycompat/configs/tune_*.yaml)")
-    tn.add_argument("--out", help="override the pipeline output_dir")
-    tn.set_defaults(fn=cmd_tune)
-    add("fit-compat", cmd_fit_compat, "Tune the compatibility weights (fit_compat section) for this old model and "
-        "data with Ray Tune on the validation split, then export the winner as the new model (models/new-<method>/).")
-    ch = sub.add_parser("chain", help="A chain of upgrades: train every generation against its predecessor's "
-                        "exported model (resumable per generation), then the cross-generation matrix, AC/AM and "
-                        "negative flips.",
-                        description="Train generations 1..T of a chain config (raycompat/configs/chain_*.yaml), each "
-                        "on its increment against the previous generation's black box, and evaluate the chain; "
-                        "writes <output_dir>/chain/metrics.json and report.md. A rerun skips finished generations.")
-    ch.add_argument("--config", required=True, help="chain config YAML (see raycompat/configs/chain_*.yaml)")
-    ch.add_argument("--out", help="override output_dir from the config")
-    ch.set_defaults(fn=cmd_chain)
-    br = sub.add_parser("backfill-report", help="Cost/quality report of every upgrade strategy at your gallery size.",
-                        description="Simulate the backfill of each strategy on your cluster from measured "
-                        "throughputs and quality curves; writes report.html, report.md, report.json.")
-    br.add_argument("--config", required=True, help="backfill config YAML (see configs/backfill_example_1e9.yaml)")
-    br.add_argument("--out-dir", required=True, help="report folder")
-    br.set_defaults(fn=cmd_backfill_report)
-    from raycompat.pipeline.jobs import STAGES
-
-    job = sub.add_parser("submit", parents=[_submit_options()],
-                         help="Submit a stage as a Ray job to a cluster, follow it, check or stop it.",
-                         description="Ray Jobs API wrapper. `raycompat submit train --address URL -- --config C` "
-                         "uploads this checkout and runs jobs/train.py --config C on the cluster, streaming its "
-                         "logs until it ends.")
-    job.add_argument("stage", choices=[*STAGES, "status", "logs", "stop"],
-                     help="a stage to submit, or status/logs/stop of --job-id")
-    job.add_argument("args", nargs=argparse.REMAINDER,
-                     help="the stage's own arguments after `--`, e.g. -- --config C")
-    job.set_defaults(fn=_submit_dispatch)
-    srv = sub.add_parser("serve-extractor", help="Serve a model as a black-box HTTP extractor.",
-                         description="Serve a TorchScript file, model dir or module:callable over HTTP "
-                         "(POST .npy uint8 images, get .npy float32 features).")
-    srv.add_argument("--model", required=True, help="TorchScript file, model directory or module:callable")
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
-    srv.set_defaults(fn=cmd_serve_extractor)
-    ini = sub.add_parser("init", help="Write a commented starting config for your own gallery and old black box.",
-                         description="Detect the gallery's kind (imagefolder tree or Parquet), classes and image "
-                         "size, probe the black box's feature dim, and write a commented pipeline config "
-                         "(method nifcl, no old model trained).")
-    ini.add_argument("--gallery", required=True, help="folder with train/ and test/: class folders of images "
-                     "(imagefolder) or *.parquet tables (id, image, label)")
-    ini.add_argument("--old-extractor", required=True, help="the old model's black box: http:// endpoint, "
-                     "TorchScript file or model dir, or module:callable")
-    ini.add_argument("--out", default="raycompat.yaml", help="config file to write (default: raycompat.yaml)")
-    ini.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    ini.set_defaults(fn=cmd_init)
-    return p
-
-
-# What a re-run picks up after Ctrl-C, per command (the one line printed on an interrupt).
-_KEPT_ON_INTERRUPT = {
-    "demo": "the shards and epoch checkpoints committed so far stay under output_dir",
-    "extract": "shards already committed stay in the feature stores",
-    "transform": "parts already committed stay in the output store",
-    "train-old": "the epoch checkpoints committed so far stay under <output_dir>/ray",
-    "train": "the epoch checkpoints committed so far stay under <output_dir>/ray",
-    "train-fct": "the epoch checkpoints committed so far stay under <output_dir>/ray",
-    "tune": "finished trials and checkpoints stay in the search directory",
-    "chain": "finished generations are kept (chain/generations/), and the current one's checkpoints and shards",
-}
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # Our own progress at INFO; other libraries (faiss's loader, Ray's internals) only when they warn.
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("raycompat").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    try:
-        return args.fn(args)
-    except RaycompatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        kept = _KEPT_ON_INTERRUPT.get(args.command)
-        print(f"interrupted: {kept}; run the same command again to resume" if kept else
-              "interrupted; run the same command again", file=sys.stderr)
-        return 130

@@ -20,15 +20,21 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from raycompat.config import PipelineConfig
 from raycompat.errors import ConfigError
-from raycompat.tune_space import ConstraintConfig, ObjectiveConfig, SchedulerConfig, SearchAlgConfig, SearchConfig
+from raycompat.pipeline.config import PipelineConfig
+from raycompat.pipeline.tune_space import (
+    ConstraintConfig,
+    ObjectiveConfig,
+    SchedulerConfig,
+    SearchAlgConfig,
+    SearchConfig,
+)
 
 log = logging.getLogger(__name__)
 
 OBJECTIVE_METRIC = "new/old/top1"
 CONSTRAINT_METRIC = "new/new/top1"
-# A compact space per method: the weights its compatibility term reads (raycompat.tune_space.COMPAT_KEY_METHODS).
+# A compact space per method: the weights its compatibility term reads (raycompat.pipeline.tune_space.COMPAT_KEY_METHODS).
 DEFAULT_SPACES: dict[str, dict[str, Any]] = {
     "l2": {"new.compat.lambda": {"loguniform": [0.1, 30.0]}},
     "bct": {"new.compat.lambda": {"loguniform": [0.1, 30.0]}, "new.compat.scale": {"loguniform": [4.0, 64.0]}},

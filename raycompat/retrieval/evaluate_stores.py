@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from raycompat.compat.losses.compatible_slice import compatible_slice
 from raycompat.data.feature_store import FeatureStore, require_finite
-from raycompat.errors import DataError
+from raycompat.errors import ConfigError, DataError
 from raycompat.retrieval.evaluate import cross_model_matrix
 from raycompat.retrieval.metrics import negative_flips
 
@@ -39,10 +40,12 @@ def evaluate_stores(old_store: str | Path, new_store: str | Path, chunk_size: in
     f_new = new.lookup(ids_old)
     require_finite(old.uri, ids_old, f_old)
     require_finite(new.uri, ids_old, f_new)
-    d_old = f_old.shape[1]
-    if d_old > f_new.shape[1]:
-        raise DataError(f"old features have dim {d_old} > new features' {f_new.shape[1]}: no compatible slice")
-    feats = {"old": f_old, "new": f_new, "new|c": f_new[:, :d_old]}
+    try:
+        f_new_c = compatible_slice(f_new, f_old.shape[1])
+    except ConfigError as exc:
+        # Here the stores, not a config, are at fault: name them.
+        raise DataError(f"{new_store} against {old_store}: {exc}") from None
+    feats = {"old": f_old, "new": f_new, "new|c": f_new_c}
     pairs = [("old", "old"), ("new", "new"), ("new|c", "old")]
     raw = cross_model_matrix(feats, labels, ids_old, pairs, chunk_size, return_correct=True, return_outcomes=True)
     matrix = {"old/old": raw["old/old"], "new/new": raw["new/new"], "new/old": raw["new|c/old"]}

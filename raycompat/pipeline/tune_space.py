@@ -22,7 +22,7 @@ YAML (``raycompat/configs/tune_demo.yaml``)::
 Distributions: ``loguniform: [low, high]`` and ``uniform: [low, high]`` (integer
 keys sample integers, both bounds inclusive), ``choice: [...]`` (sampled) and
 ``grid: [...]`` (every value, times ``num_samples``). A key is checked against
-:class:`~raycompat.config.PipelineConfig`, and every bound and candidate is
+:class:`~raycompat.pipeline.config.PipelineConfig`, and every bound and candidate is
 checked by building the config with it. Trials train only the new model, so
 keys under ``new.``, ``data.`` and ``seed`` are searchable; FCT's transformation
 width and mu weights become searchable the same way once its config is part of
@@ -47,10 +47,20 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type
 
 import numpy as np
 
-# TrialConfig lives in raycompat.config (the pipeline's fit_compat section holds one); imported here for searches.
-from raycompat.config import CompatConfig, PipelineConfig, TrialConfig, load_pipeline_config
-from raycompat.configio import check, deep_merge, from_dict, join, read_yaml, to_dict, yaml_key
+from raycompat.compat.config import CompatConfig
+from raycompat.configio import (
+    check,
+    deep_merge,
+    from_dict,
+    join,
+    read_yaml,
+    to_dict,
+    yaml_key,
+)
 from raycompat.errors import ConfigError
+
+# TrialConfig lives in raycompat.pipeline.config (the pipeline's fit_compat section holds one); imported here for searches.
+from raycompat.pipeline.config import PipelineConfig, TrialConfig, load_pipeline_config
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
 RETRIEVAL_METRICS = tuple(f"{pair}/{k}" for pair in ("new/new", "new/old") for k in ("top1", "top5", "mAP"))

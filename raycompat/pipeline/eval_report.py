@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from raycompat import artifacts
-from raycompat.artifacts import Location
 from raycompat.backfill.document import recommendation_sentence
-from raycompat.config import PipelineConfig
-from raycompat.release_gate import gate_lines
+from raycompat.pipeline.config import PipelineConfig
+from raycompat.retrieval.release_gate import gate_lines
+from raycompat.storage import artifacts
+from raycompat.storage.artifacts import Location
 
 PAIRS = ("old/old", "new/new", "new/old")
 
