@@ -241,7 +241,6 @@ def cmd_bench_suite(args: argparse.Namespace) -> int:
     from raycompat.suite.config import SuiteConfig
 
     cfg = load_config(args.config, SuiteConfig, {"output_dir": args.out} if args.out else None)
-    filesystem.check_writable_dir(cfg.output_dir, "--out" if args.out else f"{args.config}: output_dir")
     filesystem.check_writable_dir(args.out_dir, "--out-dir")
     notes = {}
     if args.notes:
@@ -249,13 +248,14 @@ def cmd_bench_suite(args: argparse.Namespace) -> int:
             notes = {"notes": Path(args.notes).read_text(), "notes_file": args.notes}
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"--notes {args.notes}: cannot be read ({exc})") from None
-    if args.render_only:
+    command = shlex.join(["raycompat", *sys.argv[1:]])
+    if args.render_only:  # reads <out-dir>/<name>.json only: output_dir (the units) is not touched
         from raycompat.pipeline.bench_suite import rerender
 
-        path = rerender(cfg, args.out_dir, args.name, command=shlex.join(["raycompat", *sys.argv[1:]]), **notes)
+        path = rerender(cfg, args.out_dir, args.name, command=command, **notes)
         print(f"results: {path}, {path.with_suffix('.md')} (re-rendered, nothing measured)")
         return 0
-    command = shlex.join(["raycompat", *sys.argv[1:]])
+    filesystem.check_writable_dir(cfg.output_dir, "--out" if args.out else f"{args.config}: output_dir")
     run = _run_suite_verbose if args.verbose else _quiet_suite
     path = run(cfg, args, command, notes)
     print(f"results: {path}, {path.with_suffix('.md')}")
