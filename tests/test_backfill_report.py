@@ -531,3 +531,36 @@ def test_pipeline_report_summarises_the_backfill_report(tmp_path, qpath):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[2]) == pytest.approx(s["dollars"], rel=1e-2)
         assert float(cells[-1]) == pytest.approx(s["final"]["mAP"], abs=0.01)
+
+
+def test_pipeline_report_says_why_the_gate_names_another_strategy(tmp_path, qpath):
+    from raycompat.backfill.document import recommendation_sentence
+    from raycompat.pipeline.config import PipelineConfig
+    from raycompat.pipeline.eval_report import write_eval_report
+    from raycompat.retrieval.release_gate import cheapest_backfill
+
+    html = run_backfill_report(write_config(tmp_path, config_data(qpath)), tmp_path / "eval" / "backfill")
+    report = json.loads((html.parent / "report.json").read_text())
+    m = {"top1": 50.0, "top5": 70.0, "mAP": 40.0}
+    result = {"matrix": {"old/old": m, "new/new": m, "new/old": m}, "n_items": 10, "negative_flips": {"new/new": 0.0}}
+    recommended = report["recommendation"]["strategy"]
+    other = next(s for s in report["strategies"] if s["name"] != recommended)
+    gate = {"instead": cheapest_backfill([other], {"top1": 0.0, "mAP": 0.0})}
+    md = write_eval_report({**result, "release_gate": _refused(gate)}, PipelineConfig(),
+                           tmp_path / "eval" / "report.md", html).read_text()
+    assert recommendation_sentence(report) in md
+    assert f"The release gate names {other['name']} instead: it asks for old/old's quality on top-1 and mAP" in md
+    # When both name the same strategy there is nothing to explain.
+    same = {"instead": cheapest_backfill([next(s for s in report["strategies"] if s["name"] == recommended)],
+                                         {"top1": 0.0, "mAP": 0.0})}
+    md = write_eval_report({**result, "release_gate": _refused(same)}, PipelineConfig(),
+                           tmp_path / "eval" / "report.md", html).read_text()
+    assert "The release gate names" not in md
+
+
+def _refused(extra: dict) -> dict:
+    """A release gate that said no on both splits (intervals below 0)."""
+    split = {"n_queries": 10, **{k: {"old/old": 50.0, "new/old": 40.0, "diff": -10.0, "low": -12.0,
+                                     "high": -8.0, "passed": False} for k in ("top1", "mAP")}, "passed": False}
+    return {"deploy_without_backfill": False, "confidence": 0.95, "resamples": 10, "seed": 0,
+            "validation": split, "test": split, **extra}

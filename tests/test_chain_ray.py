@@ -186,10 +186,30 @@ def test_bct_classifier_rows_follow_the_increment_classes(tmp_path):
         bct_classifier(cfg, [2, 3])
 
 
-def test_data_chain_with_bct(ray_session, tmp_path):
+def test_data_chain_with_bct_through_the_quiet_cli(ray_session, tmp_path, capfd):
     # Two generations growing data (half, then all of every class); BCT reads generation 1's exported classifier.
+    # Run as `raycompat chain`: one live line on the console, the stages' chatter in the log file.
+    import ray
+    import yaml
+
+    from raycompat.cli import main
+    from raycompat.configio import to_dict
+
+    from test_console import CHATTER
+
     cfg = tiny_chain(tmp_path, "bct", generations=[{"fraction": 0.5}, {"fraction": 1.0}], backfill_fractions=[])
-    metrics = json.loads((run_chain(cfg).parent / "metrics.json").read_text())
+    path = tmp_path / "chain.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert main(["chain", "--config", str(path)]) == 0
+    out, err = capfd.readouterr()
+    assert "## Cross-generation matrix" in out and "log: " in out
+    assert "gen2: train" in err and "evaluate the chain" in err
+    for source, pattern in CHATTER.items():
+        assert not pattern.search(err), f"{source} on the console: {pattern.search(err).group(0)!r}"
+    log_file = Path(out.split("log: ")[-1].strip())
+    assert "raycompat.pipeline.train" in log_file.read_text()
+    assert ray.is_initialized(), "the command shut down a Ray session it did not start"
+    metrics = json.loads((tmp_path / "chain" / "metrics.json").read_text())
     assert [len(row) for row in metrics["top1"]["matrix"]] == [1, 2] and metrics["kind"] == "data"
     first, second = metrics["generations"]
     assert second["train_items"] > first["train_items"] and second["validation"]["new/old/top1"] > 0

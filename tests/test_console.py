@@ -44,6 +44,22 @@ def test_live_line_shows_epoch_and_loss_of_rank_0_and_rows_per_second():
     assert "extract new features: 4/10 rows" in text and "rows/s" in text and "epoch 5" not in text
 
 
+def test_live_line_steps_advance_per_unit():
+    import io
+
+    stream = io.StringIO()
+    live = LiveLine(["gen1", "gen2"], {"gen2: train": 4}, stream, desc="chain", unit="generation")
+    live.step("gen1: train")
+    live.step("gen1: extract test features")
+    live.step("gen2: train")
+    live.worker_lines(["rank 0 epoch 3: {'loss': 0.5}"])
+    text = stream.getvalue()
+    assert "1/2" in text and "gen1: extract test features" in text and "gen2: train: epoch 3/4, loss 0.5000" in text
+    assert "2/2" not in text  # gen2 still running
+    live.close()
+    assert "2/2" in stream.getvalue()
+
+
 def test_quiet_console_sends_chatter_to_the_log_and_keeps_our_warnings(tmp_path, capfd):
     import logging
     import warnings

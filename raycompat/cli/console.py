@@ -85,6 +85,15 @@ class LiveLine:
                 self._bar.set_postfix_str(f"{self._stage}: epoch {m.group(1)}/{self._epochs[self._stage]}"
                                           + (f", loss {loss:.4f}" if loss is not None else ""))
 
+    def step(self, line: str) -> None:
+        """A progress line ``"<unit>: <what>"``: a new unit advances the bar, the same unit only shows ``line``."""
+        unit = line.split(":", 1)[0]
+        if self._stage is None or unit != self._stage.split(":", 1)[0]:
+            self.stage(line)
+        else:
+            self._stage = line
+            self._bar.set_postfix_str(line)
+
     def close(self) -> None:
         """The last stage is done."""
         if self._stage is not None:
@@ -118,11 +127,12 @@ def _divert_stream_handlers(handler: logging.Handler) -> None:
             logger.addHandler(handler)
 
 
-def _forward_worker_output(sink, live: LiveLine) -> None:
+def _forward_worker_output(sink, live: LiveLine) -> list:
     """Send the Ray workers' forwarded output to ``sink`` (and to the live line) instead of the console.
 
     Ray prints it from a driver thread through a dispatcher with one handler,
-    ``ray_print_logs``; swapping that handler is the only hook it offers.
+    ``ray_print_logs``; swapping that handler is the only hook it offers. Returns the
+    handlers it replaced, for :func:`_restore_worker_output`.
     """
     from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
 
@@ -132,8 +142,24 @@ def _forward_worker_output(sink, live: LiveLine) -> None:
         sink.flush()
         live.worker_lines(data["lines"])
 
+    saved = [pair for pair in dispatcher.handlers if pair[0] == "ray_print_logs"]
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", write)
+    return saved
+
+
+def _restore_worker_output(saved: list) -> None:
+    """Put back the handlers :func:`_forward_worker_output` replaced, if Ray is still connected.
+
+    (A Ray session that outlives the command, as in a test module; after ``ray.shutdown``
+    Ray adds its own again on the next ``ray.init``.)
+    """
+    import ray
+    from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+
+    dispatcher.remove_handler("ray_print_logs")
+    for name, handler in saved if ray.is_initialized() else []:
+        dispatcher.add_handler(name, handler)
 
 
 @contextmanager
@@ -190,18 +216,15 @@ class QuietConsole:
         self.live = live
         self._sink = sink
         self._handler = handler
-        self._forwarding = False
+        self._replaced: Optional[list] = None
 
     def attach_ray(self) -> None:
         """Divert what ``ray.init`` set up: its loggers' console handlers and the workers' forwarded output."""
         _divert_stream_handlers(self._handler)
-        _forward_worker_output(self._sink, self.live)
-        self._forwarding = True
+        self._replaced = _forward_worker_output(self._sink, self.live)
 
     def detach_ray(self) -> None:
-        """Stop forwarding worker output to the log file (it closes); later output is dropped, not printed."""
-        if self._forwarding:
-            from ray._private.worker import global_worker_stdstream_dispatcher
-
-            global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
-            self._forwarding = False
+        """Stop forwarding worker output to the log file (it closes): Ray's own printing again, if still connected."""
+        if self._replaced is not None:
+            _restore_worker_output(self._replaced)
+            self._replaced = None

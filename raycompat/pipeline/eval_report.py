@@ -25,15 +25,22 @@ def metrics_table(matrix: dict[str, dict], pairs=PAIRS) -> str:
     return "\n".join(rows)
 
 
-def backfill_summary(report_html: Location) -> list[str]:
-    """Markdown lines summarising a backfill report (its report.json beside ``report_html``, a path or URI)."""
+def backfill_summary(report_html: Location, gate: Optional[dict] = None) -> list[str]:
+    """Markdown lines summarising a backfill report (its report.json beside ``report_html``, a path or URI).
+
+    With a release gate that refused (``gate``), a line says why its alternative may differ
+    from the report's recommendation, which answers ``backfill.target`` (one metric).
+    """
     data = json.loads(artifacts.read_text(artifacts.child(artifacts.parent(report_html), "report.json")))
     rel = artifacts.name(artifacts.parent(report_html))
-    lines = [
-        "## Backfill: what upgrading this gallery costs",
-        "",
-        recommendation_sentence(data),
-        "",
+    lines = ["## Backfill: what upgrading this gallery costs", "", recommendation_sentence(data), ""]
+    instead = (gate or {}).get("instead")
+    if instead and instead["name"] != data["recommendation"]["strategy"]:
+        r = data["recommendation"]
+        lines += [f"The release gate names {instead['name']} instead: it asks for old/old's quality on top-1 and "
+                  f"mAP both, cheapest first, where this recommendation answers `backfill.target` ({r['reach']} "
+                  f"{r['metric']}, {'soonest' if r['by'] == 'time' else 'cheapest'}).", ""]
+    lines += [
         f"{data['title']}. Full report: [{rel}/report.html]({rel}/report.html) "
         f"(also [{rel}/report.md]({rel}/report.md)); costs: {data['inputs']['provenance']['costs']}.",
         "",
@@ -73,6 +80,6 @@ def write_eval_report(result: dict, cfg: PipelineConfig, path: Path, backfill: O
         lines += [f"| {k} | {v} |" for k, v in result["stage_seconds"].items()]
         lines.append("")
     if backfill is not None:
-        lines += backfill_summary(backfill)
+        lines += backfill_summary(backfill, result.get("release_gate"))
     path.write_text("\n".join(lines))
     return path
