@@ -130,7 +130,7 @@ def test_bench_runs_every_chain_with_every_method(tmp_path, monkeypatch):
         # What run_chain leaves: <output_dir>/chain/report.md beside metrics.json.
         ran.append((run_cfg.output_dir, run_cfg.kind, run_cfg.method, run_cfg.compat.random_walk.enabled))
         out = Path(run_cfg.output_dir) / "chain"
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)
         top = [[50.0], [51.0 if run_cfg.method == "nifcl" else 49.0, 60.0]]
         (out / "metrics.json").write_text(json.dumps({
             "top1": chain_summary(top), "mAP": chain_summary(top), "negative_flips": [2.0],
@@ -148,3 +148,10 @@ def test_bench_runs_every_chain_with_every_method(tmp_path, monkeypatch):
         assert methods["nifcl+rw"]["AC"] == 1.0 and methods["l2"]["AC"] == 0.0
         assert methods["l2"]["matrix_top1"] == [[50.0], [49.0, 60.0]]
     assert "Criterion not checked" in path.with_suffix(".md").read_text()  # no bct among these methods
+    assert "## Diagnosis" not in path.with_suffix(".md").read_text()
+    # A rerun with notes: the reading goes under Diagnosis, with the file it came from.
+    path = chain_bench.run_chain_bench(cfg, tmp_path / "results", name="chain_test", notes="AC is 1 on **both**.",
+                                       notes_file="notes.md")
+    md = path.with_suffix(".md").read_text()
+    assert "## Diagnosis\n\nWritten from the numbers of this run (notes.md).\n\nAC is 1 on **both**." in md
+    assert json.loads(path.read_text())["notes_file"] == "notes.md"

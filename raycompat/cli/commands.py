@@ -236,18 +236,12 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
 
 def cmd_bench_suite(args: argparse.Namespace) -> int:
     from raycompat.configio import load_config
-    from raycompat.errors import ConfigError
     from raycompat.storage import filesystem
     from raycompat.suite.config import SuiteConfig
 
     cfg = load_config(args.config, SuiteConfig, {"output_dir": args.out} if args.out else None)
     filesystem.check_writable_dir(args.out_dir, "--out-dir")
-    notes = {}
-    if args.notes:
-        try:
-            notes = {"notes": Path(args.notes).read_text(), "notes_file": args.notes}
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"--notes {args.notes}: cannot be read ({exc})") from None
+    notes = _read_notes(args.notes)
     command = shlex.join(["raycompat", *sys.argv[1:]])
     if args.render_only:  # reads <out-dir>/<name>.json only: output_dir (the units) is not touched
         from raycompat.pipeline.bench_suite import rerender
@@ -260,6 +254,18 @@ def cmd_bench_suite(args: argparse.Namespace) -> int:
     path = run(cfg, args, command, notes)
     print(f"results: {path}, {path.with_suffix('.md')}")
     return 0
+
+
+def _read_notes(path) -> dict:
+    """``--notes FILE`` as the ``notes`` / ``notes_file`` arguments of a benchmark (none without the option)."""
+    from raycompat.errors import ConfigError
+
+    if not path:
+        return {}
+    try:
+        return {"notes": Path(path).read_text(), "notes_file": path}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--notes {path}: cannot be read ({exc})") from None
 
 
 def _run_suite_verbose(cfg, args: argparse.Namespace, command: str, notes: dict) -> Path:
@@ -401,10 +407,11 @@ def cmd_bench_chain(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.config}: {exc}") from None
     filesystem.check_writable_dir(cfg.output_dir, "--out" if args.out else f"{args.config}: output_dir")
     filesystem.check_writable_dir(args.out_dir, "--out-dir")
+    notes = _read_notes(args.notes)
     command = shlex.join(["raycompat", *sys.argv[1:]])
     epochs = {k: v for name, run in runs.items() for k, v in _chain_epochs(run, f"{name}: ").items()}
     path, log_file = _quietly(args, cfg.output_dir, "bench-chain", list(runs), epochs, "run",
-                              lambda step: run_chain_bench(cfg, args.out_dir, args.name, command, step),
+                              lambda step: run_chain_bench(cfg, args.out_dir, args.name, command, step, **notes),
                               _chain_ray(next(iter(runs.values()))))
     print(path.with_suffix(".md").read_text())
     print(f"results: {path}, {path.with_suffix('.md')}" + (f"\nlog: {log_file}" if log_file else ""))

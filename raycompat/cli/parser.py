@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--out", help="override output_dir (the runs' working storage) from the config")
     bc.add_argument("--out-dir", required=True, help="where the results go")
     bc.add_argument("--name", default="chain", help="results are <out-dir>/<name>.json, <name>.md")
+    bc.add_argument("--notes", help="Markdown file: the reading of the results, the Diagnosis section of <name>.md "
+                    "(a rerun of a finished benchmark only re-evaluates: seconds)")
     bc.set_defaults(fn=cmd_bench_chain)
     tn = sub.add_parser("tune", help="Ray Tune search over the compatibility-loss weights.",
                         description="Ray Tune search (ASHA) over loss weights; resumes an interrupted search.")

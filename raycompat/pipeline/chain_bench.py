@@ -48,12 +48,15 @@ def criterion(methods: dict, candidate: str = "nifcl+rw", baseline: str = "bct")
             f"{_fmt(c['AM_mAP'])} vs {_fmt(b['AM_mAP'])} (mAP).")
 
 
-def render(doc: dict) -> str:
-    """Markdown of the benchmark summary."""
+def render(doc: dict, notes: Optional[str] = None) -> str:
+    """Markdown of the benchmark summary; ``notes`` (Markdown, the reading of these numbers) as its Diagnosis."""
     lines = ["# Chains of upgrades", "", f"Command: `{doc['command']}`", "",
              "AC: share of pairs i > j with M[i][j] > M[j][j] (a tie fails); AM: mean of the lower triangle "
              "(diagonal included), percent. Test split, leave-one-out; training and selection read validation "
              "only. Per-run matrices in the JSON and in each run's chain/report.md.", ""]
+    if notes:
+        lines += ["## Diagnosis", "", f"Written from the numbers of this run ({doc.get('notes_file', 'notes')}).",
+                  "", notes.strip(), ""]
     for chain, entry in doc["chains"].items():
         lines += [f"## {chain}", "", "| method | AC top-1 | AM top-1 | AC mAP | AM mAP | negative flips per upgrade (%) "
                   "| failing pairs (top-1) |", "|---|---|---|---|---|---|---|"]
@@ -68,8 +71,13 @@ def render(doc: dict) -> str:
 
 
 def run_chain_bench(cfg: ChainBenchConfig, out_dir: str | Path, name: str = "chain", command: str = "",
-                    progress: Optional[Callable[[str], None]] = None) -> Path:
-    """Run every (chain, method) of ``cfg`` (resuming finished generations); write ``<name>.json/.md``."""
+                    progress: Optional[Callable[[str], None]] = None, notes: Optional[str] = None,
+                    notes_file: Optional[str] = None) -> Path:
+    """Run every (chain, method) of ``cfg`` (resuming finished generations); write ``<name>.json/.md``.
+
+    A rerun of a finished benchmark only re-evaluates the stored features (deterministic), so adding
+    ``notes`` (from ``notes_file``) to the .md costs seconds.
+    """
     step = progress or (lambda line: None)
     started = time.perf_counter()
     chains: dict = {}
@@ -80,10 +88,10 @@ def run_chain_bench(cfg: ChainBenchConfig, out_dir: str | Path, name: str = "cha
             metrics = json.loads(artifacts.read_text(artifacts.child(artifacts.parent(report), "metrics.json")))
             chains.setdefault(chain, {"methods": {}})["methods"][method] = run_summary(metrics)
     doc = {"chains": chains, "command": command, "machine": machine(),
-           "seconds": round(time.perf_counter() - started, 1)}
+           "seconds": round(time.perf_counter() - started, 1), **({"notes_file": notes_file} if notes_file else {})}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     path.write_text(json.dumps(doc, indent=2) + "\n")
-    path.with_suffix(".md").write_text(render(doc))
+    path.with_suffix(".md").write_text(render(doc, notes))
     return path
