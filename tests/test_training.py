@@ -134,6 +134,30 @@ def test_nifcl_neighbors_adds_the_weighted_old_neighbourhood_term():
     assert (total - base).item() == pytest.approx(0.5 * expected.item(), rel=1e-5)
 
 
+def test_cosine_schedule_follows_the_closed_form_and_resumes():
+    from raycompat.training.config import OptimConfig
+    from raycompat.training.loop import make_schedule
+
+    def optimizer():
+        return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+
+    assert make_schedule(optimizer(), OptimConfig(epochs=4)) is None
+    opt = optimizer()
+    sched = make_schedule(opt, OptimConfig(epochs=4, lr=0.1, schedule="cosine"))
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.1 * (1 + np.cos(np.pi * t / 4)) / 2 for t in range(4)])
+    # A resumed run (optimizer and schedule from the checkpoint) goes on where it stopped.
+    opt2 = optimizer()
+    sched2 = make_schedule(opt2, OptimConfig(epochs=4, lr=0.1, schedule="cosine"))
+    opt2.load_state_dict(opt.state_dict())
+    sched2.load_state_dict(sched.state_dict())
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12) == opt.param_groups[0]["lr"]
+
+
 def test_bad_inputs_are_clear_errors():
     old, labels = features()
     cfg = NewConfig(method="nifcl")
@@ -192,8 +216,11 @@ def test_every_epoch_false_validates_only_after_the_last_epoch(tmp_path, monkeyp
     monkeypatch.setattr(ray.train, "report", recording_report)
     cfg = small_cfg(tmp_path)
     cfg.eval.every_epoch = False
+    cfg.old.optim.schedule = "cosine"
     result = run_training(cfg, "old", scaling=ScalingConfig(num_workers=0))
     assert [r["epoch"] for r in reports] == [1, 2]
+    # Cosine over 2 epochs: lr, then lr (1 + cos(pi / 2)) / 2.
+    assert [r["lr"] for r in reports] == pytest.approx([cfg.old.optim.lr, cfg.old.optim.lr / 2])
     assert "old/old/top1" not in reports[0] and "loss" in reports[0]
     assert reports[1]["old/old/top1"] == result.metrics["old/old/top1"] > 40
 

@@ -64,7 +64,7 @@ from raycompat.pipeline.train_errors import StopOnRaycompatError, fit
 from raycompat.retrieval.release_gate import save_outcomes
 from raycompat.retrieval.evaluate import cross_model_matrix
 from raycompat.training.compat_term import build_compat_term
-from raycompat.training.loop import embed, make_loader, seed_everything, train_epoch
+from raycompat.training.loop import embed, make_loader, make_schedule, seed_everything, train_epoch
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     net = EmbeddingClassifier(EmbeddingModel(mcfg, ds.image_shape), CosineClassifier(mcfg.embed_dim, len(classes), optim.scale))
     optimizer = torch.optim.AdamW(net.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    scheduler = make_schedule(optimizer, optim)
     start_epoch = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt:
@@ -156,6 +157,8 @@ def train_loop_per_worker(config: dict) -> None:
             state = torch.load(Path(d) / "state.pt", map_location="cpu")
         net.load_state_dict(state["net"])
         optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"] + 1
         log.info("rank %d resumes from checkpoint after epoch %d", rank, state["epoch"])
     ddp = ray.train.torch.prepare_model(net)
@@ -172,7 +175,10 @@ def train_loop_per_worker(config: dict) -> None:
             sampler.set_epoch(epoch)
         else:
             loader.generator.manual_seed(cfg.seed + epoch)
-        stats = train_epoch(ddp, loader, optimizer, device, compat, cfg.new.compat.weight)
+        lr = optimizer.param_groups[0]["lr"]
+        stats = {**train_epoch(ddp, loader, optimizer, device, compat, cfg.new.compat.weight), "lr": lr}
+        if scheduler is not None:
+            scheduler.step()
         # resumed_from: the epoch this worker group started at (0 unless restored from a checkpoint).
         metrics = {"epoch": epoch + 1, "resumed_from": start_epoch, **stats}
         checkpoint = None
@@ -184,6 +190,7 @@ def train_loop_per_worker(config: dict) -> None:
                     scores, outcomes = _validate(inner.model, validation, gallery_old, role, cfg, device, last)
                     metrics.update(scores)
                 torch.save({"net": inner.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                            "scheduler": None if scheduler is None else scheduler.state_dict(),
                             "classes": classes, "image_shape": ds.image_shape}, Path(tmp) / "state.pt")
                 checkpoint = Checkpoint.from_directory(tmp)
                 if epoch + 1 == optim.epochs:

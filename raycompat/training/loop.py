@@ -29,6 +29,14 @@ def make_loader(
                       generator=gen, drop_last=False)
 
 
+def make_schedule(optimizer: torch.optim.Optimizer, optim) -> Optional[torch.optim.lr_scheduler.LRScheduler]:
+    """The learning-rate schedule of ``optim.schedule`` (an OptimConfig): None (constant), or a cosine decay
+    from ``optim.lr`` towards 0 over ``optim.epochs``, to be stepped once after each epoch."""
+    if optim.schedule == "constant":
+        return None
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=optim.epochs)
+
+
 def train_epoch(
     net: nn.Module,
     loader: DataLoader,
