@@ -103,8 +103,8 @@ def generation_config(chain: ChainConfig, t: int, previous: Optional[Generation]
 def check_chain(chain: ChainConfig) -> list[int]:
     """Refuse a chain whose generations' configs or classes do not fit, before Ray starts; training items per generation.
 
-    Composes every generation's pipeline config (predecessors' versions as placeholders) and
-    checks the increments against the loaded dataset (its class count, and a class with no
+    Composes every generation's pipeline config (predecessors' versions as placeholders), with
+    ``fct.enabled`` a transformation's, and checks the increments against the loaded dataset (its class count, and a class with no
     training item).
     """
     if chain.cost_plan is not None:
@@ -115,9 +115,9 @@ def check_chain(chain: ChainConfig) -> list[int]:
         generation_config(chain, t, previous)
         previous = Generation(generation_name(t), "unknown", layout.model_dir(generation_name(t)))
     if chain.fct.enabled:
+        # Every transformation's pipeline config has the same sections: one pair checks them all.
         records = [{"name": generation_name(t), "version": "unknown"} for t in range(len(chain.generations))]
-        for t in range(1, len(records)):
-            pair_config(chain, records, t - 1, t, base_config(chain))
+        pair_config(chain, records, 0, len(records) - 1, base_config(chain))
     ds = validation_split(load_dataset(chain.data, chain.seed), chain.data)[0]
     counts = []
     for t, gen in enumerate(chain.generations):

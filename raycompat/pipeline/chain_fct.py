@@ -98,6 +98,8 @@ def run_chain_fct(chain: ChainConfig, records: list[dict], base: PipelineConfig,
         model_dir = train_transformation_stage(cfg, use_side_info=False, uncertainty=False,
                                                new_model_name=records[b]["name"])
         _, meta = load_transformation(model_dir)
+        if meta["run"] == before:
+            step(f"fct: h({records[a]['name']} -> {records[b]['name']}): done before (same config and features), skipped")
         dirs[(a, b)] = str(model_dir)
         pairs.append({"old": records[a]["name"], "new": records[b]["name"], "train_items": int(len(ids)),
                       "model_dir": str(model_dir), "version": meta["version"], "run": meta["run"],
