@@ -88,7 +88,8 @@ def fct_section(fct: dict) -> list[str]:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "| transformation | training items | last epoch | trained in this run |", "|---|---|---|---|"]
     for p in fct["transformations"]:
-        epoch = ", ".join(f"{k} {v:.4g}" for k, v in sorted(p["last_epoch"].items()) if k != "lr")
+        last = p["last_epoch"]
+        epoch = f"{last['epoch']}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(last.items()) if k not in ("epoch", "lr"))
         lines.append(f"| h({p['old']} -> {p['new']}) | {p['train_items']} | {epoch} | "
                      f"{'yes' if p['trained_now'] else 'no (same config and features)'} |")
     return lines

@@ -94,7 +94,7 @@ def run_chain_fct(chain: ChainConfig, records: list[dict], base: PipelineConfig,
             name = records[g]["name"]
             write_subset(str(layout.store(name, "train")), ids, str(pair.store(name, "train")))
         before = _run(pair.model_dir("fct"))
-        step(f"fct: train h({records[a]['name']} -> {records[b]['name']}) on {len(ids)} items")
+        step(f"fct: h({records[a]['name']} -> {records[b]['name']}) on {len(ids)} items")
         model_dir = train_transformation_stage(cfg, use_side_info=False, uncertainty=False,
                                                new_model_name=records[b]["name"])
         _, meta = load_transformation(model_dir)
