@@ -82,14 +82,13 @@ def fct_section(fct: dict) -> list[str]:
              "(x - raw) / (upper - raw).", "",
              "| gallery | top-1 | mAP | gap closed (top-1) | gap closed (mAP) |", "|---|---|---|---|---|"]
     for label, scores, route in rows:
-        gaps = fct["gap_closed"][route] if route else {"top1": None, "mAP": None}
-        cells = [f"{scores['top1']:.2f}", f"{scores['mAP']:.2f}",
-                 _gap(gaps["top1"]) if route else "", _gap(gaps["mAP"]) if route else ""]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        gaps = [_gap(fct["gap_closed"][route][m]) if route else "" for m in ("top1", "mAP")]
+        lines.append(f"| {label} | {scores['top1']:.2f} | {scores['mAP']:.2f} | " + " | ".join(gaps) + " |")
     lines += ["", "| transformation | training items | last epoch | trained in this run |", "|---|---|---|---|"]
     for p in fct["transformations"]:
         last = p["last_epoch"]
-        epoch = f"{last['epoch']}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(last.items()) if k not in ("epoch", "lr"))
+        losses = ", ".join(f"{k} {v:.4g}" for k, v in sorted(last.items()) if k not in ("epoch", "lr"))
+        epoch = f"{last['epoch']}: {losses}"
         lines.append(f"| h({p['old']} -> {p['new']}) | {p['train_items']} | {epoch} | "
                      f"{'yes' if p['trained_now'] else 'no (same config and features)'} |")
     return lines

@@ -104,8 +104,8 @@ def check_chain(chain: ChainConfig) -> list[int]:
     """Refuse a chain whose generations' configs or classes do not fit, before Ray starts; training items per generation.
 
     Composes every generation's pipeline config (predecessors' versions as placeholders), with
-    ``fct.enabled`` a transformation's, and checks the increments against the loaded dataset (its class count, and a class with no
-    training item).
+    ``fct.enabled`` a transformation's too, and checks the increments against the loaded dataset
+    (its class count, and a class with no training item).
     """
     if chain.cost_plan is not None:
         load_chain_costs(chain.cost_plan.costs)
