@@ -106,6 +106,13 @@ def test_chain_loads_with_per_generation_overrides(tmp_path):
      "unknown config key generations[1].optim.epoch"),
     ({"pipeline": {"new": {"method": "l2"}}}, "pipeline.new: not a section a chain passes through"),
     ({"method": "fct"}, "method: 'fct' is not one of"),
+    ({"fct": {"enabled": True}, "generations": [{"classes": [0]}, {"classes": [0, 1]}]},
+     "fct.enabled: compares composed h(t -> t+1) with a direct h(1 -> T): needs at least 3 generations, got 2"),
+    ({"fct": {"enabled": True, "epochs": 0}}, "fct.epochs: must be positive"),
+    ({"fct": {"hidden": [64, 0]}}, "fct.hidden: sizes must be positive, got [64, 0]"),
+    ({"fct": {"weight_decay": -0.1}}, "fct.weight_decay: must be >= 0"),
+    ({"fct": {"enabled": "yes"}}, "fct.enabled: expected true/false"),
+    ({"fct": {"use_side_info": True}}, "unknown config key fct.use_side_info"),
 ])
 def test_nonsensical_chains_refused_on_load(tmp_path, changes, message):
     import yaml
@@ -132,6 +139,24 @@ def test_bench_config_builds_every_run(tmp_path):
     run = cfg.run_config("data", "nifcl+rw")
     assert run.output_dir == f"{tmp_path}/data/nifcl+rw" and run.kind == "data"
     assert run.method == "nifcl" and run.compat.random_walk.enabled and run.generation_optim(2).epochs == 4
+    # FCT across the chain for the independent method only (the one no compatibility training makes compatible).
+    assert {m: cfg.run_config("classes", m).fct.enabled for m in cfg.methods} == {
+        "independent": True, "l2": False, "bct": False, "nifcl+rw": False}
+
+
+def test_fct_leaves_the_generations_configs_as_they_were(tmp_path):
+    from raycompat.pipeline.chain import Generation, generation_config, generation_name
+    from raycompat.pipeline.train import config_fingerprint
+    from raycompat.storage.layout import Layout
+
+    # Enabling FCT on a finished chain must not retrain its generations: their fingerprints stay.
+    plain, with_fct = chain(output_dir=str(tmp_path)), chain(output_dir=str(tmp_path), fct={"enabled": True})
+    previous = None
+    for t in range(3):
+        role = "old" if t == 0 else "new"
+        assert config_fingerprint(generation_config(plain, t, previous), role) == \
+            config_fingerprint(generation_config(with_fct, t, previous), role)
+        previous = Generation(generation_name(t), "v", Layout.of(tmp_path).model_dir(generation_name(t)))
 
 
 @pytest.mark.parametrize("doc, message", [
@@ -142,6 +167,12 @@ def test_bench_config_builds_every_run(tmp_path):
     ({"chains": {"c": [{"fraction": 0.5}, {"fraction": 1.0}]}, "methods": {}}, "methods: needs at least one entry"),
     ({"chains": {"a/b": [{"fraction": 0.5}, {"fraction": 1.0}]}, "methods": {"m": {}}},
      "chains.a/b: must be a plain directory name"),
+    ({"chain": {"fct": {"enabled": True}}, "chains": {"c": [{"fraction": 0.5}, {"fraction": 1.0}]}, "methods": {"m": {}}},
+     "chain.fct: given per run"),
+    ({"chains": {"c": [{"fraction": 0.5}, {"fraction": 1.0}]}, "methods": {"m": {"fct": {"enabled": True}}}},
+     "run c/m: fct.enabled: compares composed"),
+    ({"chains": {"c": [{"fraction": 0.25}, {"fraction": 0.5}, {"fraction": 1.0}]},
+      "methods": {"m": {"fct": {"lr": 0}}}}, "methods.m.fct.lr: must be positive"),
 ])
 def test_bench_config_refused(doc, message):
     from raycompat.chain.bench_config import ChainBenchConfig

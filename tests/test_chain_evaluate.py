@@ -155,3 +155,43 @@ def test_bench_runs_every_chain_with_every_method(tmp_path, monkeypatch):
     md = path.with_suffix(".md").read_text()
     assert "## Diagnosis\n\nWritten from the numbers of this run (notes.md).\n\nAC is 1 on **both**." in md
     assert json.loads(path.read_text())["notes_file"] == "notes.md"
+
+
+def test_bench_summary_gains_fct_for_the_methods_with_fct(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from raycompat.chain.bench_config import ChainBenchConfig
+    from raycompat.configio import from_dict
+    from raycompat.pipeline import chain_bench
+
+    cfg = from_dict(ChainBenchConfig, {
+        "output_dir": str(tmp_path / "runs"), "chain": {"data": {"name": "digits"}},
+        "chains": {"data": [{"fraction": 0.25}, {"fraction": 0.5}, {"fraction": 1.0}]},
+        "methods": {"independent": {"method": "independent", "fct": {"enabled": True}}, "l2": {"method": "l2"}}})
+    fct = {"raw": {"top1": 10.0, "mAP": 12.0}, "composed": {"top1": 40.0, "mAP": 30.0},
+           "direct": {"top1": 50.0, "mAP": 36.0}, "upper": {"top1": 90.0, "mAP": 60.0},
+           "gap_closed": {"composed": {"top1": 0.375, "mAP": 0.375}, "direct": {"top1": 0.5, "mAP": 0.5}},
+           "seconds": 4.0}
+
+    def fake_run_chain(run_cfg, progress=None):
+        out = Path(run_cfg.output_dir) / "chain"
+        out.mkdir(parents=True)
+        top = [[50.0], [40.0, 60.0], [30.0, 45.0, 70.0]]
+        (out / "metrics.json").write_text(json.dumps({
+            "top1": chain_summary(top), "mAP": chain_summary(top), "negative_flips": [2.0, 3.0],
+            "generations": [{"seconds": 1.0}] * 3}))
+        # l2's is left over from an earlier configuration with fct on: not part of this run.
+        (out / "fct.json").write_text(json.dumps(fct))
+        return out / "report.md"
+
+    monkeypatch.setattr(chain_bench, "run_chain", fake_run_chain)
+    path = chain_bench.run_chain_bench(cfg, tmp_path / "results", name="chain_test")
+    methods = json.loads(path.read_text())["chains"]["data"]["methods"]
+    assert "fct" not in methods["l2"]
+    summary = methods["independent"]["fct"]
+    assert summary["composed"] == {"top1": 40.0, "mAP": 30.0} and summary["upper"]["top1"] == 90.0
+    assert (summary["gap_closed_composed"], summary["gap_closed_direct"]) == (0.375, 0.5)
+    md = path.with_suffix(".md").read_text()
+    assert "| independent | 10.00 / 12.00 | 40.00 / 30.00 | 50.00 / 36.00 | 90.00 / 60.00 | 0.38 / 0.38 | 0.50 / 0.50 |" in md
+    assert "| l2 | 10.00" not in md

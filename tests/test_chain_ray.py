@@ -8,6 +8,7 @@ generation is deterministic, so a resumed chain can be compared with an uninterr
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,55 @@ def test_data_chain_with_bct_through_the_quiet_cli(ray_session, tmp_path, capfd)
     first, second = metrics["generations"]
     assert second["train_items"] > first["train_items"] and second["validation"]["new/old/top1"] > 0
     assert metrics["partial_backfill"] == []
+
+
+def count_fct_trainings(monkeypatch) -> list[str]:
+    """The Ray Train runs of transformations from now on, by run name (the FCT stage fits a trainer only when
+    no transformation of the same config and inputs is there)."""
+    from raycompat.pipeline import fct_train
+
+    runs: list[str] = []
+    fit = fct_train.fit
+
+    def counted(trainer):
+        runs.append(trainer.run_config.name)
+        return fit(trainer)
+
+    monkeypatch.setattr(fct_train, "fit", counted)
+    return runs
+
+
+def test_fct_across_a_finished_independent_chain(ray_session, tmp_path, monkeypatch):
+    # Independent generations of a data chain: generation 3's queries against the raw generation-1 gallery are
+    # near chance, while generation 1 already tells all ten classes apart, so a direct h(1 -> 3) trained on
+    # generation 3's training data must do better.
+    fct = {"enabled": True, "epochs": 30, "batch_size": 32, "lr": 0.003, "old_width": 64, "hidden": [64]}
+    gens = [{"fraction": 0.4}, {"fraction": 0.7}, {"fraction": 1.0}]
+    run_chain(tiny_chain(tmp_path, "independent", generations=gens, backfill_fractions=[]))
+    trained, fits = count_trainings(monkeypatch), count_fct_trainings(monkeypatch)
+    cfg = tiny_chain(tmp_path, "independent", generations=gens, backfill_fractions=[], fct=fct)
+    report = run_chain(cfg)
+    assert trained == [], "enabling fct retrained a generation"
+    assert len(fits) == 3
+    metrics = json.loads((report.parent / "metrics.json").read_text())
+    doc = json.loads((report.parent / "fct.json").read_text())
+    for key in ("raw", "composed", "direct", "upper"):
+        assert all(math.isfinite(doc[key][m]) for m in ("top1", "mAP")), key
+    # Raw and upper are the chain matrix's M[3][1] and M[3][3], scored the same way.
+    for m in ("top1", "mAP"):
+        assert doc["raw"][m] == metrics[m]["matrix"][2][0] and doc["upper"][m] == metrics[m]["matrix"][2][2]
+        assert doc["direct"][m] > doc["raw"][m], m
+    assert doc["n_items"] == 120 and (doc["gallery"], doc["queries"]) == ("gen1", "gen3")
+    pairs = [(p["old"], p["new"]) for p in doc["transformations"]]
+    assert pairs == [("gen1", "gen2"), ("gen2", "gen3"), ("gen1", "gen3")]
+    assert all(p["trained_now"] for p in doc["transformations"])
+    items = [p["train_items"] for p in doc["transformations"]]
+    # Each h trains on its new generation's increment (validation items excluded), as that generation did.
+    assert items == [metrics["generations"][1]["train_items"]] + [metrics["generations"][2]["train_items"]] * 2
+    assert "## FCT in the chain" in report.read_text()
+    # A rerun trains nothing, and scores the same transformations.
+    again = json.loads((run_chain(cfg).parent / "fct.json").read_text())
+    assert trained == [] and len(fits) == 3
+    assert not any(p["trained_now"] for p in again["transformations"])
+    assert {k: again[k] for k in ("raw", "composed", "direct", "upper")} == \
+        {k: doc[k] for k in ("raw", "composed", "direct", "upper")}

@@ -2,7 +2,7 @@
 
 ``chain`` holds the keys every run shares (a chain config's keys but ``generations``,
 ``method``, ``compat`` and ``output_dir``); ``chains`` names each chain's generations and
-``methods`` each method (``method`` and ``compat``, as in a chain config). Run
+``methods`` each method (``method``, ``compat`` and ``fct``, as in a chain config). Run
 ``(chain, method)`` is the chain config ``chain`` + those, with output under
 ``<output_dir>/<chain>/<method>``. Every run's config is built and checked on load.
 """
@@ -13,21 +13,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from raycompat.chain.config import ChainConfig, GenerationConfig
+from raycompat.chain.config import ChainConfig, ChainFctConfig, GenerationConfig
 from raycompat.compat.config import CompatConfig
 from raycompat.configio import deep_merge, from_dict, join, load_config, to_dict
 from raycompat.errors import ConfigError
 
 # Given per run by chains / methods / output_dir, not by the shared section.
-PER_RUN = ("generations", "method", "compat", "output_dir")
+PER_RUN = ("generations", "method", "compat", "fct", "output_dir")
 
 
 @dataclass
 class MethodSpec:
-    """One method of the benchmark: a chain config's ``method`` and ``compat``."""
+    """One method of the benchmark: a chain config's ``method``, ``compat`` and ``fct``."""
 
     method: Literal["independent", "l2", "bct", "nifcl"] = "nifcl"
     compat: CompatConfig = field(default_factory=CompatConfig)
+    # FCT across this method's chains (off by default); generations are not retrained when it changes.
+    fct: ChainFctConfig = field(default_factory=ChainFctConfig)
 
 
 @dataclass
@@ -57,7 +59,7 @@ class ChainBenchConfig:
         doc = deep_merge(self.chain, {
             "output_dir": f"{self.output_dir.rstrip('/')}/{chain}/{method}",
             "generations": [to_dict(g) for g in self.chains[chain]],
-            "method": spec.method, "compat": to_dict(spec.compat),
+            "method": spec.method, "compat": to_dict(spec.compat), "fct": to_dict(spec.fct),
         })
         try:
             return from_dict(ChainConfig, doc)

@@ -8,6 +8,10 @@ exported model, used as a black box. Increments are all class increments
 ``increment_seed``), and never shrink. ``model`` and ``optim`` are shared; a
 generation's ``model`` / ``optim`` mappings override single keys of them.
 
+``fct`` (off by default) adds FCT across the chain once its generations are done:
+forward transformations h(t -> t+1) between consecutive generations, composed, against a
+direct h(1 -> T) (:mod:`raycompat.pipeline.chain_fct`).
+
 ``pipeline`` passes the pipeline's execution sections (``extract``, ``ray``,
 ``eval``) to every generation's stages; the Ray layer
 (:mod:`raycompat.pipeline.chain`) checks them when it composes each
@@ -18,12 +22,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
+
+from annotated_types import Ge, Gt
 
 from raycompat.chain.cost_plan import CostPlanConfig
 from raycompat.compat.config import CompatConfig
 from raycompat.data.config import DataConfig
-from raycompat.models.config import ModelConfig
+from raycompat.models.config import ModelConfig, TransformationConfig
 from raycompat.training.config import OptimConfig
 from raycompat.configio import check, deep_merge, from_dict, join, load_config, to_dict
 from raycompat.data.config import IncrementConfig
@@ -67,6 +73,33 @@ class GenerationConfig:
 
 
 @dataclass
+class ChainFctConfig:
+    """FCT in a chain: h(t -> t+1) per upgrade, composed, against a direct h(1 -> T); h as the pipeline's ``fct``.
+
+    Only the side-info-free h of old features alone: a chain stores no side-information, and
+    FastFill's heads (uncertainty, mu_disc) are not part of this comparison.
+    """
+
+    enabled: bool = False
+    # Output width of h's old-feature branch, and the hidden sizes of its MLP (may be empty).
+    old_width: Annotated[int, Gt(0)] = 256
+    hidden: list[int] = field(default_factory=lambda: [512, 512])
+    epochs: Annotated[int, Gt(0)] = 30
+    batch_size: Annotated[int, Gt(0)] = 256
+    lr: Annotated[float, Gt(0)] = 1e-3
+    weight_decay: Annotated[float, Ge(0)] = 0.0
+
+    def validate(self, key: str) -> None:
+        check(all(h > 0 for h in self.hidden), join(key, "hidden"), f"sizes must be positive, got {self.hidden}")
+
+    def transformation(self) -> TransformationConfig:
+        """The pipeline's transformation config of every h of the chain."""
+        return TransformationConfig(use_side_info=False, uncertainty=False, old_width=self.old_width,
+                                    hidden=list(self.hidden), epochs=self.epochs, batch_size=self.batch_size,
+                                    lr=self.lr, weight_decay=self.weight_decay)
+
+
+@dataclass
 class ChainConfig:
     output_dir: str = "runs/chain"
     # Seeds model initialisation and data order of every generation (as the pipeline's seed).
@@ -89,9 +122,14 @@ class ChainConfig:
     backfill_seed: int = 0
     # The multi-generation cost plan of this chain (chain/cost_plan/); null = none.
     cost_plan: Optional[CostPlanConfig] = None
+    # FCT across the chain once the generations are done (chain/fct.json); off by default.
+    fct: ChainFctConfig = field(default_factory=ChainFctConfig)
 
     def validate(self, key: str) -> None:
         gens = self.generations
+        # With two generations the composed h is the direct one: nothing to compare.
+        check(not self.fct.enabled or len(gens) >= 3, join(key, "fct.enabled"),
+              f"compares composed h(t -> t+1) with a direct h(1 -> T): needs at least 3 generations, got {len(gens)}")
         check(all(0 < f <= 1 for f in self.backfill_fractions), join(key, "backfill_fractions"),
               f"must be in (0, 1], got {self.backfill_fractions}")
         check(len(gens) >= 2, join(key, "generations"), f"a chain needs at least 2 generations, got {len(gens)}")

@@ -1,8 +1,9 @@
-"""The Markdown report of a chain: generations, the matrices with AC/AM, negative flips per upgrade."""
+"""The Markdown report of a chain: generations, the matrices with AC/AM, negative flips per upgrade, and FCT."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 
 def _increment(gen: dict) -> str:
@@ -26,8 +27,9 @@ def _matrix_table(name: str, summary: dict, generations: Sequence[dict]) -> list
     return lines
 
 
-def render_chain_report(result: dict) -> str:
-    """Markdown of ``result`` as :func:`raycompat.pipeline.chain.run_chain` writes it to metrics.json."""
+def render_chain_report(result: dict, fct: Optional[dict] = None) -> str:
+    """Markdown of ``result`` as :func:`raycompat.pipeline.chain.run_chain` writes it to metrics.json, with
+    the FCT section of ``fct`` (chain/fct.json) when given."""
     gens = result["generations"]
     lines = [f"# Chain of upgrades: {len(gens)} generations, method {result['method']}", "",
              f"Dataset {result['dataset']}, {result['kind']} increments. Generation 1 is trained on its increment "
@@ -57,7 +59,39 @@ def render_chain_report(result: dict) -> str:
         lines += ["", "## Cost plan", "", f"{result['cost_plan']['summary']} Every policy's cost and quality per "
                   f"generation: {result['cost_plan']['files']} beside this report (which number generations from 0: "
                   "generation t there is gen<t+1> here)."]
+    if fct is not None:
+        lines += fct_section(fct)
     return "\n".join(lines) + "\n"
+
+
+def _gap(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def fct_section(fct: dict) -> list[str]:
+    """The report's FCT section: the generation-1 gallery moved to generation T, composed and direct."""
+    old, new = fct["gallery"], fct["queries"]
+    steps = " o ".join(f"h({p['old']} -> {p['new']})" for p in reversed(fct["transformations"][:-1]))
+    rows = [("raw: the stored gallery", fct["raw"], None), (f"composed: {steps}", fct["composed"], "composed"),
+            (f"direct: h({old} -> {new})", fct["direct"], "direct"), (f"upper: {new}'s own gallery", fct["upper"], None)]
+    lines = ["", "## FCT in the chain: composed vs direct transformation", "",
+             f"{new}'s test queries ({fct['n_items']} items, leave-one-out) against the test gallery {old} embedded, "
+             f"moved to {new}'s space by forward transformations h (no image re-read). Each h(a -> b) is trained "
+             "on both generations' stored features of b's training increment (validation items excluded); the "
+             f"direct h is trained on {old}'s stored features of {new}'s training data. Gap closed: "
+             "(x - raw) / (upper - raw).", "",
+             "| gallery | top-1 | mAP | gap closed (top-1) | gap closed (mAP) |", "|---|---|---|---|---|"]
+    for label, scores, route in rows:
+        gaps = [_gap(fct["gap_closed"][route][m]) if route else "" for m in ("top1", "mAP")]
+        lines.append(f"| {label} | {scores['top1']:.2f} | {scores['mAP']:.2f} | " + " | ".join(gaps) + " |")
+    lines += ["", "| transformation | training items | last epoch | trained in this run |", "|---|---|---|---|"]
+    for p in fct["transformations"]:
+        last = p["last_epoch"]
+        losses = ", ".join(f"{k} {v:.4g}" for k, v in sorted(last.items()) if k not in ("epoch", "lr"))
+        epoch = f"{last['epoch']}: {losses}"
+        lines.append(f"| h({p['old']} -> {p['new']}) | {p['train_items']} | {epoch} | "
+                     f"{'yes' if p['trained_now'] else 'no (same config and features)'} |")
+    return lines
 
 
 def _backfill_table(runs: Sequence[dict], generations: Sequence[dict], top1: Sequence[Sequence[float]]) -> list[str]:

@@ -10,6 +10,7 @@ its own pipeline config composed here (one ``output_dir`` for all; models
            train new on increment t (protocol.new_increment)  -> models/gen<t>   (Ray Train)
            extract new test    -> features/gen<t>-test
     chain: every generation's test store -> chain/metrics.json, chain/report.md
+    fct (fct.enabled): h(t -> t+1) composed vs a direct h(1 -> T) -> chain/fct.json (raycompat.pipeline.chain_fct)
 
 Each generation is resumable on its own: ``chain/generations/gen<t>.json``
 records its config fingerprint (:func:`raycompat.pipeline.train.config_fingerprint`,
@@ -46,6 +47,7 @@ from raycompat.data.protocols import validation_split
 from raycompat.errors import DataError
 from raycompat.storage.layout import Layout
 from raycompat.models.export import load_model_meta
+from raycompat.pipeline.chain_fct import pair_config, run_chain_fct
 from raycompat.pipeline.extract import ExtractorSpec, run_extraction
 from raycompat.pipeline.ray_session import init_ray
 from raycompat.pipeline.run import stage_extract_new, stage_extract_old, stage_train_new, stage_train_old
@@ -101,9 +103,9 @@ def generation_config(chain: ChainConfig, t: int, previous: Optional[Generation]
 def check_chain(chain: ChainConfig) -> list[int]:
     """Refuse a chain whose generations' configs or classes do not fit, before Ray starts; training items per generation.
 
-    Composes every generation's pipeline config (predecessors' versions as placeholders) and
-    checks the increments against the loaded dataset (its class count, and a class with no
-    training item).
+    Composes every generation's pipeline config (predecessors' versions as placeholders), with
+    ``fct.enabled`` a transformation's too, and checks the increments against the loaded dataset
+    (its class count, and a class with no training item).
     """
     if chain.cost_plan is not None:
         load_chain_costs(chain.cost_plan.costs)
@@ -112,6 +114,10 @@ def check_chain(chain: ChainConfig) -> list[int]:
     for t in range(len(chain.generations)):
         generation_config(chain, t, previous)
         previous = Generation(generation_name(t), "unknown", layout.model_dir(generation_name(t)))
+    if chain.fct.enabled:
+        # Every transformation's pipeline config has the same sections: one pair checks them all.
+        records = [{"name": generation_name(t), "version": "unknown"} for t in range(len(chain.generations))]
+        pair_config(chain, records, 0, len(records) - 1, base_config(chain))
     ds = validation_split(load_dataset(chain.data, chain.seed), chain.data)[0]
     counts = []
     for t, gen in enumerate(chain.generations):
@@ -212,7 +218,8 @@ def chain_dir(chain: ChainConfig) -> Location:
 
 
 def run_chain(chain: ChainConfig, progress: Optional[Progress] = None) -> Location:
-    """Run every generation (skipping finished ones), evaluate the chain; returns ``chain/report.md``."""
+    """Run every generation (skipping finished ones), evaluate the chain, and with ``fct.enabled`` its
+    transformations (:func:`raycompat.pipeline.chain_fct.run_chain_fct`); returns ``chain/report.md``."""
     step = progress or (lambda line: None)
     counts = check_chain(chain)
     base = base_config(chain)
@@ -236,7 +243,10 @@ def run_chain(chain: ChainConfig, progress: Optional[Progress] = None) -> Locati
             write_chain_plan(plan, staging)
         result["cost_plan"] = {"files": "cost_plan/chain_plan.{json,md,html}", "summary": pays_off_sentence(plan),
                                "full_backfill_pays_off": plan["full_backfill_pays_off"]}
+    fct = run_chain_fct(chain, records, base, step) if chain.fct.enabled else None
     with staged(out) as staging:
         (staging / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        (staging / "report.md").write_text(render_chain_report(result))
+        if fct is not None:
+            (staging / "fct.json").write_text(json.dumps(fct, indent=2) + "\n")
+        (staging / "report.md").write_text(render_chain_report(result, fct))
     return child(out, "report.md")

@@ -6,7 +6,10 @@ rerun resumes every run generation by generation. The summary, ``<out_dir>/<name
     {"chains": {CHAIN: {"methods": {METHOD: {"AC": x, "AM": x, "matrix_top1": [[...]], "matrix_mAP": [[...]],
                                              "AC_mAP": x, "AM_mAP": x, "negative_flips": [...]}}}}, ...}
 
-(AC and AM of top-1; ``_mAP`` those of mAP), and ``<name>.md`` with a table per chain.
+(AC and AM of top-1; ``_mAP`` those of mAP). A method whose chain has ``fct.enabled`` also gets
+``"fct": {"raw", "composed", "direct", "upper": {"top1", "mAP"}, "gap_closed_composed": x, "gap_closed_direct": x}``
+from its ``chain/fct.json`` (gaps of top-1; ``_mAP`` those of mAP). ``<name>.md`` has a table per chain,
+and one of FCT per chain with an FCT run.
 """
 
 from __future__ import annotations
@@ -25,12 +28,24 @@ from raycompat.pipeline.chain import run_chain
 log = logging.getLogger(__name__)
 
 
-def run_summary(metrics: dict) -> dict:
-    """The benchmark's entry of one run, from its ``chain/metrics.json``."""
+def fct_summary(fct: dict) -> dict:
+    """The benchmark's ``fct`` entry of one run, from its ``chain/fct.json``."""
+    gaps = fct["gap_closed"]
+    return {**{k: fct[k] for k in ("raw", "composed", "direct", "upper")},
+            "gap_closed_composed": gaps["composed"]["top1"], "gap_closed_direct": gaps["direct"]["top1"],
+            "gap_closed_composed_mAP": gaps["composed"]["mAP"], "gap_closed_direct_mAP": gaps["direct"]["mAP"],
+            "seconds": fct["seconds"]}
+
+
+def run_summary(metrics: dict, fct: Optional[dict] = None) -> dict:
+    """The benchmark's entry of one run, from its ``chain/metrics.json`` (and ``chain/fct.json`` when FCT ran)."""
     top1, mAP = metrics["top1"], metrics["mAP"]
-    return {"AC": top1["AC"], "AM": top1["AM"], "matrix_top1": top1["matrix"], "matrix_mAP": mAP["matrix"],
-            "AC_mAP": mAP["AC"], "AM_mAP": mAP["AM"], "failed_top1": top1["failed"], "failed_mAP": mAP["failed"],
-            "negative_flips": metrics["negative_flips"], "seconds": sum(g["seconds"] for g in metrics["generations"])}
+    out = {"AC": top1["AC"], "AM": top1["AM"], "matrix_top1": top1["matrix"], "matrix_mAP": mAP["matrix"],
+           "AC_mAP": mAP["AC"], "AM_mAP": mAP["AM"], "failed_top1": top1["failed"], "failed_mAP": mAP["failed"],
+           "negative_flips": metrics["negative_flips"], "seconds": sum(g["seconds"] for g in metrics["generations"])}
+    if fct is not None:
+        out["fct"] = fct_summary(fct)
+    return out
 
 
 def _fmt(x: Optional[float], digits: int = 2) -> str:
@@ -66,8 +81,26 @@ def render(doc: dict, notes: Optional[str] = None) -> str:
             lines.append(f"| {method} | {_fmt(m['AC'], 3)} | {_fmt(m['AM'])} | {_fmt(m['AC_mAP'], 3)} | "
                          f"{_fmt(m['AM_mAP'])} | {flips} | {failed} |")
         lines += ["", criterion(entry["methods"]), ""]
+        lines += _fct_table(entry["methods"])
     lines.append(f"Wall time {doc['seconds']:.0f} s on {doc['machine']['cores']} cores.")
     return "\n".join(lines) + "\n"
+
+
+def _fct_table(methods: dict) -> list[str]:
+    """The FCT table of one chain: the last generation's queries against the first's gallery, per method with FCT."""
+    with_fct = {method: m["fct"] for method, m in methods.items() if "fct" in m}
+    if not with_fct:
+        return []
+    lines = ["FCT: the last generation's test queries against the first generation's test gallery, raw, moved by the "
+             "composed h(T-1 -> T) o ... o h(1 -> 2) or by a direct h(1 -> T), and re-embedded (upper); top-1 / mAP. "
+             "Gap closed: (x - raw) / (upper - raw), top-1 / mAP.", "",
+             "| method | raw | composed | direct | upper | gap closed, composed | gap closed, direct |",
+             "|---|---|---|---|---|---|---|"]
+    for method, f in with_fct.items():
+        cells = [f"{_fmt(f[k]['top1'])} / {_fmt(f[k]['mAP'])}" for k in ("raw", "composed", "direct", "upper")]
+        cells += [f"{_fmt(f[f'gap_closed_{r}'])} / {_fmt(f[f'gap_closed_{r}_mAP'])}" for r in ("composed", "direct")]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def run_chain_bench(cfg: ChainBenchConfig, out_dir: str | Path, name: str = "chain", command: str = "",
@@ -84,9 +117,13 @@ def run_chain_bench(cfg: ChainBenchConfig, out_dir: str | Path, name: str = "cha
     for chain in cfg.chains:
         for method in cfg.methods:
             step(f"{chain}/{method}")
-            report = run_chain(cfg.run_config(chain, method), lambda line: step(f"{chain}/{method}: {line}"))
-            metrics = json.loads(artifacts.read_text(artifacts.child(artifacts.parent(report), "metrics.json")))
-            chains.setdefault(chain, {"methods": {}})["methods"][method] = run_summary(metrics)
+            run = cfg.run_config(chain, method)
+            report = run_chain(run, lambda line: step(f"{chain}/{method}: {line}"))
+            out = artifacts.parent(report)
+            metrics = json.loads(artifacts.read_text(artifacts.child(out, "metrics.json")))
+            # Read only when this run has FCT on: a fct.json left by an earlier configuration is not this run's.
+            fct = json.loads(artifacts.read_text(artifacts.child(out, "fct.json"))) if run.fct.enabled else None
+            chains.setdefault(chain, {"methods": {}})["methods"][method] = run_summary(metrics, fct)
     doc = {"chains": chains, "command": command, "machine": machine(),
            "seconds": round(time.perf_counter() - started, 1), **({"notes_file": notes_file} if notes_file else {})}
     out = Path(out_dir)
