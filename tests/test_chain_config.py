@@ -138,7 +138,7 @@ def test_bench_config_builds_every_run(tmp_path):
     assert set(cfg.chains) == {"classes", "data"} and set(cfg.methods) == {"independent", "l2", "bct", "nifcl+rw"}
     run = cfg.run_config("data", "nifcl+rw")
     assert run.output_dir == f"{tmp_path}/data/nifcl+rw" and run.kind == "data"
-    assert run.method == "nifcl" and run.compat.random_walk.enabled and run.generation_optim(2).epochs == 4
+    assert run.method == "nifcl" and run.compat.random_walk.enabled and run.generation_optim(2).epochs == 12
     # FCT across the chain for the independent method only (the one no compatibility training makes compatible).
     assert {m: cfg.run_config("classes", m).fct.enabled for m in cfg.methods} == {
         "independent": True, "l2": False, "bct": False, "nifcl+rw": False}
