@@ -342,7 +342,8 @@ def cmd_chain(args: argparse.Namespace) -> int:
     filesystem.check_writable_dir(cfg.output_dir, "--out" if args.out else f"{args.config}: output_dir")
     units = [f"gen{t + 1}" for t in range(len(cfg.generations))] + ["evaluate the chain"]
     epochs = _chain_epochs(cfg, "")
-    report, log_file = _quietly(args, cfg.output_dir, "chain", units + (["cost plan"] if cfg.cost_plan else []),
+    units += (["cost plan"] if cfg.cost_plan else []) + (["fct"] if cfg.fct.enabled else [])
+    report, log_file = _quietly(args, cfg.output_dir, "chain", units,
                                 epochs, "generation", lambda step: run_chain(cfg, progress=step),
                                 _chain_ray(cfg))
     print(read_text(report))
