@@ -2,10 +2,20 @@
 
 At fraction f the first floor(f n) gallery items of an ordering hold new
 features, the rest their features before backfill (old, or h(old)). Each query
-chunk is scored once against the before- and once against the after-gallery;
-every point then mixes the two blocks' ranking keys column-wise and ranks, so
-the search is never redone per point. Working set per chunk ~ chunk x gallery
-x 33 bytes (two float32 score blocks, three uint64 key blocks, masks).
+chunk is scored once against the before- and once against the after-gallery,
+and the curve is then computed incrementally (exact, bit-equal to ranking the
+mixed gallery at every point; see :func:`_chunk_curve`):
+
+- both sides' ranking keys of a query are sorted together once, so every mixed
+  gallery's ranking is a subsequence of that one order (a column holds its
+  before key until it is backfilled, its after key from then on);
+- each relevant item's rank (1 + active keys above it) is kept per query and a
+  point updates it only by the columns backfilled since the previous point;
+- AP, hit@1 and hit@5 need only the ranks of the relevant items, so a point
+  then costs O(changed columns x chunk + relevant items x chunk), not a sort.
+
+Working set per chunk ~ chunk x gallery x 70 bytes (two float32 score blocks,
+two uint64 key blocks, the merged uint64 order and its int64 positions).
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import numpy as np
 
 from raycompat.errors import ConfigError, DataError
 from raycompat.retrieval.evaluate import Pairing
-from raycompat.retrieval.metrics import QueryOutcomes, outcomes_from_keys, ranking_keys, summarize
+from raycompat.retrieval.metrics import QueryOutcomes, ranking_keys, summarize
 from raycompat.retrieval.search import DEFAULT_CHUNK_SIZE, Gallery, chunk_ranges, normalize_features
 
 if TYPE_CHECKING:
@@ -44,7 +54,8 @@ def backfill_counts(fractions: Sequence[float], n: int) -> list[int]:
     return counts
 
 
-def _backfilled_masks(order: np.ndarray | Sequence, counts: list[int], n: int) -> list[np.ndarray]:
+def _backfill_ranks(order: np.ndarray | Sequence, n: int) -> np.ndarray:
+    """Each gallery position's place in ``order`` (a permutation of range(n), checked)."""
     perm = np.asarray(order)
     if perm.ndim != 1 or len(perm) != n or not np.issubdtype(perm.dtype, np.integer):
         raise DataError(f"order: expected a permutation of the {n} gallery positions, got shape {perm.shape}")
@@ -53,7 +64,82 @@ def _backfilled_masks(order: np.ndarray | Sequence, counts: list[int], n: int) -
     rank[perm[in_range]] = np.flatnonzero(in_range)
     if not in_range.all() or (rank < 0).any():
         raise DataError(f"order: not a permutation of 0..{n - 1}")
-    return [rank < k for k in counts]
+    return rank
+
+
+def _chunk_curve(
+    keys_before: np.ndarray, keys_after: np.ndarray, relevant: np.ndarray, bins: np.ndarray, n_points: int
+) -> list[QueryOutcomes]:
+    """Outcomes of one query chunk at each point, points in ascending backfill count.
+
+    ``keys_*``: ``ranking_keys`` of the chunk against the before/after gallery;
+    ``bins[j]``: the first point (0..n_points-1) at which column j holds its
+    after key, ``n_points`` if none. Equal to ``outcomes_from_keys`` of each
+    point's mixed keys, bit for bit: the same integer ranks and the same
+    float64 terms summed in the same (rank) order.
+    """
+    c, n = keys_before.shape
+    width = 2 * n
+    low = np.uint64(0xFFFFFFFF)
+    # Low word: gallery position << 1 | side (0 before, 1 after). Keys of different columns keep
+    # their order; a column's two keys are never in one mixed gallery, so their own order is moot.
+    merged = np.empty((c, width), dtype=np.uint64)
+    for side, keys in enumerate((keys_before, keys_after)):
+        half = merged[:, side * n : (side + 1) * n]
+        np.bitwise_and(keys, ~low, out=half)
+        half |= ((keys & low) << np.uint64(1)) | np.uint64(side)
+    merged.sort(axis=1)
+    col = ((merged & low) >> np.uint64(1)).astype(np.intp)
+    after_side = (merged & np.uint64(1)).astype(bool)
+    del merged
+    is_relevant = np.take_along_axis(relevant, col, axis=1).ravel()
+    # (point, side) groups: the keys a point switches off (its columns' before keys) and on (after keys).
+    group_dtype = np.uint16 if 2 * n_points + 1 <= np.iinfo(np.uint16).max else np.int64
+    group = bins.astype(group_dtype)[col].ravel()
+    del col
+    group *= group_dtype(2)
+    group += after_side.ravel()
+    # Stable: each group's global positions (row * width + place in the row's order) stay ascending.
+    by_group = np.argsort(group, kind="stable")
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(group, minlength=2 * n_points + 2))])
+
+    rel_pos = np.flatnonzero(is_relevant)  # global positions of relevant keys (both sides), ascending
+    hit_row = rel_pos // width
+    hit_after = after_side.ravel()[rel_pos]
+    hit_bin = group[rel_pos] // group_dtype(2)
+    del group, is_relevant
+    # Keys above each relevant key in its row before any backfill: every before key is active.
+    before_cum = np.cumsum(~after_side, axis=1, dtype=np.int64).ravel()
+    above = before_cum[rel_pos] - ~hit_after
+    del before_cum, after_side
+    n_rel = np.bincount(hit_row[~hit_after], minlength=c)
+    evaluated = n_rel > 0
+    first_of_row = np.cumsum(n_rel) - n_rel
+    row_starts = np.arange(c, dtype=np.int64) * width
+
+    outcomes = []
+    for t in range(n_points):
+        off = by_group[offsets[2 * t] : offsets[2 * t + 1]]
+        on = by_group[offsets[2 * t + 1] : offsets[2 * t + 2]]
+        if len(off):
+            # 'right': a switching key is not above itself. Cumulative counts run over all rows,
+            # so the switches of earlier rows are taken off again per row.
+            change = np.bincount(np.searchsorted(rel_pos, on, side="right"), minlength=len(rel_pos) + 1)
+            change -= np.bincount(np.searchsorted(rel_pos, off, side="right"), minlength=len(rel_pos) + 1)
+            above += np.cumsum(change[: len(rel_pos)])
+            above -= (np.searchsorted(on, row_starts) - np.searchsorted(off, row_starts))[hit_row]
+        active = np.flatnonzero(np.where(hit_after, hit_bin <= t, hit_bin > t))
+        rows = hit_row[active]
+        rank = above[active] + 1
+        hits_so_far = np.arange(1, len(active) + 1) - first_of_row[rows]
+        precision_sum = np.bincount(rows, weights=hits_so_far / rank, minlength=c)
+        ap = np.divide(precision_sum, n_rel, out=np.zeros(c), where=evaluated)
+        hit1 = np.zeros(c, dtype=bool)
+        hit1[rows[rank == 1]] = True
+        hit5 = np.zeros(c, dtype=bool)
+        hit5[rows[rank <= 5]] = True
+        outcomes.append(QueryOutcomes(hit1=hit1, hit5=hit5, ap=ap, evaluated=evaluated))
+    return outcomes
 
 
 def _auc(curve: dict) -> dict[str, float]:
@@ -96,7 +182,10 @@ def backfill_curve(
     if not fractions:
         raise ConfigError("fractions: expected at least one fraction")
     counts = backfill_counts(fractions, before.size)
-    masks = _backfilled_masks(order, counts, before.size)
+    # Points are computed in ascending count (each adds the columns since the previous one),
+    # then reported in the order asked.
+    point_order = np.argsort(counts, kind="stable")
+    bins = np.searchsorted(np.asarray(counts)[point_order], _backfill_ranks(order, before.size), side="right")
     pairing = Pairing.build(query_labels, gallery_labels, query_ids, gallery_ids, len(queries), before.size)
 
     parts: list[list[QueryOutcomes]] = [[] for _ in fractions]
@@ -105,11 +194,9 @@ def backfill_curve(
         relevant = pairing.relevance(start, stop, exclude)
         keys_before = ranking_keys(before.scores(queries[start:stop]), exclude)
         keys_after = ranking_keys(after.scores(queries[start:stop]), exclude)
-        mixed = np.empty_like(keys_before)
-        for point, backfilled in zip(parts, masks):
-            np.copyto(mixed, keys_before)
-            np.copyto(mixed, keys_after, where=backfilled)
-            point.append(outcomes_from_keys(mixed, relevant))
+        chunk = _chunk_curve(keys_before, keys_after, relevant, bins, len(fractions))
+        for point, outcome in zip(point_order, chunk):
+            parts[point].append(outcome)
 
     summaries = [summarize(QueryOutcomes.concat(p)) for p in parts]
     curve: dict = {"fractions": [float(f) for f in fractions], "n_backfilled": counts}
