@@ -190,7 +190,6 @@ def test_incremental_curve_is_bit_equal_to_the_reference(seed):
     """Random small data with exact ties (duplicates, +-1 vectors), leave-one-out or a split, any fraction order."""
     from raycompat.retrieval.backfill_curve import _backfill_ranks, _chunk_curve
     from raycompat.retrieval import Gallery, Pairing, normalize_features
-    from raycompat.retrieval.metrics import ranking_keys
 
     rng = np.random.default_rng(100 + seed)
     n, d = int(rng.integers(5, 60)), int(rng.choice([4, 16]))
@@ -218,10 +217,9 @@ def test_incremental_curve_is_bit_equal_to_the_reference(seed):
     exclude = pairing.exclusion(0, len(q))
     counts = backfill_counts(fractions, n)
     point_order = np.argsort(counts, kind="stable")
-    bins = np.searchsorted(np.asarray(counts)[point_order], _backfill_ranks(order, n), side="right")
-    chunk_out = _chunk_curve(ranking_keys(Gallery(before).scores(q), exclude),
-                             ranking_keys(Gallery(after).scores(q), exclude),
-                             pairing.relevance(0, len(q), exclude), bins, len(fractions))
+    sorted_counts = np.asarray(counts)[point_order]
+    chunk_out = _chunk_curve(Gallery(before).scores(q), Gallery(after).scores(q), exclude,
+                             pairing.relevance(0, len(q), exclude), _backfill_ranks(order, n), sorted_counts)
     for point, got in zip(point_order, chunk_out):
         want = ref_outcomes[point]
         for f in ("hit1", "hit5", "ap", "evaluated"):

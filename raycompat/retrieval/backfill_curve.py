@@ -14,8 +14,9 @@ mixed gallery at every point; see :func:`_chunk_curve`):
 - AP, hit@1 and hit@5 need only the ranks of the relevant items, so a point
   then costs O(changed columns x chunk + relevant items x chunk), not a sort.
 
-Working set per chunk ~ chunk x gallery x 70 bytes (two float32 score blocks,
-two uint64 key blocks, the merged uint64 order and its int64 positions).
+Working set per chunk ~ chunk x gallery x 60 bytes (two float32 score blocks,
+the merged uint64 keys of both sides, their int64 renaming and the int32/int64
+switch indices). Galleries of up to 2**30 - 1 items.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 
 from raycompat.errors import ConfigError, DataError
 from raycompat.retrieval.evaluate import Pairing
-from raycompat.retrieval.metrics import QueryOutcomes, ranking_keys, summarize
+from raycompat.retrieval.metrics import EXCLUDED, QueryOutcomes, descending_bits, summarize
 from raycompat.retrieval.search import DEFAULT_CHUNK_SIZE, Gallery, chunk_ranges, normalize_features
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 METRICS = ("top1", "top5", "mAP")
+_MAX_ITEMS = 1 << 30
 DEFAULT_FRACTIONS: tuple[float, ...] = tuple(i / 20 for i in range(21))
 
 
@@ -68,76 +70,85 @@ def _backfill_ranks(order: np.ndarray | Sequence, n: int) -> np.ndarray:
 
 
 def _chunk_curve(
-    keys_before: np.ndarray, keys_after: np.ndarray, relevant: np.ndarray, bins: np.ndarray, n_points: int
+    scores_before: np.ndarray,
+    scores_after: np.ndarray,
+    exclude: np.ndarray | None,
+    relevant: np.ndarray,
+    rank: np.ndarray,
+    counts: np.ndarray,
 ) -> list[QueryOutcomes]:
-    """Outcomes of one query chunk at each point, points in ascending backfill count.
+    """Outcomes of one query chunk at each point, for ascending backfill ``counts``.
 
-    ``keys_*``: ``ranking_keys`` of the chunk against the before/after gallery;
-    ``bins[j]``: the first point (0..n_points-1) at which column j holds its
-    after key, ``n_points`` if none. Equal to ``outcomes_from_keys`` of each
-    point's mixed keys, bit for bit: the same integer ranks and the same
+    ``scores_*``: the chunk's score blocks against the before/after gallery;
+    ``exclude``/``relevant``: its masks (as for ``query_outcomes``); ``rank[j]``:
+    column j's place in the backfill order (backfilled at point t iff
+    ``rank[j] < counts[t]``). Equal to ``outcomes_from_keys`` of each point's
+    mixed ``ranking_keys``, bit for bit: the same integer ranks and the same
     float64 terms summed in the same (rank) order.
     """
-    c, n = keys_before.shape
+    c, n = scores_before.shape
     width = 2 * n
     low = np.uint64(0xFFFFFFFF)
-    # Low word: gallery position << 1 | side (0 before, 1 after). Keys of different columns keep
-    # their order; a column's two keys are never in one mixed gallery, so their own order is moot.
+    # The ranking keys of both sides in one row: high word as in ranking_keys, low word
+    # gallery position << 2 | side << 1 | relevant (side 0: before, 1: after). Keys of different
+    # columns keep their order; a column's two keys are never in one mixed gallery, so their own
+    # order is moot. Relevance rides along so the sort delivers it in ranking order.
     merged = np.empty((c, width), dtype=np.uint64)
-    for side, keys in enumerate((keys_before, keys_after)):
+    code = np.arange(0, 4 * n, 4, dtype=np.uint64)
+    for side, scores in enumerate((scores_before, scores_after)):
         half = merged[:, side * n : (side + 1) * n]
-        np.bitwise_and(keys, ~low, out=half)
-        half |= ((keys & low) << np.uint64(1)) | np.uint64(side)
+        half[...] = descending_bits(scores)
+        half <<= np.uint64(32)
+        half |= code + np.uint64(2 * side)
+        half |= relevant
+        if exclude is not None:
+            half[exclude] |= EXCLUDED
     merged.sort(axis=1)
-    col = ((merged & low) >> np.uint64(1)).astype(np.intp)
-    after_side = (merged & np.uint64(1)).astype(bool)
-    del merged
-    is_relevant = np.take_along_axis(relevant, col, axis=1).ravel()
-    # (point, side) groups: the keys a point switches off (its columns' before keys) and on (after keys).
-    group_dtype = np.uint16 if 2 * n_points + 1 <= np.iinfo(np.uint16).max else np.int64
-    group = bins.astype(group_dtype)[col].ravel()
-    del col
-    group *= group_dtype(2)
-    group += after_side.ravel()
-    # Stable: each group's global positions (row * width + place in the row's order) stay ascending.
-    by_group = np.argsort(group, kind="stable")
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(group, minlength=2 * n_points + 2))])
+    low_byte = merged.view(np.uint8)[:, ::8]  # little-endian: the side and relevance bits
+    is_rel = low_byte & np.uint8(1)
+    merged &= low
+    # Keys renamed 2 * rank + side: a point's switched keys are then one contiguous slice.
+    rename = np.repeat(2 * rank[:, None] + np.arange(2), 2, axis=1).ravel()
+    element = rename[merged.view(np.int64)]
+    del merged, low_byte
+    count_dtype = np.int32 if c * width < np.iinfo(np.int32).max else np.int64
 
-    rel_pos = np.flatnonzero(is_relevant)  # global positions of relevant keys (both sides), ascending
+    rel_pos = np.flatnonzero(is_rel)  # relevant keys (both sides) in global order: row, then rank order
     hit_row = rel_pos // width
-    hit_after = after_side.ravel()[rel_pos]
-    hit_bin = group[rel_pos] // group_dtype(2)
-    del group, is_relevant
-    # Keys above each relevant key in its row before any backfill: every before key is active.
-    before_cum = np.cumsum(~after_side, axis=1, dtype=np.int64).ravel()
-    above = before_cum[rel_pos] - ~hit_after
-    del before_cum, after_side
+    hit_element = element.ravel()[rel_pos]
+    hit_after = (hit_element & 1).astype(bool)
+    hit_since = np.searchsorted(counts, hit_element >> 1, side="right")  # first point that backfills it
+    # switch_at[q, key]: relevant keys up to and including that key's place (global count): switching
+    # the key changes the ranks of the relevant keys from that index on (a key is not above itself).
+    switch_at = np.empty((c, width), dtype=count_dtype)
+    np.put_along_axis(switch_at, element, np.cumsum(is_rel.ravel(), dtype=count_dtype).reshape(c, width), axis=1)
+    del element, is_rel
+    # Keys above each relevant key before any backfill: all keys above it in its row, less the
+    # after keys (none is active yet); each earlier row's n after keys are counted in and taken off.
+    after_above = np.cumsum(np.bincount(switch_at[:, 1::2].ravel(), minlength=len(rel_pos) + 1)[: len(rel_pos)])
+    above = rel_pos - hit_row * width - (after_above - hit_row * n)
     n_rel = np.bincount(hit_row[~hit_after], minlength=c)
     evaluated = n_rel > 0
     first_of_row = np.cumsum(n_rel) - n_rel
-    row_starts = np.arange(c, dtype=np.int64) * width
 
     outcomes = []
-    for t in range(n_points):
-        off = by_group[offsets[2 * t] : offsets[2 * t + 1]]
-        on = by_group[offsets[2 * t + 1] : offsets[2 * t + 2]]
-        if len(off):
-            # 'right': a switching key is not above itself. Cumulative counts run over all rows,
-            # so the switches of earlier rows are taken off again per row.
-            change = np.bincount(np.searchsorted(rel_pos, on, side="right"), minlength=len(rel_pos) + 1)
-            change -= np.bincount(np.searchsorted(rel_pos, off, side="right"), minlength=len(rel_pos) + 1)
+    for t, (k0, k1) in enumerate(zip(np.r_[0, counts[:-1]], counts)):
+        if k1 > k0:
+            # Each row switches as many keys on as off, so the global running count of the
+            # changes needs no per-row correction.
+            change = np.bincount(switch_at[:, 2 * k0 + 1 : 2 * k1 : 2].ravel(), minlength=len(rel_pos) + 1)
+            change -= np.bincount(switch_at[:, 2 * k0 : 2 * k1 : 2].ravel(), minlength=len(rel_pos) + 1)
             above += np.cumsum(change[: len(rel_pos)])
-            above -= (np.searchsorted(on, row_starts) - np.searchsorted(off, row_starts))[hit_row]
-        active = np.flatnonzero(np.where(hit_after, hit_bin <= t, hit_bin > t))
+        active = np.flatnonzero(np.where(hit_after, hit_since <= t, hit_since > t))
         rows = hit_row[active]
-        rank = above[active] + 1
+        rank_of_hit = above[active] + 1
         hits_so_far = np.arange(1, len(active) + 1) - first_of_row[rows]
-        precision_sum = np.bincount(rows, weights=hits_so_far / rank, minlength=c)
+        precision_sum = np.bincount(rows, weights=hits_so_far / rank_of_hit, minlength=c)
         ap = np.divide(precision_sum, n_rel, out=np.zeros(c), where=evaluated)
         hit1 = np.zeros(c, dtype=bool)
-        hit1[rows[rank == 1]] = True
+        hit1[rows[rank_of_hit == 1]] = True
         hit5 = np.zeros(c, dtype=bool)
-        hit5[rows[rank <= 5]] = True
+        hit5[rows[rank_of_hit <= 5]] = True
         outcomes.append(QueryOutcomes(hit1=hit1, hit5=hit5, ap=ap, evaluated=evaluated))
     return outcomes
 
@@ -172,6 +183,9 @@ def backfill_curve(
     after = Gallery(gallery_after, "gallery features after backfill")
     if before.size != after.size:
         raise DataError(f"gallery before backfill has {before.size} items, after backfill {after.size}")
+    if before.size >= _MAX_ITEMS:
+        # The merged keys' low word packs position << 2 | side << 1 | relevant (see _chunk_curve).
+        raise DataError(f"{before.name}: {before.size} items; a curve supports at most {_MAX_ITEMS - 1}")
     for gallery in (before, after):
         if gallery.dim != queries.shape[1]:
             raise DataError(
@@ -185,16 +199,16 @@ def backfill_curve(
     # Points are computed in ascending count (each adds the columns since the previous one),
     # then reported in the order asked.
     point_order = np.argsort(counts, kind="stable")
-    bins = np.searchsorted(np.asarray(counts)[point_order], _backfill_ranks(order, before.size), side="right")
+    sorted_counts = np.asarray(counts, dtype=np.int64)[point_order]
+    rank = _backfill_ranks(order, before.size)
     pairing = Pairing.build(query_labels, gallery_labels, query_ids, gallery_ids, len(queries), before.size)
 
     parts: list[list[QueryOutcomes]] = [[] for _ in fractions]
     for start, stop in chunk_ranges(len(queries), chunk_size):
         exclude = pairing.exclusion(start, stop)
         relevant = pairing.relevance(start, stop, exclude)
-        keys_before = ranking_keys(before.scores(queries[start:stop]), exclude)
-        keys_after = ranking_keys(after.scores(queries[start:stop]), exclude)
-        chunk = _chunk_curve(keys_before, keys_after, relevant, bins, len(fractions))
+        chunk = _chunk_curve(before.scores(queries[start:stop]), after.scores(queries[start:stop]), exclude,
+                             relevant, rank, sorted_counts)
         for point, outcome in zip(point_order, chunk):
             parts[point].append(outcome)
 
