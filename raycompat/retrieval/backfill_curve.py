@@ -32,7 +32,7 @@ import numpy as np
 
 from raycompat.errors import ConfigError, DataError
 from raycompat.retrieval.evaluate import Pairing
-from raycompat.retrieval.metrics import EXCLUDED, QueryOutcomes, descending_bits, summarize
+from raycompat.retrieval.metrics import QueryOutcomes, descending_bits, summarize
 from raycompat.retrieval.search import DEFAULT_CHUNK_SIZE, Gallery, chunk_ranges, normalize_features
 
 if TYPE_CHECKING:
@@ -94,15 +94,16 @@ def _chunk_curve(
     # columns keep their order; a column's two keys are never in one mixed gallery, so their own
     # order is moot. Relevance rides along so the sort delivers it in ranking order.
     merged = np.empty((c, width), dtype=np.uint64)
-    code = np.arange(0, 4 * n, 4, dtype=np.uint64)
+    # Written as (low, high) uint32 pairs: a little-endian uint64 is its low word first.
+    words = merged.view(np.uint32).reshape(c, width, 2)
+    code = np.arange(0, 4 * n, 4, dtype=np.uint32)
     for side, scores in enumerate((scores_before, scores_after)):
-        half = merged[:, side * n : (side + 1) * n]
-        half[...] = descending_bits(scores)
-        half <<= np.uint64(32)
-        half |= code + np.uint64(2 * side)
-        half |= relevant
+        columns = slice(side * n, (side + 1) * n)
+        high = words[:, columns, 1]
+        high[...] = descending_bits(scores)
         if exclude is not None:
-            half[exclude] |= EXCLUDED
+            high[exclude] = np.uint32(0xFFFFFFFF)  # EXCLUDED's high word
+        np.bitwise_or(code + np.uint32(2 * side), relevant, out=words[:, columns, 0])
     merged.sort(axis=1)
     low_byte = merged.view(np.uint8)[:, ::8]  # little-endian: the side and relevance bits
     is_rel = low_byte & np.uint8(1)
