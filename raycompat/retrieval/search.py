@@ -93,6 +93,10 @@ class Gallery:
             logger.debug("%s: %d duplicate vectors scored once", name, self.size - len(first))
         self._gpu = _gpu_resources() if faiss.get_num_gpus() > 0 else None
 
+    def vectors(self) -> np.ndarray:
+        """The normalised features of every item, in gallery order (duplicates included)."""
+        return self._vectors if self._inverse is None else self._vectors[self._inverse]
+
     def scores(self, queries: np.ndarray) -> np.ndarray:
         """Inner products of normalised float32 queries (chunk x dim) with every item: chunk x size."""
         if queries.ndim != 2 or queries.shape[1] != self.dim:
