@@ -26,6 +26,7 @@ interval over the sampled queries.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -169,6 +170,11 @@ def _recall(found: np.ndarray, exact: np.ndarray) -> np.ndarray:
     return hits / np.maximum((exact >= 0).sum(axis=1), 1)
 
 
+def _percent_mean(values: np.ndarray) -> float:
+    # As metrics.summarize: an exactly rounded sum, so flat results equal evaluate's to the bit.
+    return 100.0 * math.fsum(values.tolist()) / len(values)
+
+
 def index_evaluate(
     query_features: Mapping[str, np.ndarray],
     query_labels: np.ndarray | Sequence,
@@ -251,9 +257,9 @@ def index_evaluate(
             raise DataError(f"query features {name!r}: no sampled query has a relevant gallery item")
         values = {"top1": per_query["hit1"][ev], "top5": per_query["hit5"][ev], "mAP@k": per_query["ap"][ev],
                   "recall@k": _recall(found, exact_ids) if index is not None else np.ones(len(found))}
-        entry: dict = {m: 100.0 * float(np.mean(v)) for m, v in values.items()}
+        entry: dict = {m: _percent_mean(v) for m, v in values.items()}
         if full_ap:
-            entry["mAP"] = 100.0 * float(np.mean(np.concatenate(full_ap)[ev]))
+            entry["mAP"] = _percent_mean(np.concatenate(full_ap)[ev])
         entry["intervals"] = {m: list(mean_interval(v, resamples=resamples, seed=seed, scale=100.0))
                               for m, v in values.items()}
         entry.update(n_queries=int(ev.sum()), n_skipped=int((~ev).sum()),
