@@ -189,6 +189,8 @@ def index_evaluate(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     resamples: int = 1000,
     full_map: bool = True,
+    reference: Mapping[str, np.ndarray] | None = None,
+    return_ids: bool = False,
 ) -> dict:
     """Top-k metrics of each query set in ``query_features`` (name -> features, same items) through one index
     built on ``gallery_features``.
@@ -202,6 +204,8 @@ def index_evaluate(
     """
     if not query_features:
         raise ConfigError("query_features: expected at least one query set")
+    if reference is not None and cfg.kind == "flat":
+        raise ConfigError("reference: a flat index is the exact search; there is nothing to compare it with")
     gallery = Gallery(gallery_features, "gallery features")
     n_q = len(np.asarray(query_labels))
     picked = sample_queries(n_q, sample, seed)
@@ -224,7 +228,7 @@ def index_evaluate(
         build_s = time.perf_counter() - t
         logger.info("built %s index on %d items in %.1f s", cfg.kind, gallery.size, build_s)
 
-    results = {}
+    results, ids_out = {}, {}
     for name, features in query_features.items():
         if len(features) != n_q:
             raise DataError(f"query features {name!r}: {len(features)} rows for {n_q} labels")
@@ -235,22 +239,27 @@ def index_evaluate(
         search_s = exact_s = 0.0
         for start, stop in chunk_ranges(len(queries), chunk_size):
             exclude = pairing.exclusion(start, stop)
-            t = time.perf_counter()
-            exact_ids, scores = _topk_exact(gallery, queries[start:stop], exclude, k)
-            if full_map and index is None:
-                full_ap.append(query_outcomes(scores, q_labels[start:stop], g_labels, exclude).ap)
-            exact_s += time.perf_counter() - t
-            exact_parts.append(exact_ids)
-            if index is None:
-                parts.append(exact_ids)
-                continue
+            if reference is None:
+                t = time.perf_counter()
+                exact_ids, scores = _topk_exact(gallery, queries[start:stop], exclude, k)
+                if full_map and index is None:
+                    full_ap.append(query_outcomes(scores, q_labels[start:stop], g_labels, exclude).ap)
+                del scores
+                exact_s += time.perf_counter() - t
+                exact_parts.append(exact_ids)
+                if index is None:
+                    parts.append(exact_ids)
+                    continue
             t = time.perf_counter()
             extra = 0 if own is None else 1
             found_scores, found = index.search(queries[start:stop], min(k + extra, gallery.size))
             found, found_scores = _drop_own(found, found_scores, None if own is None else own[start:stop], k)
             parts.append(_sort_results(found, found_scores))
             search_s += time.perf_counter() - t
-        found, exact_ids = np.concatenate(parts), np.concatenate(exact_parts)
+        found = np.concatenate(parts)
+        exact_ids = np.concatenate(exact_parts) if reference is None else np.asarray(reference[name])
+        if exact_ids.shape != found.shape:
+            raise DataError(f"reference {name!r}: shape {exact_ids.shape}, expected {found.shape} (sampled queries x k)")
         per_query = _list_outcomes(found, q_labels, g_labels, n_relevant)
         ev = per_query["evaluated"]
         if not ev.any():
@@ -265,8 +274,13 @@ def index_evaluate(
         entry.update(n_queries=int(ev.sum()), n_skipped=int((~ev).sum()),
                      search_seconds=exact_s if index is None else search_s, exact_seconds=exact_s)
         results[name] = entry
+        if return_ids:
+            ids_out[name] = found
         logger.info("%s through %s: top1 %.2f mAP@%d %.2f recall@%d %.3f (%d queries)", name, cfg.kind,
                     entry["top1"], k, entry["mAP@k"], k, entry["recall@k"], entry["n_queries"])
-    return {"index": {**asdict(cfg), "k": k, "gpu": faiss.get_num_gpus() > 0 and cfg.kind in ("ivf", "ivf_pq"),
-                      "build_seconds": build_s},
-            "n_gallery": gallery.size, "n_sampled": len(picked), "results": results}
+    out = {"index": {**asdict(cfg), "k": k, "gpu": faiss.get_num_gpus() > 0 and cfg.kind in ("ivf", "ivf_pq"),
+                     "build_seconds": build_s},
+           "n_gallery": gallery.size, "n_sampled": len(picked), "results": results}
+    if return_ids:
+        out["ids"] = ids_out
+    return out
