@@ -27,9 +27,9 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from synthetic_pairs import old_new_pairs
 
 from raycompat.retrieval import DEFAULT_FRACTIONS, backfill_curve, evaluate
-from synthetic_pairs import old_new_pairs
 
 logger = logging.getLogger("benchmarks.bench_backfill_curve")
 TARGET = 3.0

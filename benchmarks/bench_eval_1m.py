@@ -31,9 +31,9 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from synthetic_pairs import old_new_pairs
 
 from raycompat.retrieval.index_eval import IndexConfig, index_evaluate
-from synthetic_pairs import old_new_pairs
 
 logger = logging.getLogger("benchmarks.bench_eval_1m")
 KINDS = ("flat", "ivf", "ivf_pq", "hnsw")

@@ -164,7 +164,14 @@ def test_curve_joined_from_fraction_ranges_equals_the_whole_curve(loo_data):
 
 def reference_curve(queries, ql, before, after, gl, order, fractions, chunk_size, query_ids=None, gallery_ids=None):
     """The curve as it was computed before the incremental one: per point, mix the two sides' keys and rank."""
-    from raycompat.retrieval import Gallery, Pairing, QueryOutcomes, chunk_ranges, normalize_features, summarize
+    from raycompat.retrieval import (
+        Gallery,
+        Pairing,
+        QueryOutcomes,
+        chunk_ranges,
+        normalize_features,
+        summarize,
+    )
     from raycompat.retrieval.metrics import outcomes_from_keys, ranking_keys
 
     q = normalize_features(queries, "q")
@@ -188,8 +195,8 @@ def reference_curve(queries, ql, before, after, gl, order, fractions, chunk_size
 @pytest.mark.parametrize("seed", range(6))
 def test_incremental_curve_is_bit_equal_to_the_reference(seed):
     """Random small data with exact ties (duplicates, +-1 vectors), leave-one-out or a split, any fraction order."""
-    from raycompat.retrieval.backfill_curve import _backfill_ranks, _chunk_curve
     from raycompat.retrieval import Gallery, Pairing, normalize_features
+    from raycompat.retrieval.backfill_curve import _backfill_ranks, _chunk_curve
 
     rng = np.random.default_rng(100 + seed)
     n, d = int(rng.integers(5, 60)), int(rng.choice([4, 16]))

@@ -40,13 +40,18 @@ from raycompat.configio import check, join
 from raycompat.errors import ConfigError, DataError
 from raycompat.retrieval.bootstrap import mean_interval
 from raycompat.retrieval.evaluate import Pairing
-from raycompat.retrieval.metrics import query_outcomes, ranking_keys
-from raycompat.retrieval.search import DEFAULT_CHUNK_SIZE, Gallery, _gpu_resources, chunk_ranges, normalize_features
+from raycompat.retrieval.metrics import EXCLUDED, query_outcomes, ranking_keys
+from raycompat.retrieval.search import (
+    DEFAULT_CHUNK_SIZE,
+    Gallery,
+    chunk_ranges,
+    gpu_resources,
+    normalize_features,
+)
 
 logger = logging.getLogger(__name__)
 
 _INDEX_MASK = np.uint64(0xFFFFFFFF)
-_EXCLUDED_HIGH = np.uint64(0xFFFFFFFF)
 # faiss GPU k-selection returns at most this many results per query.
 _GPU_MAX_K = 2048
 
@@ -105,7 +110,7 @@ def build_index(vectors: np.ndarray, cfg: IndexConfig, key: str = "eval.index", 
     index.add(vectors)
     index.nprobe = cfg.nprobe
     if faiss.get_num_gpus() > 0:
-        index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
+        index = faiss.index_cpu_to_gpu(gpu_resources(), 0, index)
     return index
 
 
@@ -134,7 +139,7 @@ def _sort_results(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
     keys = ranking_keys(np.where(missing, np.float32(0), scores).astype(np.float32), None)
     keys &= ~_INDEX_MASK
     keys |= np.where(missing, 0, ids).astype(np.uint64)
-    keys[missing] |= _EXCLUDED_HIGH << np.uint64(32)
+    keys[missing] |= EXCLUDED
     order = np.argsort(keys, axis=1)
     return np.where(np.take_along_axis(missing, order, axis=1), -1, np.take_along_axis(ids, order, axis=1))
 
@@ -147,7 +152,7 @@ def _topk_exact(gallery: Gallery, queries: np.ndarray, exclude: np.ndarray | Non
         keys = np.partition(keys, k - 1, axis=1)[:, :k]
     keys.sort(axis=1)
     ids = (keys & _INDEX_MASK).astype(np.int64)
-    ids[(keys >> np.uint64(32)) == _EXCLUDED_HIGH] = -1
+    ids[keys >= EXCLUDED] = -1
     return ids, scores
 
 
