@@ -14,9 +14,10 @@ mixed gallery at every point; see :func:`_chunk_curve`):
 - AP, hit@1 and hit@5 need only the ranks of the relevant items, so a point
   then costs O(changed columns x chunk + relevant items x chunk), not a sort.
 
-Working set per chunk ~ chunk x gallery x 60 bytes (two float32 score blocks,
-the merged uint64 keys of both sides, their int64 renaming and the int32/int64
-switch indices). Galleries of up to 2**30 - 1 items.
+Working set: the chunk's two float32 score blocks (chunk x gallery x 8 bytes)
+plus, per block of a few query rows (~2M keys), ~40 bytes a key (the merged
+uint64 keys of both sides, their int32 renaming, the switch indices, masks).
+Galleries of up to 2**30 - 1 items.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 
 from raycompat.errors import ConfigError, DataError
 from raycompat.retrieval.evaluate import Pairing
-from raycompat.retrieval.metrics import QueryOutcomes, descending_bits, summarize
+from raycompat.retrieval.metrics import EXCLUDED, QueryOutcomes, descending_bits, summarize
 from raycompat.retrieval.search import DEFAULT_CHUNK_SIZE, Gallery, chunk_ranges, normalize_features
 
 if TYPE_CHECKING:
@@ -42,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 METRICS = ("top1", "top5", "mAP")
 _MAX_ITEMS = 1 << 30
+# Keys (both sides) per block of query rows in the incremental curve: 16 MB of uint64, under
+# glibc's largest mmap threshold, so freed blocks are reused rather than paged in again.
+_BLOCK_KEYS = 1 << 21
 DEFAULT_FRACTIONS: tuple[float, ...] = tuple(i / 20 for i in range(21))
 
 
@@ -77,9 +81,33 @@ def _chunk_curve(
     rank: np.ndarray,
     counts: np.ndarray,
 ) -> list[QueryOutcomes]:
-    """Outcomes of one query chunk at each point, for ascending backfill ``counts``.
+    """Outcomes of one query chunk at each point, for ascending backfill ``counts`` (see :func:`_block_curve`).
 
-    ``scores_*``: the chunk's score blocks against the before/after gallery;
+    Rows are independent, so they are taken a few at a time: each block's
+    temporaries (~ _BLOCK_KEYS keys) stay in cache and are reused from the heap
+    instead of being paged in afresh for the whole chunk.
+    """
+    c, n = scores_before.shape
+    step = max(1, _BLOCK_KEYS // (2 * n))
+    blocks = [
+        _block_curve(scores_before[s:e], scores_after[s:e], None if exclude is None else exclude[s:e],
+                     relevant[s:e], rank, counts)
+        for s, e in chunk_ranges(c, step)
+    ]
+    return [QueryOutcomes.concat(point) for point in zip(*blocks)]
+
+
+def _block_curve(
+    scores_before: np.ndarray,
+    scores_after: np.ndarray,
+    exclude: np.ndarray | None,
+    relevant: np.ndarray,
+    rank: np.ndarray,
+    counts: np.ndarray,
+) -> list[QueryOutcomes]:
+    """Outcomes of a block of query rows at each point, for ascending backfill ``counts``.
+
+    ``scores_*``: the block's score blocks against the before/after gallery;
     ``exclude``/``relevant``: its masks (as for ``query_outcomes``); ``rank[j]``:
     column j's place in the backfill order (backfilled at point t iff
     ``rank[j] < counts[t]``). Equal to ``outcomes_from_keys`` of each point's
@@ -94,24 +122,25 @@ def _chunk_curve(
     # columns keep their order; a column's two keys are never in one mixed gallery, so their own
     # order is moot. Relevance rides along so the sort delivers it in ranking order.
     merged = np.empty((c, width), dtype=np.uint64)
-    # Written as (low, high) uint32 pairs: a little-endian uint64 is its low word first.
-    words = merged.view(np.uint32).reshape(c, width, 2)
-    code = np.arange(0, 4 * n, 4, dtype=np.uint32)
+    code = np.arange(0, 4 * n, 4, dtype=np.uint64)
     for side, scores in enumerate((scores_before, scores_after)):
-        columns = slice(side * n, (side + 1) * n)
-        high = words[:, columns, 1]
-        high[...] = descending_bits(scores)
+        half = merged[:, side * n : (side + 1) * n]
+        np.left_shift(descending_bits(scores), np.uint64(32), out=half, dtype=np.uint64, casting="unsafe")
+        half |= code + np.uint64(2 * side)
+        half |= relevant
         if exclude is not None:
-            high[exclude] = np.uint32(0xFFFFFFFF)  # EXCLUDED's high word
-        np.bitwise_or(code + np.uint32(2 * side), relevant, out=words[:, columns, 0])
+            half[exclude] |= EXCLUDED
     merged.sort(axis=1)
     low_byte = merged.view(np.uint8)[:, ::8]  # little-endian: the side and relevance bits
     is_rel = low_byte & np.uint8(1)
+    after_key = (low_byte >> np.uint8(1)) & np.uint8(1)
+    del low_byte
     merged &= low
     # Keys renamed 2 * rank + side: a point's switched keys are then one contiguous slice.
-    rename = np.repeat(2 * rank[:, None] + np.arange(2), 2, axis=1).ravel()
-    element = rename[merged.view(np.int64)]
-    del merged, low_byte
+    # int32 (width < 2**31) halves the traffic of the largest arrays.
+    rename = np.repeat(2 * rank[:, None] + np.arange(2), 2, axis=1).ravel().astype(np.int32)
+    element = np.take(rename, merged.view(np.int64))
+    del merged
     count_dtype = np.int32 if c * width < np.iinfo(np.int32).max else np.int64
 
     rel_pos = np.flatnonzero(is_rel)  # relevant keys (both sides) in global order: row, then rank order
@@ -122,12 +151,20 @@ def _chunk_curve(
     # switch_at[q, key]: relevant keys up to and including that key's place (global count): switching
     # the key changes the ranks of the relevant keys from that index on (a key is not above itself).
     switch_at = np.empty((c, width), dtype=count_dtype)
-    np.put_along_axis(switch_at, element, np.cumsum(is_rel.ravel(), dtype=count_dtype).reshape(c, width), axis=1)
-    del element, is_rel
+    # Running count of relevant keys, as runs of equal values between them (cheaper than a cumsum).
+    runs = np.diff(np.concatenate([[0], rel_pos, [c * width]]))
+    rel_cum = np.repeat(np.arange(len(rel_pos) + 1, dtype=count_dtype), runs).reshape(c, width)
+    for q in range(c):  # row by row: the scatter stays in cache (put_along_axis builds c x width int64 indices)
+        switch_at[q, element[q]] = rel_cum[q]
+    del rel_cum, element
     # Keys above each relevant key before any backfill: all keys above it in its row, less the
-    # after keys (none is active yet); each earlier row's n after keys are counted in and taken off.
-    after_above = np.cumsum(np.bincount(switch_at[:, 1::2].ravel(), minlength=len(rel_pos) + 1)[: len(rel_pos)])
-    above = rel_pos - hit_row * width - (after_above - hit_row * n)
+    # after keys (none is active yet). After keys per gap between relevant keys, summed up; each
+    # earlier row's n after keys are counted in and taken off.
+    gaps = np.add.reduceat(after_key.ravel(), np.concatenate([[0], rel_pos]), dtype=np.int64)[: len(rel_pos)]
+    if len(rel_pos) and rel_pos[0] == 0:
+        gaps[0] = 0  # reduceat sums one element, not none, for an empty first gap
+    del after_key
+    above = rel_pos - hit_row * width - (np.cumsum(gaps) - hit_row * n)
     n_rel = np.bincount(hit_row[~hit_after], minlength=c)
     evaluated = n_rel > 0
     first_of_row = np.cumsum(n_rel) - n_rel
