@@ -65,6 +65,8 @@ def test_ivf_with_every_list_probed_equals_flat(data):
         for m in ("top1", "top5", "mAP@k", "n_queries"):
             assert i[m] == pytest.approx(f[m], rel=1e-9), m
         assert i["recall@k"] == 100.0
+    whole = loo(data, IndexConfig(kind="ivf", k=300, nlist=8, nprobe=8))  # k = gallery size: own item left out
+    assert whole["results"]["x"]["mAP@k"] == pytest.approx(loo(data, IndexConfig(kind="flat", k=300))["results"]["x"]["mAP"])
     few = loo(data, IndexConfig(kind="ivf", k=20, nlist=8, nprobe=1))
     assert few["results"]["x"]["recall@k"] < 100.0
     # The exact ids of a flat run stand in for the exact search: the same recall.

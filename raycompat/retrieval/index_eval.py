@@ -130,7 +130,10 @@ def _drop_own(ids: np.ndarray, scores: np.ndarray, own: np.ndarray | None, k: in
     is_own = (ids == own[:, None]) & (own[:, None] >= 0)
     # Stable: the own item moves to the end, the others keep their order.
     keep = np.argsort(is_own, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(ids, keep, axis=1), np.take_along_axis(scores, keep, axis=1)
+    kept = np.take_along_axis(ids, keep, axis=1)
+    # A search of the whole gallery (k = its size) still holds the own item: no result there.
+    kept[np.take_along_axis(is_own, keep, axis=1)] = -1
+    return kept, np.take_along_axis(scores, keep, axis=1)
 
 
 def _sort_results(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
