@@ -147,7 +147,13 @@ def _block_curve(
     hit_row = rel_pos // width
     hit_element = element.ravel()[rel_pos]
     hit_after = (hit_element & 1).astype(bool)
-    hit_since = np.searchsorted(counts, hit_element >> 1, side="right")  # first point that backfills it
+    # Key i is active at points first[i] <= t < first[i] + span[i]: a before key until its column is
+    # backfilled, an after key from then on. Unsigned wrap-around makes that one compare per point.
+    since = np.searchsorted(counts, hit_element >> 1, side="right")  # first point that backfills the column
+    point_dtype = np.uint16 if len(counts) < np.iinfo(np.uint16).max else np.uint32
+    first = np.where(hit_after, since, 0).astype(point_dtype)
+    span = np.where(hit_after, len(counts) - since, since).astype(point_dtype)
+    del since
     # switch_at[q, key]: relevant keys up to and including that key's place (global count): switching
     # the key changes the ranks of the relevant keys from that index on (a key is not above itself).
     switch_at = np.empty((c, width), dtype=count_dtype)
@@ -177,7 +183,7 @@ def _block_curve(
             change = np.bincount(switch_at[:, 2 * k0 + 1 : 2 * k1 : 2].ravel(), minlength=len(rel_pos) + 1)
             change -= np.bincount(switch_at[:, 2 * k0 : 2 * k1 : 2].ravel(), minlength=len(rel_pos) + 1)
             above += np.cumsum(change[: len(rel_pos)])
-        active = np.flatnonzero(np.where(hit_after, hit_since <= t, hit_since > t))
+        active = np.flatnonzero(np.subtract(point_dtype(t), first, dtype=point_dtype) < span)
         rows = hit_row[active]
         rank_of_hit = above[active] + 1
         hits_so_far = np.arange(1, len(active) + 1) - first_of_row[rows]
