@@ -71,7 +71,7 @@ def write_markdown(path: Path, r: dict, command: str) -> None:
     for kind, e in r["indexes"].items():
         res = e["results"]
 
-        def cell(pair: str, m: str) -> str:
+        def cell(pair: str, m: str, res: dict = res) -> str:
             lo, hi = res[pair]["intervals"][m]
             return f"{res[pair][m]:.2f} [{lo:.2f}, {hi:.2f}]"
 

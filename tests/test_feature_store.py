@@ -462,7 +462,10 @@ def test_evaluate_names_the_store_and_record_of_non_finite_features(tmp_path):
 
 
 def test_index_evaluation_of_stores_matches_the_exact_matrix(tmp_path):
-    from raycompat.retrieval.evaluate_stores import evaluate_stores, index_evaluate_stores
+    from raycompat.retrieval.evaluate_stores import (
+        evaluate_stores,
+        index_evaluate_stores,
+    )
     from raycompat.retrieval.index_eval import IndexConfig
 
     _store(tmp_path / "old")

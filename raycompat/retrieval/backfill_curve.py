@@ -14,8 +14,8 @@ mixed gallery at every point; see :func:`_chunk_curve`):
 - AP, hit@1 and hit@5 need only the ranks of the relevant items, so a point
   then costs O(changed columns x chunk + relevant items x chunk), not a sort.
 
-Working set: the chunk's two float32 score blocks (chunk x gallery x 8 bytes)
-plus, per block of a few query rows (~2M keys), ~40 bytes a key (the merged
+Working set: the chunk's two float32 score blocks and its relevance and
+exclusion masks (chunk x gallery x 10 bytes) plus, per block of a few query rows (~2M keys), ~40 bytes a key (the merged
 uint64 keys of both sides, their int32 renaming, the switch indices, masks).
 Galleries of up to 2**30 - 1 items.
 """
