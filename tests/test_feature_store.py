@@ -459,3 +459,19 @@ def test_evaluate_names_the_store_and_record_of_non_finite_features(tmp_path):
     with pytest.raises(DataError, match=rf"^feature store {tmp_path / 'new'}: 2 of 22 records have NaN or inf "
                                         r"features \(first: 'x4'\): re-extract it$"):
         evaluate_stores(tmp_path / "old", tmp_path / "new")
+
+
+def test_index_evaluation_of_stores_matches_the_exact_matrix(tmp_path):
+    from raycompat.retrieval.evaluate_stores import (
+        evaluate_stores,
+        index_evaluate_stores,
+    )
+    from raycompat.retrieval.index_eval import IndexConfig
+
+    _store(tmp_path / "old")
+    _store(tmp_path / "new", model="new")
+    exact = evaluate_stores(tmp_path / "old", tmp_path / "new")["matrix"]
+    out = index_evaluate_stores(tmp_path / "old", tmp_path / "new", IndexConfig(kind="flat", k=22), resamples=50)
+    assert out["n_gallery"] == out["n_sampled"] == 22
+    for pair in ("old/old", "new/old"):
+        assert {m: out["results"][pair][m] for m in ("top1", "top5", "mAP")} == {m: exact[pair][m] for m in ("top1", "top5", "mAP")}

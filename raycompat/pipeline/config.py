@@ -19,6 +19,7 @@ from raycompat.backfill.units import parse_bandwidth
 from raycompat.configio import check, join, load_config
 from raycompat.data.config import DataConfig, ProtocolConfig
 from raycompat.models.config import SideInfoConfig, TransformationConfig
+from raycompat.retrieval.index_eval import IndexConfig
 from raycompat.storage import filesystem
 from raycompat.training.config import NewConfig, OldConfig
 
@@ -66,6 +67,17 @@ class EvalConfig:
     # Bootstrap resamples (over queries) of the release gate's 95% intervals, seeded by bootstrap_seed.
     bootstrap_resamples: Annotated[int, Gt(0)] = 1000
     bootstrap_seed: int = 0
+    # Evaluation at scale (raycompat.retrieval.index_eval): the faiss index the gallery is searched through
+    # (flat = exact), and a seeded sample of the queries (0 = all). At the defaults (flat, 0) the report has
+    # only the exact full-ranking matrix; otherwise it adds top-k metrics through the index with 95% intervals.
+    index: IndexConfig = field(default_factory=IndexConfig)
+    queries: Annotated[int, Ge(0)] = 0
+    queries_seed: int = 0
+
+    @property
+    def at_scale(self) -> bool:
+        """Whether the eval stage also evaluates through ``index`` on sampled queries."""
+        return self.index.kind != "flat" or self.queries > 0
 
 
 @dataclass

@@ -25,6 +25,31 @@ def metrics_table(matrix: dict[str, dict], pairs=PAIRS) -> str:
     return "\n".join(rows)
 
 
+def index_eval_lines(index_eval: dict) -> list[str]:
+    """Markdown lines of the evaluation through a faiss index: top-k metrics with their 95% intervals."""
+    idx = index_eval["index"]
+    k = idx["k"]
+    params = {"flat": "exact", "ivf": f"nlist {idx['nlist']}, nprobe {idx['nprobe']}",
+              "ivf_pq": f"nlist {idx['nlist']}, nprobe {idx['nprobe']}, m {idx['pq_m']}, nbits {idx['pq_nbits']}",
+              "hnsw": f"M {idx['hnsw_m']}, efSearch {idx['ef_search']}"}[idx["kind"]]
+    lines = [
+        f"## Through the served index: {idx['kind']} ({params})",
+        "",
+        f"{index_eval['n_sampled']} sampled queries against an index built on the {index_eval['n_gallery']} old "
+        f"gallery features{' on a GPU' if idx['gpu'] else ''}; mAP@{k} is over each query's top-{k} list "
+        f"(divided by min(relevant, {k})), recall@{k} is the overlap with exact search. "
+        "Brackets: bootstrap 95% intervals over the sampled queries.",
+        "",
+        f"| query/gallery | top-1 | top-5 | mAP@{k} | recall@{k} |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for pair, r in index_eval["results"].items():
+        cells = [f"{r[m]:.2f} [{r['intervals'][m][0]:.2f}, {r['intervals'][m][1]:.2f}]"
+                 for m in ("top1", "top5", "mAP@k", "recall@k")]
+        lines.append(f"| {pair} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def backfill_summary(report_html: Location, gate: Optional[dict] = None) -> list[str]:
     """Markdown lines summarising a backfill report (its report.json beside ``report_html``, a path or URI).
 
@@ -75,6 +100,8 @@ def write_eval_report(result: dict, cfg: PipelineConfig, path: Path, backfill: O
     ]
     if "release_gate" in result:
         lines += gate_lines(result["release_gate"])
+    if "index_eval" in result:
+        lines += index_eval_lines(result["index_eval"])
     if "stage_seconds" in result:
         lines += ["| stage | seconds |", "|---|---:|"]
         lines += [f"| {k} | {v} |" for k, v in result["stage_seconds"].items()]

@@ -22,7 +22,7 @@ from raycompat.storage import artifacts
 from raycompat.storage.artifacts import Location, child, staged
 from raycompat.pipeline.config import PipelineConfig
 from raycompat.errors import DataError
-from raycompat.retrieval.evaluate_stores import evaluate_stores
+from raycompat.retrieval.evaluate_stores import evaluate_stores, index_evaluate_stores
 from raycompat.storage.layout import Layout
 from raycompat.models.export import load_model_meta
 from raycompat.pipeline.backfill_stage import stage_backfill_report
@@ -97,12 +97,18 @@ def validation_outcomes(cfg: PipelineConfig) -> Optional[dict[str, QueryOutcomes
 
 def stage_evaluate(cfg: PipelineConfig) -> dict:
     """Evaluate the test-split stores: the cross-model matrix, negative flips, item count, and the release gate
-    (its validation half from the outcomes training saved)."""
+    (its validation half from the outcomes training saved); with ``eval.index`` not flat or ``eval.queries`` > 0,
+    also old/old and new/old through that index on sampled queries (``index_eval``)."""
     layout = Layout.of(cfg.output_dir)
     result = evaluate_stores(layout.store(old_model_name(cfg), "test"), layout.store(new_model_name(cfg), "test"),
                              cfg.eval.chunk_size, per_query=True)
     result["release_gate"] = release_gate(validation_outcomes(cfg), result.pop("per_query"),
                                           cfg.eval.bootstrap_resamples, cfg.eval.bootstrap_seed)
+    if cfg.eval.at_scale:
+        result["index_eval"] = index_evaluate_stores(
+            layout.store(old_model_name(cfg), "test"), layout.store(new_model_name(cfg), "test"), cfg.eval.index,
+            sample=cfg.eval.queries, seed=cfg.eval.queries_seed, chunk_size=cfg.eval.chunk_size,
+            resamples=cfg.eval.bootstrap_resamples)
     result["method"] = cfg.new.method
     result["dataset"] = cfg.data.name
     return result

@@ -1,4 +1,4 @@
-"""Paired bootstrap over queries: a confidence interval of the difference of two models' mean per-query metric.
+"""Bootstrap over queries: intervals of the difference of two models' mean per-query metric, and of one mean.
 
 Both models answer the same queries (e.g. new/old and old/old of one query set), so a
 resample draws query positions once and takes both models' values of those queries:
@@ -65,3 +65,15 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, resamples: int = 1000, con
     low, high = np.quantile(means, [tail, 1.0 - tail])
     return PairedInterval(diff=scale * float(d.mean()), low=scale * float(low), high=scale * float(high),
                           confidence=confidence, resamples=resamples, n=n)
+
+
+def mean_interval(values: np.ndarray, *, resamples: int = 1000, confidence: float = 0.95, seed: int = 0,
+                  scale: float = 1.0) -> tuple[float, float]:
+    """Percentile bootstrap interval ``(low, high)`` of ``scale * mean(values)`` over per-query values.
+
+    The paired interval against all-zero values: the same resampling, one sample.
+    """
+    values = np.asarray(values, np.float64)
+    iv = paired_bootstrap(values, np.zeros_like(values), resamples=resamples, confidence=confidence, seed=seed,
+                          scale=scale)
+    return iv.low, iv.high

@@ -22,7 +22,7 @@ from raycompat.errors import DataError
 _INDEX_BITS = np.uint64(32)
 _INDEX_MASK = np.uint64(0xFFFFFFFF)
 # High word of an excluded item's key: above every finite score's (<= 0xFF800000).
-_EXCLUDED = np.uint64(0xFFFFFFFF) << _INDEX_BITS
+EXCLUDED = np.uint64(0xFFFFFFFF) << _INDEX_BITS
 _TOP5 = 5
 
 
@@ -53,15 +53,12 @@ def relevance_mask(query_labels: np.ndarray, gallery_labels: np.ndarray, exclude
     return relevant
 
 
-def ranking_keys(scores: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
-    """uint64 keys whose ascending order per row is the ranking rule; excluded items sort last.
+def descending_bits(scores: np.ndarray) -> np.ndarray:
+    """uint32 per score whose ascending order is descending score order (equal scores, equal bits).
 
-    High 32 bits: the score's float32 bit pattern mapped to an order-reversing
-    unsigned integer; low 32 bits: the gallery position. Keys are unique, so any
-    sort (no stability needed) yields (score desc, position asc).
+    The high word of :func:`ranking_keys`: the float32 bit pattern mapped to an
+    order-reversing unsigned integer; finite scores map to <= 0xFF800000.
     """
-    if scores.ndim != 2:
-        raise DataError(f"scores: expected a 2-D (queries x gallery) block, got shape {scores.shape}")
     # + 0.0 folds -0.0 into +0.0: they compare equal, so they must tie.
     bits = (np.asarray(scores, dtype=np.float32) + np.float32(0.0)).view(np.int32)
     # Flipping a negative float's magnitude bits makes int32 order float order; then
@@ -69,11 +66,23 @@ def ranking_keys(scores: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
     bits ^= (bits >> 31) & np.int32(0x7FFFFFFF)
     desc = bits.view(np.uint32)
     desc ^= np.uint32(0x7FFFFFFF)
-    keys = desc.astype(np.uint64)
+    return desc
+
+
+def ranking_keys(scores: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
+    """uint64 keys whose ascending order per row is the ranking rule; excluded items sort last.
+
+    High 32 bits: :func:`descending_bits` of the score; low 32 bits: the gallery
+    position. Keys are unique, so any sort (no stability needed) yields (score
+    desc, position asc).
+    """
+    if scores.ndim != 2:
+        raise DataError(f"scores: expected a 2-D (queries x gallery) block, got shape {scores.shape}")
+    keys = descending_bits(scores).astype(np.uint64)
     keys <<= _INDEX_BITS
     keys |= np.arange(scores.shape[1], dtype=np.uint64)
     if exclude is not None:
-        keys[exclude] |= _EXCLUDED
+        keys[exclude] |= EXCLUDED
     return keys
 
 

@@ -62,7 +62,8 @@ def chunk_ranges(n: int, chunk_size: int) -> Iterator[tuple[int, int]]:
 
 
 @functools.cache
-def _gpu_resources() -> faiss.StandardGpuResources:
+def gpu_resources() -> faiss.StandardGpuResources:
+    """The process's faiss GPU resources (created on first use)."""
     # One per process: each instance reserves its own GPU scratch memory.
     return faiss.StandardGpuResources()
 
@@ -91,7 +92,11 @@ class Gallery:
         else:
             self._vectors, self._inverse = np.ascontiguousarray(vectors[first]), inverse.ravel()
             logger.debug("%s: %d duplicate vectors scored once", name, self.size - len(first))
-        self._gpu = _gpu_resources() if faiss.get_num_gpus() > 0 else None
+        self._gpu = gpu_resources() if faiss.get_num_gpus() > 0 else None
+
+    def vectors(self) -> np.ndarray:
+        """The normalised features of every item, in gallery order (duplicates included)."""
+        return self._vectors if self._inverse is None else self._vectors[self._inverse]
 
     def scores(self, queries: np.ndarray) -> np.ndarray:
         """Inner products of normalised float32 queries (chunk x dim) with every item: chunk x size."""
