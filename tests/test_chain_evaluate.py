@@ -149,6 +149,8 @@ def test_bench_runs_every_chain_with_every_method(tmp_path, monkeypatch):
         assert methods["l2"]["matrix_top1"] == [[50.0], [49.0, 60.0]]
     assert "Criterion not checked" in path.with_suffix(".md").read_text()  # no bct among these methods
     assert "## Diagnosis" not in path.with_suffix(".md").read_text()
+    # 4 runs x generations recorded at 1 s + 2 s.
+    assert "as recorded when they ran: 12 s in all" in path.with_suffix(".md").read_text()
     # A rerun with notes: the reading goes under Diagnosis, with the file it came from.
     path = chain_bench.run_chain_bench(cfg, tmp_path / "results", name="chain_test", notes="AC is 1 on **both**.",
                                        notes_file="notes.md")
