@@ -34,7 +34,7 @@ from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStore, read_quarantine
 from raycompat.errors import ConfigError, DataError, FeatureStoreError
 from raycompat.models.backbones import EmbeddingModel
-from raycompat.pipeline.extract import ExtractorSpec, plan_pieces, plan_pool
+from raycompat.pipeline.extract import ExtractorSpec, covered_row_groups, plan_pieces, plan_pool
 from raycompat.pipeline.sources import (IMAGE_SHAPE_KEY, ImageCodec, Shard, decode_images, open_source,
                                         prepare_gallery)
 
@@ -134,13 +134,29 @@ def _shard(path, groups):
 def test_pieces_group_row_groups_of_one_shard_to_a_minimum():
     pieces = plan_pieces([_shard("a", [300, 300, 300, 300, 100]), _shard("b", [5000]), _shard("c", []),
                           _shard("d", [0, 10])], min_rows=512)
-    assert pieces == [{"path": "a", "first": 0, "count": 2}, {"path": "a", "first": 2, "count": 2},
-                      {"path": "a", "first": 4, "count": 1},
-                      {"path": "b", "first": 0, "count": 1}, {"path": "d", "first": 0, "count": 2}]
+    assert [(p["path"], p["first"], p["count"]) for p in pieces] == [
+        ("a", 0, 2), ("a", 2, 2), ("a", 4, 1), ("b", 0, 1), ("d", 0, 2)]
+    # Part names follow from row groups; a piece that is the whole shard keeps the shard's name.
+    assert [p["part"] for p in pieces] == ["a.rg00000-00001", "a.rg00002-00003", "a.rg00004-00004", "b", "d"]
+    assert [p["rows"] for p in pieces] == [600, 600, 100, 5000, 10] and all(p["stores"] == [0] for p in pieces)
     # Every row group of every shard is in exactly one piece.
     for shard in (["a", 5], ["b", 1], ["d", 2]):
         covered = [g for p in pieces if p["path"] == shard[0] for g in range(p["first"], p["first"] + p["count"])]
         assert covered == list(range(shard[1]))
+
+
+def test_resume_plans_only_row_groups_a_store_lacks_whatever_batch_size_wrote_the_rest():
+    shards = [_shard("a", [300] * 6), _shard("b", [5000]), _shard("c", [100, 100])]
+    # Store 0 was written with larger pieces (and a legacy whole-shard part for c); store 1 has a piece
+    # of a and all of b; names of no shard of the source are ignored.
+    covered = [covered_row_groups(shards, {"a.rg00000-00003", "c", "gone.rg00000-00001"}),
+               covered_row_groups(shards, {"a.rg00000-00001", "b"})]
+    assert covered == [{"a": {0, 1, 2, 3}, "c": {0, 1}}, {"a": {0, 1}, "b": {0}}]
+    pieces = plan_pieces(shards, min_rows=512, covered=covered)
+    assert [(p["part"], p["stores"]) for p in pieces] == [
+        ("a.rg00002-00003", [1]), ("a.rg00004-00005", [0, 1]), ("b", [0]), ("c", [1])]
+    with pytest.raises(DataError, match="also names a piece of shard 'a'"):
+        covered_row_groups([_shard("a", [1]), _shard("a.rg00000-00000", [1])], {"a.rg00000-00000"})
 
 
 NAN_MODULE = '''
@@ -166,14 +182,20 @@ def _nan_shard(tmp_path: Path, monkeypatch) -> tuple[Shard, set[str]]:
     return Shard(str(tmp_path / "shard.parquet"), 10, "00000", (4, 4, 2)), {"r3", "r7"}
 
 
-def _featurised(shard: Shard, spec: ExtractorSpec = ExtractorSpec("nan", "1", "nan_extractor:mean_or_nan")
-                ) -> pa.Table:
+def _extract_piece(shard: Shard, store: Path, quarantine: bool = False,
+                   spec: ExtractorSpec = ExtractorSpec("nan", "1", "nan_extractor:mean_or_nan")) -> pa.Table:
+    """What one extraction actor returns for the whole of ``shard`` as one piece, committed in ``store``."""
     import pyarrow.fs as pafs
 
-    from raycompat.pipeline.extract import _ExtractPieces
+    from raycompat.data.feature_store import FeatureStoreWriter
+    from raycompat.pipeline.extract import StoreSpec, _ExtractPieces
 
-    actor = _ExtractPieces([spec], [3], ImageCodec("list", (1, 2, 2)), True, pafs.LocalFileSystem(), 4, 1, "cpu")
-    return actor(pa.table({"path": [shard.path], "first": [0], "count": [3]}))
+    target = StoreSpec(str(store), spec.name, spec.version, 3)
+    FeatureStoreWriter(target.uri, target.model, target.version, target.dim)  # the driver creates the store
+    actor = _ExtractPieces([spec], [target], ImageCodec("list", (1, 2, 2)), True, pafs.LocalFileSystem(), 4, 1,
+                           "cpu", quarantine)
+    return actor(pa.table({"path": [shard.path], "first": [0], "count": [3], "part": [shard.part],
+                           "rows": [shard.rows], "stores": [[0]]}))
 
 
 def test_an_http_extractor_that_never_answers_fails_after_the_configured_timeout_and_retries(tmp_path, monkeypatch):
@@ -192,7 +214,7 @@ def test_an_http_extractor_that_never_answers_fails_after_the_configured_timeout
     try:
         with pytest.raises(DataError, match=rf"^extractor {url}: no answer within 0.3 s, 2 tries "
                                             r"\(old.http_timeout_s, old.http_retries\)$"):
-            _featurised(shard, old_extractor_spec(cfg))
+            _extract_piece(shard, tmp_path / "store", spec=old_extractor_spec(cfg))
     finally:
         silent.close()
     assert time.perf_counter() - start < 3
@@ -210,26 +232,25 @@ def test_http_timeout_and_retries_are_validated_config_keys():
 
 def test_non_finite_features_fail_naming_record_and_shard(tmp_path, monkeypatch):
     from raycompat.data.feature_store import FeatureStoreWriter
-    from raycompat.pipeline.extract import _ShardCommitter
 
     shard, bad = _nan_shard(tmp_path, monkeypatch)
-    rows = _featurised(shard)
-    writer = FeatureStoreWriter(tmp_path / "store", "nan", "1", 3)
     with pytest.raises(DataError, match=rf"{shard.path}: record r3: extractor nan_extractor:mean_or_nan "
-                                        r"returned non-finite features \(NaN or inf\)"):
-        _ShardCommitter([shard], [writer], [3], None, None).add(rows)
-    assert writer.completed_parts() == set()
+                                        r"returned non-finite features \(NaN or inf\) "
+                                        r"\(extract.on_error: quarantine skips such records\)"):
+        _extract_piece(shard, tmp_path / "store")
+    assert FeatureStoreWriter(tmp_path / "store", "nan", "1", 3).completed_parts() == set()
 
 
-def test_non_finite_features_are_quarantined_and_the_store_stays_finite(tmp_path, monkeypatch):
-    from raycompat.data.feature_store import FeatureStoreWriter, QuarantineWriter
-    from raycompat.pipeline.extract import _ShardCommitter
+def test_non_finite_features_are_quarantined_and_only_metadata_leaves_the_actor(tmp_path, monkeypatch):
+    from raycompat.data.feature_store import FeatureStoreWriter
+    from raycompat.pipeline.part_pool import RESULT_SCHEMA
 
     shard, bad = _nan_shard(tmp_path, monkeypatch)
-    writer = FeatureStoreWriter(tmp_path / "store", "nan", "1", 3)
-    committer = _ShardCommitter([shard], [writer], [3], [QuarantineWriter(tmp_path / "store")], None)
-    committer.add(_featurised(shard))
-    writer.finalize()
+    result = _extract_piece(shard, tmp_path / "store", quarantine=True)
+    # The actor committed the part itself; the driver gets one small row per piece, no feature.
+    assert result.schema.equals(RESULT_SCHEMA)
+    assert result.to_pylist() == [{"part": "00000", "records": 10, "rows": 8, "quarantined": 2, "error": ""}]
+    FeatureStoreWriter(tmp_path / "store", "nan", "1", 3).finalize()
     store = FeatureStore.open(tmp_path / "store").to_numpy()
     assert sorted(store["id"]) == sorted({f"r{i}" for i in range(10)} - bad)
     assert np.isfinite(store["feature"]).all()
