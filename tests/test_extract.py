@@ -387,6 +387,86 @@ def test_killed_driver_resumes_to_the_clean_result(ray_address, models, clean_ru
         assert path.read_bytes() == data
 
 
+def _small_row_group_gallery(root: Path) -> str:
+    """Three 40-row digits shards with 8-row row groups (5 per shard), so shards split into pieces."""
+    split = load_dataset(DataConfig(name="digits")).test
+    gallery = prepare_gallery(split.subset(np.arange(120)), str(root / "prepared"), 40)
+    (root / "shards").mkdir()
+    for path in sorted(Path(gallery).glob("shard-*.parquet")):
+        pq.write_table(pq.read_table(path), root / "shards" / path.name, row_group_size=8)
+    return str(root / "shards")
+
+
+@pytest.mark.ray
+def test_parts_written_but_not_committed_resume_to_every_id_exactly_once(ray_address, models, tmp_path,
+                                                                         monkeypatch):
+    """A crash between an actor's part file and its commit record, in one store and not the other,
+    resumed with another batch size: uncommitted files are overwritten or removed, never counted."""
+    import json
+
+    from raycompat.pipeline import extract, part_pool
+    from raycompat.pipeline.extract import run_extraction
+
+    source = _small_row_group_gallery(tmp_path)
+    expected = run_extraction(PipelineConfig(output_dir=str(tmp_path / "clean"), extract=ExtractConfig(batch_size=4)),
+                              "test", specs(models), source_uri=source)
+    clean = {name: read_store(path) for name, path in expected.items()}
+
+    cfg = PipelineConfig(output_dir=str(tmp_path / "run"), extract=ExtractConfig(batch_size=8))
+    paths = {name: Path(p) for name, p in run_extraction(cfg, "test", specs(models), source_uri=source).items()}
+    # Pieces of 32 rows at batch size 8: row groups 0-3 and 4 of each shard.
+    assert sorted(p.stem for p in (paths["old"] / "_parts").glob("*.json")) == [
+        f"shard-0000{i}.rg0000{a}-0000{b}" for i in range(3) for a, b in ((0, 3), (4, 4))]
+    # The crash: part files written, commit records not (old: one piece; slow: two, one file torn).
+    (paths["old"] / "_parts" / "shard-00001.rg00000-00003.json").unlink()
+    (paths["slow"] / "_parts" / "shard-00000.rg00000-00003.json").unlink()
+    (paths["slow"] / "_parts" / "shard-00002.rg00004-00004.json").unlink()
+    (paths["slow"] / "part-shard-00002.rg00004-00004.parquet").write_bytes(b"torn")
+    for path in paths.values():
+        manifest = json.loads((path / "_manifest.json").read_text())
+        (path / "_manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    kept = {f: f.read_bytes() for p in paths.values() for f in p.glob("part-*.parquet")
+            if (p / "_parts" / f"{f.stem[len('part-'):]}.json").exists()}
+
+    results = []
+
+    def spy(*args, **kwargs):
+        for row in part_pool.run_part_pool(*args, **kwargs):
+            results.append(row)
+            yield row
+
+    monkeypatch.setattr(extract, "run_part_pool", spy)
+    cfg.extract.batch_size = 4  # pieces of 16 rows now: 2 row groups
+    run_extraction(cfg, "test", specs(models), source_uri=source)
+    # Only what a store lacked was extracted, for that store; the driver got metadata rows only.
+    assert sorted(r["part"] for r in results) == [
+        "shard-00000.rg00000-00001", "shard-00000.rg00002-00003", "shard-00001.rg00000-00001",
+        "shard-00001.rg00002-00003", "shard-00002.rg00004-00004"]
+    assert all(set(r) == set(part_pool.RESULT_SCHEMA.names) for r in results)
+    for name, path in paths.items():
+        resumed = read_store(str(path))
+        assert len(set(resumed["id"])) == len(resumed["id"]) == 120
+        np.testing.assert_array_equal(resumed["id"], clean[name]["id"])
+        np.testing.assert_allclose(resumed["feature"], clean[name]["feature"], rtol=1e-5, atol=1e-6)
+    assert not (paths["old"] / "part-shard-00001.rg00000-00003.parquet").exists()  # removed by finalize
+    assert not (paths["slow"] / "part-shard-00000.rg00000-00003.parquet").exists()
+    assert (paths["slow"] / "_parts" / "shard-00002.rg00004-00004.json").exists()  # the torn file, rewritten
+    for path, data in kept.items():  # committed parts were not rewritten
+        assert path.read_bytes() == data
+
+
+@pytest.mark.ray
+def test_the_driver_refuses_blocks_other_than_part_metadata(ray_address):
+    from raycompat.pipeline.part_pool import PoolPlan, run_part_pool
+
+    class Leaky:
+        def __call__(self, items: pa.Table) -> pa.Table:
+            return items.append_column("feature", pa.array([[0.5, 0.5]] * items.num_rows))
+
+    with pytest.raises(DataError, match=r"a work item returned columns \['part', 'feature'\] to the driver"):
+        list(run_part_pool([{"part": "a"}], Leaky, {}, PoolPlan(1, 1.0, 0.0, 1)))
+
+
 @pytest.fixture()
 def corrupt_folder(tmp_path) -> tuple[Path, set[str]]:
     """An image folder of 24 8x8 PNGs per split, three of the test ones corrupt."""
