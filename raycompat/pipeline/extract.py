@@ -301,8 +301,7 @@ def _stream(cfg: ExtractConfig, source: GallerySource, pieces: list[dict[str, ob
         "device": "cuda" if plan.num_gpus > 0 else "cpu", "quarantine": cfg.on_error == "quarantine",
     }
     featurised = quarantined = 0
-    # The caller draws its own bar; Ray Data's would interleave with it.
-    for row in run_part_pool(pieces, _ExtractPieces, kwargs, plan, progress_bars=progress is None):
+    for row in run_part_pool(pieces, _ExtractPieces, kwargs, plan):
         piece = expected.pop(row["part"], None)
         if piece is None:
             raise DataError(f"extraction returned piece {row['part']}, which is not a pending piece")
