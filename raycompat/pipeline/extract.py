@@ -1,8 +1,8 @@
-"""Gallery extraction with Ray Data: shards -> black-box extractors -> Parquet feature stores.
+"""Gallery extraction with Ray actors: shards -> black-box extractors -> Parquet feature stores.
 
 The pipeline (one pass, however many extractors)::
 
-    pieces of shards -> map_batches(_ExtractPieces, actor pool)         -> driver
+    pieces of shards -> _ExtractPieces actor pool (part_pool)           -> driver
     (path, row groups,  read the piece's row groups, decode per record,   one metadata row
      part name, stores) run every extractor once per batch, commit the     per piece; finalize
                         piece as one part of every store lacking it        from footers
@@ -176,7 +176,7 @@ class StoreSpec:
 
 
 class _ExtractPieces:
-    """Ray Data callable class: read pieces of shards, featurise them and commit each piece as a part.
+    """Pool callable class: read pieces of shards, featurise them and commit each piece as a part.
 
     Each actor loads the extractors once. Per piece it reads the row groups, decodes per
     record, runs the extractor of every store that lacks the piece, and commits the
@@ -291,9 +291,9 @@ def _stream(cfg: ExtractConfig, source: GallerySource, pieces: list[dict[str, ob
     log.info("extraction pool: %d actors x (%.2f CPU, %.2f GPU, %d threads), batch %d",
              plan.size, plan.num_cpus, plan.num_gpus, plan.threads, cfg.batch_size)
     # Shards are listed and sized already (their footers), so pieces are planned from the
-    # footers instead of through read_parquet: in ray 2.60 that adds a 1-CPU listing task and
-    # footer-reader actors (~7 s before the first block on 2 cores) and bin-packs all shards
-    # into 128 MiB blocks, which left one actor doing all the work.
+    # footers instead of through Ray Data's read_parquet: in ray 2.60 that adds a 1-CPU listing
+    # task and footer-reader actors (~7 s before the first block on 2 cores) and bin-packs all
+    # shards into 128 MiB blocks, which left one actor doing all the work.
     expected = {piece["part"]: piece for piece in pieces}
     kwargs = {
         "specs": extractors, "stores": stores, "codec": source.codec, "has_label": source.has_label,

@@ -1,7 +1,7 @@
 """Parts are written where they are computed: the one design of extraction and FCT transform.
 
-Both stages run work items (a piece of a shard; a part of the old store) through a Ray
-Data actor pool whose actors compute features and commit them as feature-store parts
+Both stages run work items (a piece of a shard; a part of the old store) through a
+pool of Ray actors (:func:`run_part_pool`) that compute features and commit them as feature-store parts
 themselves (:meth:`raycompat.data.feature_store.FeatureStoreWriter.write_part`: Parquet
 file to a temporary name, rename, then the part's commit record). What reaches the
 driver is one small metadata row per work item (:data:`RESULT_SCHEMA`), never a

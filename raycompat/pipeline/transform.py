@@ -1,4 +1,4 @@
-"""FCT gallery update: apply a trained transformation h to stored old (+ side-info) features with Ray Data.
+"""FCT gallery update: apply a trained transformation h to stored old (+ side-info) features with Ray actors.
 
 The "backfill" of FCT: no image is read, no backbone runs. Input, for ``split``::
 
@@ -11,8 +11,8 @@ feature store of model ``<transformation name>`` (``fct``, ``fct-side``, ``fct-u
 holding h(old, side) for every id of the old store, its label, and with FastFill's
 uncertainty head a scalar ``sigma`` column (the backfill order: largest first).
 
-Unit of work and of resume = a part of the old store. Ray Data streams the pending
-part names through an actor pool (GPU actors when the cluster has GPUs); each actor
+Unit of work and of resume = a part of the old store. The pending part names go
+through an actor pool (GPU actors when the cluster has GPUs); each actor
 holds h, reads the old part and the side-info part of the same name, joins them by
 id, applies h in batches and commits the output part itself (temporary file + rename,
 then its commit record, via :class:`FeatureStoreWriter`), so features never travel
@@ -101,7 +101,7 @@ def _floats(column: pa.ChunkedArray) -> np.ndarray:
 
 
 class _TransformParts:
-    """Ray Data callable class: transform whole parts and commit each in the output store.
+    """Pool callable class: transform whole parts and commit each in the output store.
 
     Output per input part: one :data:`~raycompat.pipeline.part_pool.RESULT_SCHEMA` row,
     with ``error`` empty or why the part failed (bad input data is reported to the driver
