@@ -15,9 +15,9 @@ write path.
   per-record decode, actor pool, parts written by the actors, finalized. Each Ray run
   is its own driver process with its own local Ray (``ray.init`` untimed: a cluster is
   up before jobs are submitted), timed from the call to its return, so it includes
-  actor start-up. That process measures itself with ``resource.getrusage``: its peak
-  RSS over its life (imports, Ray and the model probe included) and the CPU seconds
-  (user + system, all threads) spent inside ``run_extraction``.
+  actor start-up. That process measures itself: its peak RSS over its life (VmHWM;
+  imports, Ray and the model probe included) and, with ``resource.getrusage``, the CPU
+  seconds (user + system, all threads) spent inside ``run_extraction``.
 
 The throughput comparison (``ratio``, plain seconds over Ray seconds) runs at
 ``--images`` and 64-d, ``--rounds`` alternating plain/Ray pairs (medians; this VM's
@@ -110,6 +110,16 @@ def plain_loop(model_path: Path, images: np.ndarray, batch_size: int, threads: i
     return time.perf_counter() - start, np.concatenate(feats)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MB: VmHWM, which (unlike ``ru_maxrss``) does not
+    carry over the parent's peak across fork + exec."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def driver_main(job: dict) -> None:
     """One Ray extraction as its own driver process; prints its measurements as JSON (last line)."""
     import ray
@@ -118,6 +128,7 @@ def driver_main(job: dict) -> None:
     cfg = PipelineConfig(output_dir=job["output_dir"],
                          extract=ExtractConfig(batch_size=job["batch_size"], rows_per_file=job["rows_per_file"]))
     progress = ProgressTimes()
+    rss_before = peak_rss_mb()
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     stores = run_extraction(cfg, "train", [ExtractorSpec("old", "1", job["model"])], job["gallery"], progress)
@@ -129,7 +140,7 @@ def driver_main(job: dict) -> None:
         "seconds": seconds, "store": stores["old"], "startup": progress.first - start,
         "steady_images_per_s": (progress.total - progress.first_rows) / steady,
         "driver_cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
-        "driver_rss_before_mb": before.ru_maxrss / 1024, "driver_peak_rss_mb": after.ru_maxrss / 1024,
+        "driver_rss_before_mb": rss_before, "driver_peak_rss_mb": peak_rss_mb(),
     }))
 
 
@@ -177,8 +188,8 @@ Start-up (call to the first piece reported): {r['ray_startup_seconds']:.1f} s, {
 ## The driver
 
 Each Ray run is a driver process of its own; CPU = user + system seconds of all its threads inside
-`run_extraction`, peak RSS = its high-water mark over its whole life (`before` = the mark when `run_extraction`
-was called: imports, `ray.init`).
+`run_extraction` (getrusage), peak RSS = its high-water mark over its whole life (VmHWM; `before` = the mark
+when `run_extraction` was called: imports, `ray.init`).
 
 | dim | images | seconds | driver CPU s | RSS before MB | peak RSS MB |
 |---:|---:|---:|---:|---:|---:|
