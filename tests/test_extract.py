@@ -183,7 +183,7 @@ def _nan_shard(tmp_path: Path, monkeypatch) -> tuple[Shard, set[str]]:
 
 
 def _extract_piece(shard: Shard, store: Path, quarantine: bool = False,
-                   spec: ExtractorSpec = ExtractorSpec("nan", "1", "nan_extractor:mean_or_nan")) -> pa.Table:
+                   spec: ExtractorSpec = ExtractorSpec("nan", "1", "nan_extractor:mean_or_nan")) -> dict:
     """What one extraction actor returns for the whole of ``shard`` as one piece, committed in ``store``."""
     import pyarrow.fs as pafs
 
@@ -194,8 +194,8 @@ def _extract_piece(shard: Shard, store: Path, quarantine: bool = False,
     FeatureStoreWriter(target.uri, target.model, target.version, target.dim)  # the driver creates the store
     actor = _ExtractPieces([spec], [target], ImageCodec("list", (1, 2, 2)), True, pafs.LocalFileSystem(), 4, 1,
                            "cpu", quarantine)
-    return actor(pa.table({"path": [shard.path], "first": [0], "count": [3], "part": [shard.part],
-                           "rows": [shard.rows], "stores": [[0]]}))
+    return actor({"path": shard.path, "first": 0, "count": 3, "part": shard.part, "rows": shard.rows,
+                  "stores": [0]})
 
 
 def test_an_http_extractor_that_never_answers_fails_after_the_configured_timeout_and_retries(tmp_path, monkeypatch):
@@ -233,7 +233,7 @@ def test_http_timeout_and_retries_are_validated_config_keys():
 def test_non_finite_features_fail_naming_record_and_shard(tmp_path, monkeypatch):
     from raycompat.data.feature_store import FeatureStoreWriter
 
-    shard, bad = _nan_shard(tmp_path, monkeypatch)
+    shard, _ = _nan_shard(tmp_path, monkeypatch)
     with pytest.raises(DataError, match=rf"{shard.path}: record r3: extractor nan_extractor:mean_or_nan "
                                         r"returned non-finite features \(NaN or inf\) "
                                         r"\(extract.on_error: quarantine skips such records\)"):
@@ -243,13 +243,11 @@ def test_non_finite_features_fail_naming_record_and_shard(tmp_path, monkeypatch)
 
 def test_non_finite_features_are_quarantined_and_only_metadata_leaves_the_actor(tmp_path, monkeypatch):
     from raycompat.data.feature_store import FeatureStoreWriter
-    from raycompat.pipeline.part_pool import RESULT_SCHEMA
 
     shard, bad = _nan_shard(tmp_path, monkeypatch)
     result = _extract_piece(shard, tmp_path / "store", quarantine=True)
     # The actor committed the part itself; the driver gets one small row per piece, no feature.
-    assert result.schema.equals(RESULT_SCHEMA)
-    assert result.to_pylist() == [{"part": "00000", "records": 10, "rows": 8, "quarantined": 2, "error": ""}]
+    assert result == {"part": "00000", "records": 10, "rows": 8, "quarantined": 2, "error": ""}
     FeatureStoreWriter(tmp_path / "store", "nan", "1", 3).finalize()
     store = FeatureStore.open(tmp_path / "store").to_numpy()
     assert sorted(store["id"]) == sorted({f"r{i}" for i in range(10)} - bad)
@@ -442,7 +440,7 @@ def test_parts_written_but_not_committed_resume_to_every_id_exactly_once(ray_add
     assert sorted(r["part"] for r in results) == [
         "shard-00000.rg00000-00001", "shard-00000.rg00002-00003", "shard-00001.rg00000-00001",
         "shard-00001.rg00002-00003", "shard-00002.rg00004-00004"]
-    assert all(set(r) == set(part_pool.RESULT_SCHEMA.names) for r in results)
+    assert all(list(r) == list(part_pool.RESULT_FIELDS) for r in results)
     for name, path in paths.items():
         resumed = read_store(str(path))
         assert len(set(resumed["id"])) == len(resumed["id"]) == 120
@@ -456,14 +454,15 @@ def test_parts_written_but_not_committed_resume_to_every_id_exactly_once(ray_add
 
 
 @pytest.mark.ray
-def test_the_driver_refuses_blocks_other_than_part_metadata(ray_address):
-    from raycompat.pipeline.part_pool import PoolPlan, run_part_pool
+def test_the_pool_ships_only_part_metadata_to_the_driver(ray_address):
+    from raycompat.pipeline.part_pool import PoolPlan, result_row, run_part_pool
 
     class Leaky:
-        def __call__(self, items: pa.Table) -> pa.Table:
-            return items.append_column("feature", pa.array([[0.5, 0.5]] * items.num_rows))
+        def __call__(self, item: dict) -> dict:
+            return {**result_row(item["part"], 1, 1), "feature": [0.5, 0.5]}
 
-    with pytest.raises(DataError, match=r"a work item returned columns \['part', 'feature'\] to the driver"):
+    with pytest.raises(DataError, match=r"^a work item returned \['part', 'records', 'rows', 'quarantined', "
+                                        r"'error', 'feature'\] for the driver, expected only the part metadata"):
         list(run_part_pool([{"part": "a"}], Leaky, {}, PoolPlan(1, 1.0, 0.0, 1)))
 
 

@@ -49,7 +49,7 @@ from raycompat.data.feature_store import MISSING_LABEL, FeatureStoreWriter, Quar
 from raycompat.errors import ConfigError, DataError
 from raycompat.models.extractor import Extractor, load_extractor
 from raycompat.pipeline.config import ExtractConfig, PipelineConfig
-from raycompat.pipeline.part_pool import plan_pool, result_table, run_part_pool
+from raycompat.pipeline.part_pool import plan_pool, result_row, run_part_pool
 from raycompat.pipeline.ray_session import cluster_cpus_gpus, init_ray
 from raycompat.pipeline.sources import (
     GallerySource,
@@ -181,8 +181,8 @@ class _ExtractPieces:
     Each actor loads the extractors once. Per piece it reads the row groups, decodes per
     record, runs the extractor of every store that lacks the piece, and commits the
     features as part ``item["part"]`` of those stores itself. Images and features never
-    leave the actor: its output is one :data:`~raycompat.pipeline.part_pool.RESULT_SCHEMA`
-    row per piece. A record that cannot be featurised (an undecodable image, or
+    leave the actor: its output is one :func:`~raycompat.pipeline.part_pool.result_row`
+    per piece. A record that cannot be featurised (an undecodable image, or
     non-finite features from any extractor) raises DataError naming record and shard
     with ``quarantine`` False; with True it is written with its reason to the quarantine
     table of those stores, before the part.
@@ -203,10 +203,7 @@ class _ExtractPieces:
         self._batch_size = batch_size
         self._columns = ["id", "image", "label"] if has_label else ["id", "image"]
 
-    def __call__(self, items: pa.Table) -> pa.Table:
-        return result_table([self._piece(item) for item in items.to_pylist()])
-
-    def _piece(self, item: dict) -> dict:
+    def __call__(self, item: dict) -> dict:
         path, part, targets = item["path"], item["part"], item["stores"]
         groups = list(range(item["first"], item["first"] + item["count"]))
         batches = []  # a piece has rows (planned from footers), so at least one batch
@@ -233,8 +230,7 @@ class _ExtractPieces:
             feats = np.concatenate([b[3][store] for b in batches])
             self._writers[store].write_part(part, ids.filter(pa.array(~failed)), labels[~failed], feats[~failed],
                                             sources=[path])
-        return {"part": part, "records": len(ids), "rows": len(ids) - len(bad_ids), "quarantined": len(bad_ids),
-                "error": ""}
+        return result_row(part, len(ids), len(ids) - len(bad_ids), len(bad_ids))
 
     def _featurise(self, batch: pa.Table, path: str, targets: list[int]
                    ) -> tuple[pa.Array, np.ndarray, list[tuple[int, str]], dict[int, np.ndarray]]:

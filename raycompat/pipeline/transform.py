@@ -41,7 +41,7 @@ from raycompat.pipeline.config import PipelineConfig
 from raycompat.data.feature_store import MISSING_LABEL, SCALAR, FeatureStore, FeatureStoreWriter
 from raycompat.errors import DataError, FeatureStoreError, RaycompatError
 from raycompat.storage.layout import Layout
-from raycompat.pipeline.part_pool import plan_pool, result_table, run_part_pool
+from raycompat.pipeline.part_pool import plan_pool, result_row, run_part_pool
 from raycompat.models.export import load_transformation, transformation_from_state
 from raycompat.pipeline.ray_session import cluster_cpus_gpus, init_ray
 from raycompat.training.fct import transform_features
@@ -103,8 +103,8 @@ def _floats(column: pa.ChunkedArray) -> np.ndarray:
 class _TransformParts:
     """Pool callable class: transform whole parts and commit each in the output store.
 
-    Output per input part: one :data:`~raycompat.pipeline.part_pool.RESULT_SCHEMA` row,
-    with ``error`` empty or why the part failed (bad input data is reported to the driver
+    Output per input part: one :func:`~raycompat.pipeline.part_pool.result_row`, with
+    ``error`` empty or why the part failed (bad input data is reported to the driver
     instead of killing the pool).
     """
 
@@ -136,15 +136,12 @@ class _TransformParts:
         self._writer.write_part(part, ids, labels, h.numpy(), extra, sources)
         return len(ids)
 
-    def __call__(self, items: pa.Table) -> pa.Table:
-        results = []
-        for item in items.to_pylist():
-            try:
-                rows, error = self._transform(item["part"], item["old_file"], item["side_file"]), ""
-            except RaycompatError as exc:
-                rows, error = 0, str(exc)
-            results.append({"part": item["part"], "records": rows, "rows": rows, "quarantined": 0, "error": error})
-        return result_table(results)
+    def __call__(self, item: dict) -> dict:
+        try:
+            rows = self._transform(item["part"], item["old_file"], item["side_file"])
+        except RaycompatError as exc:
+            return result_row(item["part"], 0, 0, error=str(exc))
+        return result_row(item["part"], rows, rows)
 
 
 def _complete(uri: Location) -> bool:
