@@ -177,13 +177,16 @@ batch {r['batch_size']}, Parquet shards of {r['rows_per_file']} rows (row groups
 |---|---:|---:|
 | plain loop (DataLoader + model, eval, inference_mode, {r['plain_threads']} torch threads) | {r['plain_seconds']:.2f} | {r['plain_images_per_s']:.0f} |
 | Ray Data extraction, end to end (read, decode, extract, actors write parts, finalize) | {r['ray_seconds']:.2f} | {r['ray_images_per_s']:.0f} |
-| Ray, steady state (first to last piece reported to the driver) | | {r['ray_steady_images_per_s']:.0f} |
+| Ray, after the first results (first to last call's results at the driver) | | {r['ray_steady_images_per_s']:.0f} |
 
 **Ratio Ray / plain: {r['ratio']:.2f} end to end**, {r['steady_ratio']:.2f} in steady state
 (plain runs: {', '.join(f'{x:.2f}' for x in r['plain_runs_seconds'])} s; Ray runs:
 {', '.join(f'{x:.2f}' for x in r['ray_runs_seconds'])} s). Pool: {r['pool']['size']} actors x
 {r['pool']['threads']} torch thread(s). The stored features equal the plain loop's (max |difference| {r['max_abs_diff']:.1e}).
-Start-up (call to the first piece reported): {r['ray_startup_seconds']:.1f} s, {startup_share:.0%} of Ray's time.
+Call to the first results at the driver: {r['ray_startup_seconds']:.1f} s, {startup_share:.0%} of Ray's time. That is
+start-up (actor processes, imports, model load) plus the first call's pieces: results come back per call of
+several pieces (guided self-scheduling, the first call takes 1/(4 x actors) of the pieces), so this is no longer a
+clean start-up figure, and the rate after it covers the rest of the run.
 
 ## The driver
 
@@ -200,8 +203,10 @@ when `run_extraction` was called: imports, `ray.init`).
 The actors write every part (Parquet file, then its commit record) where they computed the features; the driver
 receives one metadata row per piece (part name, records, rows, quarantined) and finalizes each store from the
 commit records and Parquet footers (ids are read only for parts whose recorded id ranges overlap: none here).
-What is left on the driver that grows with the gallery is per piece, not per row or per feature value: the work
-items, Ray Data's scheduling of one block per piece, and one footer and one record per part at finalize.
+Pieces go to the actors in calls of several (guided self-scheduling), so the number of Ray calls grows with the
+logarithm of the pieces. What is left on the driver that grows with the gallery is per piece, not per row or per
+feature value: the work items and result rows (a few hundred bytes each), and one commit record and one footer
+per part at finalize.
 """
     path.write_text(text)
 
