@@ -1,4 +1,4 @@
-"""Benchmark: Ray Data gallery extraction vs a plain single-process PyTorch loop, and the driver's cost.
+"""Benchmark: Ray gallery extraction vs a plain single-process PyTorch loop, and the driver's cost.
 
     python benchmarks/extraction.py --out benchmarks/results/extraction.json
 
@@ -159,7 +159,7 @@ def write_markdown(path: Path, r: dict, command: str) -> None:
         f"{d['driver_rss_before_mb']:.0f} | {d['driver_peak_rss_mb']:.0f} |" for d in r["driver"])
     scaling = "; ".join(f"{dim}-d: peak RSS x{s['driver_peak_rss_mb']:.2f}, CPU x{s['driver_cpu_s']:.2f}"
                         for dim, s in r["driver_scaling"].items())
-    text = f"""# Extraction: Ray Data vs a plain PyTorch loop, and the driver's cost
+    text = f"""# Extraction: Ray actors vs a plain PyTorch loop, and the driver's cost
 
 ```
 {command}
@@ -176,7 +176,7 @@ batch {r['batch_size']}, Parquet shards of {r['rows_per_file']} rows (row groups
 | | seconds | images/s |
 |---|---:|---:|
 | plain loop (DataLoader + model, eval, inference_mode, {r['plain_threads']} torch threads) | {r['plain_seconds']:.2f} | {r['plain_images_per_s']:.0f} |
-| Ray Data extraction, end to end (read, decode, extract, actors write parts, finalize) | {r['ray_seconds']:.2f} | {r['ray_images_per_s']:.0f} |
+| Ray extraction, end to end (read, decode, extract, actors write parts, finalize) | {r['ray_seconds']:.2f} | {r['ray_images_per_s']:.0f} |
 | Ray, after the first results (first to last call's results at the driver) | | {r['ray_steady_images_per_s']:.0f} |
 
 **Ratio Ray / plain: {r['ratio']:.2f} end to end**, {r['steady_ratio']:.2f} in steady state
