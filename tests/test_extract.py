@@ -34,7 +34,7 @@ from raycompat.data.datasets import load_dataset
 from raycompat.data.feature_store import FeatureStore, read_quarantine
 from raycompat.errors import ConfigError, DataError, FeatureStoreError
 from raycompat.models.backbones import EmbeddingModel
-from raycompat.pipeline.extract import ExtractorSpec, plan_pieces, plan_pool
+from raycompat.pipeline.extract import ExtractorSpec, covered_row_groups, plan_pieces, plan_pool
 from raycompat.pipeline.sources import (IMAGE_SHAPE_KEY, ImageCodec, Shard, decode_images, open_source,
                                         prepare_gallery)
 
@@ -134,13 +134,29 @@ def _shard(path, groups):
 def test_pieces_group_row_groups_of_one_shard_to_a_minimum():
     pieces = plan_pieces([_shard("a", [300, 300, 300, 300, 100]), _shard("b", [5000]), _shard("c", []),
                           _shard("d", [0, 10])], min_rows=512)
-    assert pieces == [{"path": "a", "first": 0, "count": 2}, {"path": "a", "first": 2, "count": 2},
-                      {"path": "a", "first": 4, "count": 1},
-                      {"path": "b", "first": 0, "count": 1}, {"path": "d", "first": 0, "count": 2}]
+    assert [(p["path"], p["first"], p["count"]) for p in pieces] == [
+        ("a", 0, 2), ("a", 2, 2), ("a", 4, 1), ("b", 0, 1), ("d", 0, 2)]
+    # Part names follow from row groups; a piece that is the whole shard keeps the shard's name.
+    assert [p["part"] for p in pieces] == ["a.rg00000-00001", "a.rg00002-00003", "a.rg00004-00004", "b", "d"]
+    assert [p["rows"] for p in pieces] == [600, 600, 100, 5000, 10] and all(p["stores"] == [0] for p in pieces)
     # Every row group of every shard is in exactly one piece.
     for shard in (["a", 5], ["b", 1], ["d", 2]):
         covered = [g for p in pieces if p["path"] == shard[0] for g in range(p["first"], p["first"] + p["count"])]
         assert covered == list(range(shard[1]))
+
+
+def test_resume_plans_only_row_groups_a_store_lacks_whatever_batch_size_wrote_the_rest():
+    shards = [_shard("a", [300] * 6), _shard("b", [5000]), _shard("c", [100, 100])]
+    # Store 0 was written with larger pieces (and a legacy whole-shard part for c); store 1 has a piece
+    # of a and all of b; names of no shard of the source are ignored.
+    covered = [covered_row_groups(shards, {"a.rg00000-00003", "c", "gone.rg00000-00001"}),
+               covered_row_groups(shards, {"a.rg00000-00001", "b"})]
+    assert covered == [{"a": {0, 1, 2, 3}, "c": {0, 1}}, {"a": {0, 1}, "b": {0}}]
+    pieces = plan_pieces(shards, min_rows=512, covered=covered)
+    assert [(p["part"], p["stores"]) for p in pieces] == [
+        ("a.rg00002-00003", [1]), ("a.rg00004-00005", [0, 1]), ("b", [0]), ("c", [1])]
+    with pytest.raises(DataError, match="also names a piece of shard 'a'"):
+        covered_row_groups([_shard("a", [1]), _shard("a.rg00000-00000", [1])], {"a.rg00000-00000"})
 
 
 NAN_MODULE = '''
@@ -166,14 +182,20 @@ def _nan_shard(tmp_path: Path, monkeypatch) -> tuple[Shard, set[str]]:
     return Shard(str(tmp_path / "shard.parquet"), 10, "00000", (4, 4, 2)), {"r3", "r7"}
 
 
-def _featurised(shard: Shard, spec: ExtractorSpec = ExtractorSpec("nan", "1", "nan_extractor:mean_or_nan")
-                ) -> pa.Table:
+def _extract_piece(shard: Shard, store: Path, quarantine: bool = False,
+                   spec: ExtractorSpec = ExtractorSpec("nan", "1", "nan_extractor:mean_or_nan")) -> dict:
+    """What one extraction actor returns for the whole of ``shard`` as one piece, committed in ``store``."""
     import pyarrow.fs as pafs
 
-    from raycompat.pipeline.extract import _ExtractPieces
+    from raycompat.data.feature_store import FeatureStoreWriter
+    from raycompat.pipeline.extract import StoreSpec, _ExtractPieces
 
-    actor = _ExtractPieces([spec], [3], ImageCodec("list", (1, 2, 2)), True, pafs.LocalFileSystem(), 4, 1, "cpu")
-    return actor(pa.table({"path": [shard.path], "first": [0], "count": [3]}))
+    target = StoreSpec(str(store), spec.name, spec.version, 3)
+    FeatureStoreWriter(target.uri, target.model, target.version, target.dim)  # the driver creates the store
+    actor = _ExtractPieces([spec], [target], ImageCodec("list", (1, 2, 2)), True, pafs.LocalFileSystem(), 4, 1,
+                           "cpu", quarantine)
+    return actor({"path": shard.path, "first": 0, "count": 3, "part": shard.part, "rows": shard.rows,
+                  "stores": [0]})
 
 
 def test_an_http_extractor_that_never_answers_fails_after_the_configured_timeout_and_retries(tmp_path, monkeypatch):
@@ -192,7 +214,7 @@ def test_an_http_extractor_that_never_answers_fails_after_the_configured_timeout
     try:
         with pytest.raises(DataError, match=rf"^extractor {url}: no answer within 0.3 s, 2 tries "
                                             r"\(old.http_timeout_s, old.http_retries\)$"):
-            _featurised(shard, old_extractor_spec(cfg))
+            _extract_piece(shard, tmp_path / "store", spec=old_extractor_spec(cfg))
     finally:
         silent.close()
     assert time.perf_counter() - start < 3
@@ -210,26 +232,23 @@ def test_http_timeout_and_retries_are_validated_config_keys():
 
 def test_non_finite_features_fail_naming_record_and_shard(tmp_path, monkeypatch):
     from raycompat.data.feature_store import FeatureStoreWriter
-    from raycompat.pipeline.extract import _ShardCommitter
 
-    shard, bad = _nan_shard(tmp_path, monkeypatch)
-    rows = _featurised(shard)
-    writer = FeatureStoreWriter(tmp_path / "store", "nan", "1", 3)
+    shard, _ = _nan_shard(tmp_path, monkeypatch)
     with pytest.raises(DataError, match=rf"{shard.path}: record r3: extractor nan_extractor:mean_or_nan "
-                                        r"returned non-finite features \(NaN or inf\)"):
-        _ShardCommitter([shard], [writer], [3], None, None).add(rows)
-    assert writer.completed_parts() == set()
+                                        r"returned non-finite features \(NaN or inf\) "
+                                        r"\(extract.on_error: quarantine skips such records\)"):
+        _extract_piece(shard, tmp_path / "store")
+    assert FeatureStoreWriter(tmp_path / "store", "nan", "1", 3).completed_parts() == set()
 
 
-def test_non_finite_features_are_quarantined_and_the_store_stays_finite(tmp_path, monkeypatch):
-    from raycompat.data.feature_store import FeatureStoreWriter, QuarantineWriter
-    from raycompat.pipeline.extract import _ShardCommitter
+def test_non_finite_features_are_quarantined_and_only_metadata_leaves_the_actor(tmp_path, monkeypatch):
+    from raycompat.data.feature_store import FeatureStoreWriter
 
     shard, bad = _nan_shard(tmp_path, monkeypatch)
-    writer = FeatureStoreWriter(tmp_path / "store", "nan", "1", 3)
-    committer = _ShardCommitter([shard], [writer], [3], [QuarantineWriter(tmp_path / "store")], None)
-    committer.add(_featurised(shard))
-    writer.finalize()
+    result = _extract_piece(shard, tmp_path / "store", quarantine=True)
+    # The actor committed the part itself; the driver gets one small row per piece, no feature.
+    assert result == {"part": "00000", "records": 10, "rows": 8, "quarantined": 2, "error": ""}
+    FeatureStoreWriter(tmp_path / "store", "nan", "1", 3).finalize()
     store = FeatureStore.open(tmp_path / "store").to_numpy()
     assert sorted(store["id"]) == sorted({f"r{i}" for i in range(10)} - bad)
     assert np.isfinite(store["feature"]).all()
@@ -364,6 +383,87 @@ def test_killed_driver_resumes_to_the_clean_result(ray_address, models, clean_ru
         np.testing.assert_allclose(resumed["feature"], clean["feature"], rtol=1e-5, atol=1e-6)
     for path, data in files.items():  # parts committed before the kill were not rewritten
         assert path.read_bytes() == data
+
+
+def _small_row_group_gallery(root: Path) -> str:
+    """Three 40-row digits shards with 8-row row groups (5 per shard), so shards split into pieces."""
+    split = load_dataset(DataConfig(name="digits")).test
+    gallery = prepare_gallery(split.subset(np.arange(120)), str(root / "prepared"), 40)
+    (root / "shards").mkdir()
+    for path in sorted(Path(gallery).glob("shard-*.parquet")):
+        pq.write_table(pq.read_table(path), root / "shards" / path.name, row_group_size=8)
+    return str(root / "shards")
+
+
+@pytest.mark.ray
+def test_parts_written_but_not_committed_resume_to_every_id_exactly_once(ray_address, models, tmp_path,
+                                                                         monkeypatch):
+    """A crash between an actor's part file and its commit record, in one store and not the other,
+    resumed with another batch size: uncommitted files are overwritten or removed, never counted."""
+    import json
+
+    from raycompat.pipeline import extract, part_pool
+    from raycompat.pipeline.extract import run_extraction
+
+    source = _small_row_group_gallery(tmp_path)
+    expected = run_extraction(PipelineConfig(output_dir=str(tmp_path / "clean"), extract=ExtractConfig(batch_size=4)),
+                              "test", specs(models), source_uri=source)
+    clean = {name: read_store(path) for name, path in expected.items()}
+
+    cfg = PipelineConfig(output_dir=str(tmp_path / "run"), extract=ExtractConfig(batch_size=8))
+    paths = {name: Path(p) for name, p in run_extraction(cfg, "test", specs(models), source_uri=source).items()}
+    # Pieces of 32 rows at batch size 8: row groups 0-3 and 4 of each shard.
+    assert sorted(p.stem for p in (paths["old"] / "_parts").glob("*.json")) == [
+        f"shard-0000{i}.rg0000{a}-0000{b}" for i in range(3) for a, b in ((0, 3), (4, 4))]
+    # The crash: part files written, commit records not (old: one piece; slow: two, one file torn).
+    (paths["old"] / "_parts" / "shard-00001.rg00000-00003.json").unlink()
+    (paths["slow"] / "_parts" / "shard-00000.rg00000-00003.json").unlink()
+    (paths["slow"] / "_parts" / "shard-00002.rg00004-00004.json").unlink()
+    (paths["slow"] / "part-shard-00002.rg00004-00004.parquet").write_bytes(b"torn")
+    for path in paths.values():
+        manifest = json.loads((path / "_manifest.json").read_text())
+        (path / "_manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    kept = {f: f.read_bytes() for p in paths.values() for f in p.glob("part-*.parquet")
+            if (p / "_parts" / f"{f.stem[len('part-'):]}.json").exists()}
+
+    results = []
+
+    def spy(*args, **kwargs):
+        for row in part_pool.run_part_pool(*args, **kwargs):
+            results.append(row)
+            yield row
+
+    monkeypatch.setattr(extract, "run_part_pool", spy)
+    cfg.extract.batch_size = 4  # pieces of 16 rows now: 2 row groups
+    run_extraction(cfg, "test", specs(models), source_uri=source)
+    # Only what a store lacked was extracted, for that store; the driver got metadata rows only.
+    assert sorted(r["part"] for r in results) == [
+        "shard-00000.rg00000-00001", "shard-00000.rg00002-00003", "shard-00001.rg00000-00001",
+        "shard-00001.rg00002-00003", "shard-00002.rg00004-00004"]
+    assert all(list(r) == list(part_pool.RESULT_FIELDS) for r in results)
+    for name, path in paths.items():
+        resumed = read_store(str(path))
+        assert len(set(resumed["id"])) == len(resumed["id"]) == 120
+        np.testing.assert_array_equal(resumed["id"], clean[name]["id"])
+        np.testing.assert_allclose(resumed["feature"], clean[name]["feature"], rtol=1e-5, atol=1e-6)
+    assert not (paths["old"] / "part-shard-00001.rg00000-00003.parquet").exists()  # removed by finalize
+    assert not (paths["slow"] / "part-shard-00000.rg00000-00003.parquet").exists()
+    assert (paths["slow"] / "_parts" / "shard-00002.rg00004-00004.json").exists()  # the torn file, rewritten
+    for path, data in kept.items():  # committed parts were not rewritten
+        assert path.read_bytes() == data
+
+
+@pytest.mark.ray
+def test_the_pool_ships_only_part_metadata_to_the_driver(ray_address):
+    from raycompat.pipeline.part_pool import PoolPlan, result_row, run_part_pool
+
+    class Leaky:
+        def __call__(self, item: dict) -> dict:
+            return {**result_row(item["part"], 1, 1), "feature": [0.5, 0.5]}
+
+    with pytest.raises(DataError, match=r"^a work item returned \['part', 'records', 'rows', 'quarantined', "
+                                        r"'error', 'feature'\] for the driver, expected only the part metadata"):
+        list(run_part_pool([{"part": "a"}], Leaky, {}, PoolPlan(1, 1.0, 0.0, 1)))
 
 
 @pytest.fixture()

@@ -222,6 +222,29 @@ def test_duplicate_ids_detected(tmp_path):
         writer.write_part("c", ["y", "z", "y"], None, np.zeros((3, DIM), np.float32))
 
 
+def test_finalize_reads_ids_only_of_parts_whose_recorded_id_ranges_overlap(tmp_path, monkeypatch):
+    import json
+
+    writer = FeatureStoreWriter(tmp_path / "s", "old", "2", DIM)
+    writer.write_part("a", **_part(0, 3, seed=0))  # x0..x2
+    writer.write_part("b", **_part(3, 3, seed=1))  # x3..x5: disjoint from a
+    writer.write_part("c", [], None, np.zeros((0, DIM), np.float32))
+    record = json.loads((tmp_path / "s" / "_parts" / "b.json").read_text())
+    assert (record["id_min"], record["id_max"]) == ("x3", "x5")
+    checked = []
+    monkeypatch.setattr(FeatureStoreWriter, "_check_unique", lambda self, group: checked.append(group))
+    writer.finalize(verify=False)
+    assert checked == []
+    writer.write_part("d", ["x1", "x9"], None, np.zeros((2, DIM), np.float32))  # overlaps a and b
+    writer.finalize(verify=False)
+    assert [sorted(r["name"] for r in group) for group in checked] == [["a", "b", "d"]]
+    # A record without a range (an older store) makes every part's ids be compared.
+    checked.clear()
+    (tmp_path / "s" / "_parts" / "b.json").write_text(json.dumps({k: v for k, v in record.items() if k != "id_min"}))
+    writer.finalize(verify=False)
+    assert [sorted(r["name"] for r in group) for group in checked] == [["a", "b", "d"]]
+
+
 def test_write_part_rejects_bad_input(tmp_path):
     writer = FeatureStoreWriter(tmp_path / "s", "old", "2", DIM, extra_columns={"sigma": "scalar"})
     ok = {"ids": ["a", "b"], "labels": [1, 2], "features": np.zeros((2, DIM), np.float32),

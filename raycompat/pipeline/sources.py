@@ -1,9 +1,10 @@
 """Gallery sources for extraction: every source is a set of Parquet shards of (id, image, label).
 
-A *shard* is one Parquet file; it is the unit of resume (one feature-store part per
-shard). Built-in datasets are written as shards once (:func:`prepare_gallery`), image
-folders are packed into shards by a Ray job (:func:`pack_image_folder`), and user Parquet
-tables are read where they are, on any filesystem :mod:`raycompat.storage.filesystem` resolves. So
+A *shard* is one Parquet file; extraction splits it into pieces of row groups, each
+committed as one feature-store part and resumed on its own. Built-in datasets are
+written as shards once (:func:`prepare_gallery`), image folders are packed into shards
+by a Ray job (:func:`pack_image_folder`), and user Parquet tables are read where they
+are, on any filesystem :mod:`raycompat.storage.filesystem` resolves. So
 every source streams the same way: extraction plans work items as row-group ranges of
 the shards (from their footers) and each actor reads its own (see
 :mod:`raycompat.pipeline.extract`).

@@ -1,4 +1,4 @@
-"""FCT gallery update: apply a trained transformation h to stored old (+ side-info) features with Ray Data.
+"""FCT gallery update: apply a trained transformation h to stored old (+ side-info) features with Ray actors.
 
 The "backfill" of FCT: no image is read, no backbone runs. Input, for ``split``::
 
@@ -11,13 +11,14 @@ feature store of model ``<transformation name>`` (``fct``, ``fct-side``, ``fct-u
 holding h(old, side) for every id of the old store, its label, and with FastFill's
 uncertainty head a scalar ``sigma`` column (the backfill order: largest first).
 
-Unit of work and of resume = a part of the old store. Ray Data streams the pending
-part names through an actor pool (GPU actors when the cluster has GPUs); each actor
+Unit of work and of resume = a part of the old store. The pending part names go
+through an actor pool (GPU actors when the cluster has GPUs); each actor
 holds h, reads the old part and the side-info part of the same name, joins them by
 id, applies h in batches and commits the output part itself (temporary file + rename,
 then its commit record, via :class:`FeatureStoreWriter`), so features never travel
-through the driver. A re-run skips committed parts; the store is finalized once every
-part is in. Inputs are checked on the driver before any actor starts: the models and
+through the driver: the design extraction shares (:mod:`raycompat.pipeline.part_pool`),
+the driver gets one metadata row per part. A re-run skips committed parts; the store
+is finalized (from commit records and footers) once every part is in. Inputs are checked on the driver before any actor starts: the models and
 versions h was trained for, the feature dims, side-info presence and part alignment.
 """
 
@@ -40,7 +41,7 @@ from raycompat.pipeline.config import PipelineConfig
 from raycompat.data.feature_store import MISSING_LABEL, SCALAR, FeatureStore, FeatureStoreWriter
 from raycompat.errors import DataError, FeatureStoreError, RaycompatError
 from raycompat.storage.layout import Layout
-from raycompat.pipeline.extract import plan_pool
+from raycompat.pipeline.part_pool import plan_pool, result_row, run_part_pool
 from raycompat.models.export import load_transformation, transformation_from_state
 from raycompat.pipeline.ray_session import cluster_cpus_gpus, init_ray
 from raycompat.training.fct import transform_features
@@ -100,10 +101,11 @@ def _floats(column: pa.ChunkedArray) -> np.ndarray:
 
 
 class _TransformParts:
-    """Ray Data callable class: transform whole parts and commit each in the output store.
+    """Pool callable class: transform whole parts and commit each in the output store.
 
-    Output per input part: its name, rows written, and ``error`` (empty, or why the part
-    failed: bad input data is reported to the driver instead of killing the pool).
+    Output per input part: one :func:`~raycompat.pipeline.part_pool.result_row`, with
+    ``error`` empty or why the part failed (bad input data is reported to the driver
+    instead of killing the pool).
     """
 
     def __init__(self, state: dict[str, torch.Tensor], meta: dict[str, Any], out_uri: str, threads: int,
@@ -111,7 +113,9 @@ class _TransformParts:
         torch.set_num_threads(threads)
         self._model = transformation_from_state(meta, state).to(device)
         extra = {SIGMA_COLUMN: SCALAR} if self._model.uncertainty else None
-        self._writer = FeatureStoreWriter(out_uri, meta["name"], meta["version"], meta["d_new"], extra)
+        # The driver opened (and checked) the output store before any actor started.
+        self._writer = FeatureStoreWriter(out_uri, meta["name"], meta["version"], meta["d_new"], extra,
+                                          check_parts=False)
 
     def _transform(self, part: str, old_file: str, side_file: str) -> int:
         old = _read_part(old_file, ["id", "label", "feature"])
@@ -132,16 +136,12 @@ class _TransformParts:
         self._writer.write_part(part, ids, labels, h.numpy(), extra, sources)
         return len(ids)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows, errors = [], []
-        for part, old_file, side_file in zip(batch["part"], batch["old_file"], batch["side_file"], strict=True):
-            try:
-                rows.append(self._transform(part, old_file, side_file))
-                errors.append("")
-            except RaycompatError as exc:
-                rows.append(0)
-                errors.append(str(exc))
-        return {"part": batch["part"], "rows": np.asarray(rows, np.int64), "error": np.asarray(errors, object)}
+    def __call__(self, item: dict) -> dict:
+        try:
+            rows = self._transform(item["part"], item["old_file"], item["side_file"])
+        except RaycompatError as exc:
+            return result_row(item["part"], 0, 0, error=str(exc))
+        return result_row(item["part"], rows, rows)
 
 
 def _complete(uri: Location) -> bool:
@@ -192,33 +192,27 @@ def run_transform(cfg: PipelineConfig, transformation_dir: str | Path, split: st
         return str(out)
     if pending:
         _stream(cfg, model, meta, parts, pending, str(out))
-    writer.finalize()
+    # Footers and commit records only: the actors hashed every part as they wrote it and
+    # readers verify the hashes on open; re-hashing here would grow with the gallery.
+    writer.finalize(verify=False)
     return str(out)
 
 
 def _stream(cfg: PipelineConfig, model: torch.nn.Module, meta: dict[str, Any],
             parts: dict[str, tuple[str, str | None]], pending: list[str], out_uri: str) -> None:
     """Run the pending parts through the actor pool; DataError (after all parts) if any failed."""
-    import ray.data
-
     init_ray(cfg.ray)
     plan = plan_pool(cfg.extract, *cluster_cpus_gpus())
     log.info("transform pool: %d actors x (%.2f CPU, %.2f GPU, %d threads)", plan.size, plan.num_cpus,
              plan.num_gpus, plan.threads)
     items = [{"part": p, "old_file": parts[p][0], "side_file": parts[p][1] or ""} for p in pending]
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _TransformParts,
-        fn_constructor_kwargs={"state": state, "meta": meta, "out_uri": out_uri, "threads": plan.threads,
-                               "device": "cuda" if plan.num_gpus > 0 else "cpu"},
-        batch_size=1, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=min(plan.size, len(items))),
-        num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
-    )
+    kwargs = {"state": state, "meta": meta, "out_uri": out_uri, "threads": plan.threads,
+              "device": "cuda" if plan.num_gpus > 0 else "cpu"}
     start = time.perf_counter()
     rows, failed = 0, []
-    for row in results.iter_rows():
-        rows += int(row["rows"])
+    for row in run_part_pool(items, _TransformParts, kwargs, plan):
+        rows += row["rows"]
         if row["error"]:
             failed.append((row["part"], row["error"]))
     log.info("transformed %d rows in %d parts in %.1f s", rows, len(pending) - len(failed),

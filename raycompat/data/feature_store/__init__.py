@@ -6,7 +6,7 @@ One module per concern: ``format`` (constants, schema, manifest and part-file ch
 
 A store is a directory at any storage URI (see :mod:`raycompat.storage.filesystem`)::
 
-    part-<name>.parquet          one file per committed part (e.g. one per input shard)
+    part-<name>.parquet          one file per committed part (e.g. one per piece of an input shard)
     _parts/<name>.json           commit record of a part, written after its Parquet file:
                                  a part exists only once its record does
     _manifest.json               written with complete=false when a writer opens the store,
@@ -36,7 +36,9 @@ Manifest ``_manifest.json``::
      "sources": [str], "created": ISO-8601 UTC, "complete": bool}
 
 Part record ``_parts/<name>.json``: format_version, model, version, dim, columns (as in the
-manifest) plus name, file, rows, sha256, sources, created.
+manifest) plus name, file, rows, sha256, sources, created, and id_min / id_max (the part's
+smallest and largest id, null when empty; older records lack them): finalize reads the ids
+only of parts whose ranges overlap to prove ids unique.
 
 Quarantine schema: id string not null, source string (nullable), reason string not null.
 """

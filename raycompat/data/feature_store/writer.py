@@ -57,11 +57,15 @@ class FeatureStoreWriter:
         version: str,
         dim: int,
         extra_columns: Mapping[str, ColumnSpec] | None = None,
+        check_parts: bool = True,
     ) -> None:
         """Open or create the store at ``uri`` for ``model``/``version`` features of size ``dim``.
 
         Raises FeatureStoreError when the directory holds a store (partial or complete) of
         another model, version, dim or extra columns, or holds files that are not a store's.
+        ``check_parts`` False skips reading the commit record of every committed part (a
+        cost growing with the store): for writers on workers of a job whose driver opened
+        the store with the check already.
         """
         for what, value in (("model", model), ("version", version)):
             if not isinstance(value, str) or not value:
@@ -90,7 +94,8 @@ class FeatureStoreWriter:
             filesystem.makedirs(self._fs, self._root)
             self._write_manifest(self._partial_manifest())
         filesystem.makedirs(self._fs, self._parts_dir)
-        self._records()  # checks every committed part belongs to this model/version/dim
+        if check_parts:
+            self._records()  # checks every committed part belongs to this model/version/dim
 
     def _check_same(self, doc: Mapping[str, Any], name: str) -> None:
         check_header(doc, f"feature store {self.uri}: {name}")
@@ -200,12 +205,17 @@ class FeatureStoreWriter:
                 table, sink, row_group_size=row_group, use_dictionary=["model", "version"]
             ),
         )
+        # The id range lets finalize() prove ids unique by comparing ranges, reading ids only
+        # of parts whose ranges overlap (none when shards hold ranges of sorted ids).
+        id_range = pc.min_max(table.column("id"))
         record = {
             **self._header,
             "name": part_name,
             "file": file_name,
             "rows": table.num_rows,
             "sha256": sha256,
+            "id_min": id_range["min"].as_py(),
+            "id_max": id_range["max"].as_py(),
             "sources": [str(s) for s in sources],
             "created": now_iso(),
         }
@@ -288,17 +298,20 @@ class FeatureStoreWriter:
     def finalize(self, verify: bool = True) -> dict[str, Any]:
         """Check the committed parts, remove leftovers and write the complete manifest.
 
-        Checks each part file exists with its recorded row count and schema and, with
-        ``verify``, its recorded sha256 (re-hashing every file); checks no id is in two
-        parts (holding all ids in memory). Temporary files and part files without a commit
-        record are deleted, so call this only once every writer of the store is done.
-        Returns the manifest written.
+        Checks each part file exists with its recorded row count and schema (its footer)
+        and, with ``verify``, its recorded sha256 (re-hashing every file: a cost that grows
+        with the store; writers hash the bytes as they write them and readers verify on
+        open, so a caller that must stay independent of the store's size passes False).
+        Checks no id is in two parts: the ids of parts whose recorded id ranges overlap
+        are read and compared (all ids at once when records lack ranges, as older ones
+        do), so memory grows only with the largest group of overlapping parts. Temporary
+        files and part files without a commit record are deleted, so call this only once
+        every writer of the store is done. Returns the manifest written.
         """
         records = self._records()
         if not records:
             raise FeatureStoreError(f"feature store {self.uri}: no committed parts to finalize")
-        id_tables = []
-        for index, record in enumerate(records):
+        for record in records:
             path = filesystem.join(self._root, record["file"])
             where = f"feature store {self.uri} part {record['name']!r} ({record['file']})"
 
@@ -307,10 +320,10 @@ class FeatureStoreWriter:
                     raise FeatureStoreError(f"{where}: sha256 {digest} differs from its record {record['sha256']}")
 
             with checked_part(self._fs, path, where, self._schema, record["rows"], "its record",
-                              verify_record if verify else None) as parquet:
-                ids = parquet.read(columns=["id"]).column("id")
-            id_tables.append(pa.table({"id": ids, "part": pa.repeat(index, len(ids)).cast(pa.int32())}))
-        self._check_unique(pa.concat_tables(id_tables), records)
+                              verify_record if verify else None):
+                pass
+        for group in _overlapping(records):
+            self._check_unique(group)
         self._remove_leftovers({record["file"] for record in records})
         manifest = {
             **self._partial_manifest(),
@@ -326,7 +339,15 @@ class FeatureStoreWriter:
         )
         return manifest
 
-    def _check_unique(self, ids: pa.Table, records: list[dict[str, Any]]) -> None:
+    def _check_unique(self, records: list[dict[str, Any]]) -> None:
+        """Raise FeatureStoreError naming an id that is in two of ``records``' parts."""
+        id_tables = []
+        for index, record in enumerate(records):
+            path = filesystem.join(self._root, record["file"])
+            with open_parquet(self._fs, path, f"feature store {self.uri}: {record['file']}") as parquet:
+                ids = parquet.read(columns=["id"]).column("id")
+            id_tables.append(pa.table({"id": ids, "part": pa.repeat(index, len(ids)).cast(pa.int32())}))
+        ids = pa.concat_tables(id_tables)
         counts = ids.group_by("id").aggregate([("part", "count")])
         duplicates = counts.filter(pc.greater(counts["part_count"], 1))
         if duplicates.num_rows:
@@ -344,3 +365,22 @@ class FeatureStoreWriter:
                 if filesystem.is_temp(name) or orphan:
                     logger.warning("feature store %s: removing uncommitted %s", self.uri, name)
                     filesystem.remove(self._fs, filesystem.join(directory, name))
+
+
+def _overlapping(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Groups of two or more non-empty parts whose id ranges overlap (one group of all when a
+    record has no range). Ids are unique within a part (write_part checks), so only ids of
+    parts in one group can collide."""
+    parts = [r for r in records if r["rows"]]
+    if any(not isinstance(r.get("id_min"), str) or not isinstance(r.get("id_max"), str) for r in parts):
+        return [parts] if len(parts) > 1 else []
+    groups: list[list[dict[str, Any]]] = []
+    high = None
+    for record in sorted(parts, key=lambda r: r["id_min"]):
+        if high is not None and record["id_min"] <= high:
+            groups[-1].append(record)
+            high = max(high, record["id_max"])
+        else:
+            groups.append([record])
+            high = record["id_max"]
+    return [group for group in groups if len(group) > 1]
