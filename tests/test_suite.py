@@ -306,3 +306,24 @@ def test_bad_fit_sections_name_the_key(tmp_path, fit, key):
     path.write_text(json.dumps({**TINY, "fit": fit}))
     with pytest.raises(ConfigError, match=rf"{path}.*{key}"):
         load_config(path, SuiteConfig)
+
+
+def test_units_train_with_the_configured_schedule(one_thread):
+    # The suite's in-process loop honours optim.schedule: a key it accepted must change what it trains.
+    import torch
+
+    from raycompat.data.datasets import load_digits
+    from raycompat.models.config import ModelConfig
+    from raycompat.suite.unit import train_net
+    from raycompat.training.config import OptimConfig
+
+    train = load_digits().train
+    model = ModelConfig(arch="small_cnn", width=4, embed_dim=8)
+
+    def weights(**optim):
+        net = train_net(model, OptimConfig(batch_size=64, lr=0.01, **optim), train, (1, 8, 8), 10, seed=0)
+        return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+    # One epoch: cosine starts at the full lr, so both runs are the same; over three it decays.
+    assert torch.equal(weights(epochs=1), weights(epochs=1, schedule="cosine"))
+    assert not torch.allclose(weights(epochs=3), weights(epochs=3, schedule="cosine"))

@@ -36,7 +36,7 @@ from raycompat.suite.config import ProtocolSpec, SuiteConfig
 from raycompat.training.compat_term import build_compat_term
 from raycompat.training.fct import train_transformation, transform_features
 from raycompat.models.transformation import build_transformation
-from raycompat.training.loop import embed, make_loader, seed_everything, train_epoch
+from raycompat.training.loop import embed, make_loader, make_schedule, seed_everything, train_epoch
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +48,18 @@ SUBSET_REPEATS = 5
 
 def fit_net(model_cfg: ModelConfig, optim: OptimConfig, data: ImageSet, image_shape, num_classes: int, seed: int,
             compat=None, weight: float = 0.0) -> EmbeddingClassifier:
-    """The pipeline's training loop in-process, from the current RNG state: AdamW, cosine classifier
-    head, one device (CPU); ``seed`` orders the batches."""
+    """The pipeline's training loop in-process, from the current RNG state: AdamW with ``optim.schedule``,
+    cosine classifier head, one device (CPU); ``seed`` orders the batches."""
     net = EmbeddingClassifier(EmbeddingModel(model_cfg, image_shape),
                               CosineClassifier(model_cfg.embed_dim, num_classes, optim.scale))
     optimizer = torch.optim.AdamW(net.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    scheduler = make_schedule(optimizer, optim)
     loader = make_loader(data.images, data.labels, optim.batch_size, shuffle=True, seed=seed)
     for epoch in range(optim.epochs):
         loader.generator.manual_seed(seed + epoch)
         stats = train_epoch(net, loader, optimizer, torch.device("cpu"), compat, weight)
+        if scheduler is not None:
+            scheduler.step()
         log.info("epoch %d/%d: %s", epoch + 1, optim.epochs, {k: round(v, 4) for k, v in stats.items()})
     return net
 
