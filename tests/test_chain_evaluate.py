@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from fixtures.chain import COSTS
-from raycompat.chain.evaluate import partial_backfill_steps
-from raycompat.chain.report import render_chain_report
+from raycompat.chain.evaluate_chain import partial_backfill_steps
+from raycompat.chain.chain_report import render_chain_report
 from raycompat.retrieval.chain_metrics import chain_summary
 from raycompat.retrieval.mixed_gallery import chain_matrix
 

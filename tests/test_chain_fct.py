@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from raycompat.chain.fct import check_route, compose, fct_pairs, gap_closed, write_subset
+from raycompat.chain.fct_composition import check_route, compose, fct_pairs, gap_closed, write_subset
 from raycompat.data.feature_store import FeatureStore, FeatureStoreWriter
 from raycompat.errors import DataError
 from raycompat.models.config import TransformationConfig

@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
+from raycompat.cli.chain_commands import cmd_bench_chain, cmd_chain
 from raycompat.cli.commands import (
     DEFAULT_DEMO_CONFIG,
     _submit_dispatch,
     _submit_options,
     cmd_backfill_report,
-    cmd_bench_chain,
     cmd_bench_quality,
     cmd_bench_suite,
-    cmd_chain,
     cmd_demo,
     cmd_eval,
     cmd_extract,

@@ -35,8 +35,8 @@ from raycompat.storage.artifacts import Location, child, staged
 from raycompat.backfill.chain_document import pays_off_sentence, write_chain_plan
 from raycompat.chain.config import ChainConfig
 from raycompat.chain.cost_plan import chain_cost_plan, load_chain_costs
-from raycompat.chain.evaluate import evaluate_chain
-from raycompat.chain.report import render_chain_report
+from raycompat.chain.evaluate_chain import evaluate_chain
+from raycompat.chain.chain_report import render_chain_report
 from raycompat.data.config import ProtocolConfig
 from raycompat.pipeline.config import PipelineConfig
 from raycompat.training.config import NewConfig, OldConfig

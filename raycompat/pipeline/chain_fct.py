@@ -24,7 +24,7 @@ from dataclasses import replace
 from typing import Callable, Optional
 
 from raycompat.chain.config import ChainConfig
-from raycompat.chain.fct import evaluate_fct, fct_pairs, write_subset
+from raycompat.chain.fct_composition import evaluate_fct, fct_pairs, write_subset
 from raycompat.configio import from_dict, to_dict
 from raycompat.data.datasets import load_dataset
 from raycompat.data.increments import select_increment

@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from raycompat.chain.evaluate import load_aligned
+from raycompat.chain.evaluate_chain import load_aligned
 from raycompat.data.feature_store import FeatureStore, FeatureStoreWriter, require_finite
 from raycompat.errors import DataError, FeatureStoreError
 from raycompat.models.export import load_transformation
