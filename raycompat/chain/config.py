@@ -81,16 +81,17 @@ class ChainFctConfig:
     """
 
     enabled: bool = False
-    # Output width of h's old-feature branch, and the hidden sizes of its MLP (may be empty).
-    old_width: Annotated[int, Gt(0)] = 256
-    hidden: list[int] = field(default_factory=lambda: [512, 512])
-    epochs: Annotated[int, Gt(0)] = 30
-    batch_size: Annotated[int, Gt(0)] = 256
-    lr: Annotated[float, Gt(0)] = 1e-3
-    weight_decay: Annotated[float, Ge(0)] = 0.0
+    # The keys of the pipeline's TransformationConfig that apply here, with its defaults: the output width
+    # of h's old-feature branch, the hidden sizes of its MLP (may be empty), and its training.
+    old_width: Annotated[int, Gt(0)] = TransformationConfig.old_width
+    hidden: list[int] = field(default_factory=lambda: list(TransformationConfig().hidden))
+    epochs: Annotated[int, Gt(0)] = TransformationConfig.epochs
+    batch_size: Annotated[int, Gt(0)] = TransformationConfig.batch_size
+    lr: Annotated[float, Gt(0)] = TransformationConfig.lr
+    weight_decay: Annotated[float, Ge(0)] = TransformationConfig.weight_decay
 
     def validate(self, key: str) -> None:
-        check(all(h > 0 for h in self.hidden), join(key, "hidden"), f"sizes must be positive, got {self.hidden}")
+        self.transformation().validate(key)
 
     def transformation(self) -> TransformationConfig:
         """The pipeline's transformation config of every h of the chain."""
