@@ -51,6 +51,7 @@ from annotated_types import Ge, Gt
 from raycompat.compat.config import CompatConfig
 from raycompat.configio import (
     check,
+    check_dir_name,
     deep_merge,
     from_dict,
     join,
@@ -155,8 +156,7 @@ class SearchConfig:
     trial: TrialConfig = field(default_factory=TrialConfig)
 
     def validate(self, key: str) -> None:
-        check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), join(key, "name"),
-              f"must be a plain directory name, got {self.name!r}")
+        check_dir_name(self.name, join(key, "name"))
         params = self.params()
         keys = {p.key for p in params}
         epochs = self.pipeline.new.optim.epochs
