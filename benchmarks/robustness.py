@@ -131,7 +131,7 @@ def prepare(protocol: str, n_train: int, n_test: int, epochs: int, val_fraction:
     ds.train = stratified_subsample(ds.train, n_train, seed)
     ds.test = stratified_subsample(ds.test, n_test, seed + 1)
     train, val = carve_validation(ds.train, val_fraction, seed)
-    optim = OptimConfig(epochs=epochs, batch_size=128, lr=0.002)
+    optim = OptimConfig(epochs=epochs, batch_size=128, lr=0.002, schedule="constant")  # as measured
     new_model = ModelConfig(arch="small_cnn", width=24, embed_dim=96 if protocol == "foreign" else 64)
     splits = {"train": train, "val": val, "test": ds.test}
     if protocol == "foreign":

@@ -220,6 +220,24 @@ def test_render_only_adds_notes_to_the_measured_numbers_and_refuses_another_conf
     assert not ray.is_initialized()
 
 
+def test_render_only_reads_a_result_without_schedule_as_measured_at_a_constant_lr(tmp_path):
+    # Results committed before optim.schedule existed trained at a constant lr; today's default is cosine, so
+    # such a result must match a config that says constant and be refused by one that takes the default.
+    from raycompat.configio import to_dict
+    from raycompat.pipeline.bench_suite import _NOT_MEASURED, rerender
+
+    cfg = from_dict(SuiteConfig, {**TINY, "optim": {**TINY.get("optim", {}), "schedule": "constant"}})
+    doc = summarize([_unit(0, (70, 40), (80, 50), (79, 60), (72, 45))], "nifcl")
+    doc.update({"command": "c", "machine": {"cores": 2, "torch": "t", "platform": "x"}, "date": "d",
+                "wall_s": 1.0, "units_run": 1, "units_total": 1, "unit_wall_s": {"p seed 0": 1.0},
+                "config": {k: v for k, v in to_dict(cfg).items() if k not in _NOT_MEASURED}})
+    del doc["config"]["optim"]["schedule"]
+    (tmp_path / "suite.json").write_text(json.dumps(doc))
+    assert rerender(cfg, tmp_path, "suite").exists()
+    with pytest.raises(ConfigError, match="optim"):
+        rerender(from_dict(SuiteConfig, TINY), tmp_path, "suite")
+
+
 @pytest.mark.parametrize("change, key", [
     ({"protocols": {"x": {"dataset": "digits", "old_classes": [0, 42]}}}, "protocols.x.old_classes"),
     ({"protocols": {"x": {"old_classes": list(range(10))}}}, "protocols.x.old_classes"),

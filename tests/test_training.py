@@ -141,7 +141,7 @@ def test_cosine_schedule_follows_the_closed_form_and_resumes():
     def optimizer():
         return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
 
-    assert make_schedule(optimizer(), OptimConfig(epochs=4)) is None
+    assert make_schedule(optimizer(), OptimConfig(epochs=4, schedule="constant")) is None
     opt = optimizer()
     sched = make_schedule(opt, OptimConfig(epochs=4, lr=0.1, schedule="cosine"))
     lrs = []

@@ -32,6 +32,18 @@ log = logging.getLogger(__name__)
 
 # Keys that change where or how fast units run, not what they measure.
 _NOT_MEASURED = ("output_dir", "units_dir", "cpus_per_unit", "address")
+# Keys whose default changed after results were committed: a result that lacks one was measured with the value
+# here, not with today's default (every result before optim.schedule existed trained at a constant lr).
+_LEGACY_DEFAULTS = {("optim", "schedule"): "constant"}
+
+
+def _with_legacy_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (a result's recorded config) with each key of :data:`_LEGACY_DEFAULTS` it lacks filled in."""
+    config = json.loads(json.dumps(config))
+    for (section, key), value in _LEGACY_DEFAULTS.items():
+        if isinstance(config.get(section), dict):
+            config[section].setdefault(key, value)
+    return config
 
 
 def unit_fingerprint(cfg: SuiteConfig, protocol: str, seed: int) -> str:
@@ -135,8 +147,9 @@ def rerender(cfg: SuiteConfig, out_dir: str | Path, name: str = "suite", notes: 
         raise ConfigError(f"{path}: no readable suite result to re-render ({exc})") from None
     measured = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_MEASURED}
     try:
-        # Through the config class: keys added since, at their defaults, are the config it was measured with.
-        then = {k: v for k, v in to_dict(from_dict(SuiteConfig, doc.get("config", {}))).items()
+        # Through the config class: keys added since, at their defaults (or the legacy value where a default
+        # changed), are the config it was measured with.
+        then = {k: v for k, v in to_dict(from_dict(SuiteConfig, _with_legacy_defaults(doc.get("config", {})))).items()
                 if k not in _NOT_MEASURED}
     except ConfigError as exc:
         raise ConfigError(f"{path}: its config no longer loads ({exc}); run the suite instead") from None
