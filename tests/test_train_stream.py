@@ -36,7 +36,6 @@ def test_train_input_is_validated_and_leaves_the_default_run_names_alone(tmp_pat
         load_pipeline_config(path)
 
 
-@pytest.mark.ray
 @pytest.mark.parametrize("kind", ["class_split", "data_split"])
 def test_stream_selects_the_items_the_in_memory_path_does(tmp_path, kind):
     cfg = small_cfg(tmp_path)
@@ -124,7 +123,6 @@ def test_streaming_training_with_gallery_and_stores_on_s3(ray4, s3_endpoint, tmp
     write_store(Layout.of(root), "old", "1", "train", train.ids, train.labels, old)
     result = run_training(cfg, "new", scaling=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}))
     m = result.metrics
-    print(m)
     assert all(np.isfinite(v) for v in m.values()) and m["stream/rows_all"] > 0
     # Above chance (10%) after 2 short epochs, new/old included: the l2 term pulled towards the stored features.
     assert m["new/new/top1"] > 30 and m["new/old/top1"] > 12, m

@@ -26,7 +26,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import resource
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -198,7 +200,9 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             loader.generator.manual_seed(cfg.seed + epoch)
         lr = optimizer.param_groups[0]["lr"]
+        started = time.perf_counter()
         stats = {**train_epoch(ddp, loader, optimizer, device, compat, cfg.new.compat.weight), "lr": lr}
+        counts["seconds"] = time.perf_counter() - started
         if scheduler is not None:
             scheduler.step()
         # resumed_from: the epoch this worker group started at (0 unless restored from a checkpoint).
@@ -234,12 +238,18 @@ def train_loop_per_worker(config: dict) -> None:
 
 def _stream_counts(counts: dict, world: int, device: torch.device) -> dict[str, float]:
     """The streamed epoch's rows: this worker's (``stream/rows``), and all workers' rows and sum of
-    training positions (``stream/rows_all``, ``stream/index_sum_all``: each item once = n and n(n-1)/2)."""
+    training positions (``stream/rows_all``, ``stream/index_sum_all``: each item once = n and n(n-1)/2);
+    the slowest worker's epoch seconds (``stream/epoch_s``, training only) and the largest peak RSS of a
+    worker process so far (``stream/worker_peak_rss_mb``, VmHWM)."""
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     total = torch.tensor([counts["rows"], counts["index_sum"]], dtype=torch.float64, device=device)
+    peak = torch.tensor([counts["seconds"], rss_mb], dtype=torch.float64, device=device)
     if world > 1:
         torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
     return {"stream/rows": float(counts["rows"]), "stream/rows_all": float(total[0]),
-            "stream/index_sum_all": float(total[1])}
+            "stream/index_sum_all": float(total[1]), "stream/epoch_s": float(peak[0]),
+            "stream/worker_peak_rss_mb": float(peak[1])}
 
 
 def _validate(model: EmbeddingModel, validation, gallery_old: Optional[np.ndarray], role: str, cfg: PipelineConfig,
