@@ -56,7 +56,6 @@ from raycompat.training.loop import embed
 log = logging.getLogger(__name__)
 
 TRAIN, VALIDATION = "train", "validation"
-_BUILTIN_CLASSES = {"fashion_mnist": 10, "digits": 10, "cifar100": 100}
 
 
 @dataclass
@@ -117,7 +116,8 @@ def _read_ids_labels(source: GallerySource) -> tuple[np.ndarray, np.ndarray]:
 
 def _num_classes(cfg: PipelineConfig, source: GallerySource, labels: np.ndarray) -> int:
     if cfg.data.name in BUILTIN_DATASETS:
-        return _BUILTIN_CLASSES[cfg.data.name]
+        # Every class of a built-in dataset (or its fallback) has training items, subsampled or not.
+        return int(labels.max()) + 1
     if cfg.data.name == "imagefolder":
         fs, root = filesystem.resolve(source.uri)
         return len(json.loads(filesystem.read_bytes(fs, filesystem.join(root, GALLERY_MARKER)))["classes"])
