@@ -248,12 +248,17 @@ def check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+def check_dir_name(name: str, key: str) -> None:
+    """Raise ConfigError unless ``name`` is a plain directory name (not empty, no ``/``, not ``.`` or ``..``)."""
+    check(bool(name) and "/" not in name and name not in (".", ".."), key, f"must be a plain directory name, got {name!r}")
+
+
 def join(prefix: str, key: str) -> str:
     """Dotted key ``prefix.key`` (just ``key`` at the top level)."""
     return f"{prefix}.{key}" if prefix else key
 
 
 __all__ = [
-    "load_config", "from_dict", "to_dict", "dump_config", "read_yaml", "deep_merge", "check", "join",
+    "load_config", "from_dict", "to_dict", "dump_config", "read_yaml", "deep_merge", "check", "check_dir_name", "join",
     "validate_tree", "check_bounds", "yaml_key",
 ]

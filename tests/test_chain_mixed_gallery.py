@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from fixtures.ranking import ranked_outcome
+from fixtures.ranking import assert_outcomes_match, ranked_outcome
 
 from raycompat.errors import ConfigError, DataError
 from raycompat.retrieval.chain_metrics import chain_summary
@@ -37,15 +37,6 @@ def reference(qf, ql, feats, gen, gl, qids=None, gids=None):
     return out
 
 
-def assert_matches(outcomes, ref):
-    evaluated = np.array([r is not None for r in ref])
-    np.testing.assert_array_equal(outcomes.evaluated, evaluated)
-    done = [r for r in ref if r is not None]
-    np.testing.assert_array_equal(outcomes.hit1[evaluated], [r[0] for r in done])
-    np.testing.assert_array_equal(outcomes.hit5[evaluated], [r[1] for r in done])
-    np.testing.assert_allclose(outcomes.ap[evaluated], [r[2] for r in done], rtol=1e-12)
-
-
 def pm1_chain(rng, n, dims):
     """+-1 features per generation: with dims powers of 4 every norm is a power of 2, so every
     cosine (slices included) is exact in float32 and ties are exact ties."""
@@ -73,7 +64,7 @@ def test_mixed_generations_and_dims_match_reference_with_exact_ties(chunk_size):
     ids = np.array([f"item-{k}" for k in range(n)])
     outcomes = evaluate_mixed_per_query(feats[2], labels, 2, nan_outside(feats, gen), gen, labels,
                                         query_ids=ids, gallery_ids=ids, chunk_size=chunk_size)
-    assert_matches(outcomes, reference(feats[2], labels, feats, gen, labels, ids, ids))
+    assert_outcomes_match(outcomes, reference(feats[2], labels, feats, gen, labels, ids, ids), rtol=1e-12)
     assert not outcomes.evaluated[7]
 
 
@@ -85,7 +76,7 @@ def test_gaussian_unequal_dims_separate_queries_match_reference():
     labels = rng.integers(0, 5, size=n)
     queries, q_labels = rng.normal(size=(n_q, 12)), rng.integers(0, 5, size=n_q)
     got = evaluate_mixed_per_query(queries, q_labels, 2, feats[:2], gen, labels, chunk_size=4)
-    assert_matches(got, reference(queries, q_labels, feats, gen, labels))
+    assert_outcomes_match(got, reference(queries, q_labels, feats, gen, labels), rtol=1e-12)
 
 
 def test_feature_mapping_and_missing_generation():
@@ -218,4 +209,4 @@ def test_backfilled_gallery_evaluates_against_reference():
     gen = partial_backfill(gen, 2, rng.permutation(n), fraction=0.25)
     assert np.bincount(gen, minlength=3)[2] == 8
     got = evaluate_mixed_per_query(feats[2], labels, 2, feats, gen, labels, query_ids=ids, gallery_ids=ids)
-    assert_matches(got, reference(feats[2], labels, feats, gen, labels, ids, ids))
+    assert_outcomes_match(got, reference(feats[2], labels, feats, gen, labels, ids, ids), rtol=1e-12)

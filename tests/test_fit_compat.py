@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import pytest
 import ray
 import yaml
@@ -20,7 +19,6 @@ from raycompat.cli import main
 from raycompat.data.config import DataConfig
 from raycompat.pipeline.config import PipelineConfig, RayConfig, load_pipeline_config
 from raycompat.data.datasets import load_dataset
-from raycompat.data.feature_store import FeatureStoreWriter
 from raycompat.errors import ConfigError
 from raycompat.pipeline.fit_compat_search import DEFAULT_SPACES, Budget, build_search, choose_winner, winner_record
 from raycompat.storage.layout import Layout
@@ -28,6 +26,8 @@ from raycompat.models.extractor import load_extractor
 from raycompat.pipeline.fit_compat import EpochBudgetStopper, export_winner, run_fit_compat
 from raycompat.pipeline.tune import init_tune_ray, trial_scaling
 from raycompat.pipeline.tune_space import apply_params
+
+from fixtures.stores import write_projected_old_stores
 
 OLD_DIM = 16
 
@@ -179,16 +179,8 @@ def tune_ray_session() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def output_dir(tmp_path_factory) -> Path:
     """Old feature stores (train and test) of the small digits config: a random projection of the pixels."""
-    out = tmp_path_factory.mktemp("fit_out")
-    cfg = small_config(out)
-    layout = Layout.of(out)
-    ds = load_dataset(cfg.data, cfg.seed)
-    proj = np.random.default_rng(0).standard_normal((64, OLD_DIM)).astype(np.float32)
-    for split, s in (("train", ds.train), ("test", ds.test)):
-        w = FeatureStoreWriter(layout.store("old", split), "old", "1", OLD_DIM)
-        w.write_part("00000", s.ids, s.labels, s.images.reshape(len(s), -1).astype(np.float32) / 255.0 @ proj)
-        w.finalize()
-    return out
+    cfg = small_config(tmp_path_factory.mktemp("fit_out"))
+    return write_projected_old_stores(Path(cfg.output_dir), cfg.data, cfg.seed, OLD_DIM)
 
 
 @pytest.mark.ray

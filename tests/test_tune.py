@@ -16,7 +16,6 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import pytest
 import ray
 from ray import tune
@@ -24,13 +23,12 @@ from ray import tune
 from raycompat.data.config import DataConfig
 
 from raycompat.pipeline.config import PipelineConfig, RayConfig, load_pipeline_config
-from raycompat.data.datasets import load_dataset
-from raycompat.data.feature_store import FeatureStoreWriter
 from raycompat.errors import ConfigError, FeatureStoreError
-from raycompat.storage.layout import Layout
 from raycompat.pipeline.tune import SearchInterrupted, init_tune_ray, param_space, pareto_front, run_tune
 from raycompat.pipeline.tune_space import ConstraintConfig, ObjectiveConfig, SchedulerConfig, SearchConfig, TrialConfig, \
     apply_params, score
+
+from fixtures.stores import write_projected_old_stores
 
 pytestmark = pytest.mark.ray
 
@@ -48,15 +46,7 @@ def dashboard_url() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def output_dir(tmp_path_factory) -> Path:
     """An output_dir holding old feature stores (train and test) for digits."""
-    out = tmp_path_factory.mktemp("tune_out")
-    layout = Layout.of(out)
-    ds = load_dataset(DataConfig(name="digits"))
-    proj = np.random.default_rng(0).standard_normal((64, OLD_DIM)).astype(np.float32)
-    for split, s in (("train", ds.train), ("test", ds.test)):
-        w = FeatureStoreWriter(layout.store("old", split), "old", "1", OLD_DIM)
-        w.write_part("00000", s.ids, s.labels, s.images.reshape(len(s), -1).astype(np.float32) / 255.0 @ proj)
-        w.finalize()
-    return out
+    return write_projected_old_stores(tmp_path_factory.mktemp("tune_out"), DataConfig(name="digits"), 0, OLD_DIM)
 
 
 def base_pipeline(output_dir: Path, epochs: int = 2) -> PipelineConfig:

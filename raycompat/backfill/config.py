@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
+
+from annotated_types import Ge, Gt, Interval
 
 from raycompat.backfill.units import parse_bandwidth, parse_bytes, parse_count, parse_positive
 from raycompat.configio import check, join, load_config
@@ -42,13 +44,11 @@ class NodeTypeConfig:
 
     name: str
     accelerator: Literal["gpu", "cpu"]
-    count: int
-    dollars_per_hour: float
+    count: Annotated[int, Gt(0)]
+    dollars_per_hour: Annotated[float, Ge(0)]
 
     def validate(self, key: str) -> None:
         check(bool(self.name.strip()), join(key, "name"), "must not be empty")
-        check(self.count > 0, join(key, "count"), f"must be positive, got {self.count}")
-        check(self.dollars_per_hour >= 0, join(key, "dollars_per_hour"), f"must be >= 0, got {self.dollars_per_hour}")
 
 
 @dataclass
@@ -85,11 +85,10 @@ class QualityConfig:
     path: Optional[str] = None
     inline: Optional[dict[str, Any]] = None
     # Largest gap (percentage points) allowed between a curve's ends and the matrix values.
-    tolerance: float = 0.5
+    tolerance: Annotated[float, Ge(0)] = 0.5
 
     def validate(self, key: str) -> None:
         check((self.path is None) != (self.inline is None), key, "give exactly one of path, inline")
-        check(self.tolerance >= 0, join(key, "tolerance"), f"must be >= 0, got {self.tolerance}")
 
 
 @dataclass
@@ -123,10 +122,7 @@ class StrategyConfig:
 @dataclass
 class SimulationConfig:
     # Time steps of the simulation, whatever the gallery size (the cost is O(steps), not O(N)).
-    steps: int = 300
-
-    def validate(self, key: str) -> None:
-        check(2 <= self.steps <= 100_000, join(key, "steps"), f"must be in [2, 100000], got {self.steps}")
+    steps: Annotated[int, Interval(ge=2, le=100_000)] = 300
 
 
 @dataclass
@@ -138,10 +134,7 @@ class TargetConfig:
     metric: Literal["top1", "top5", "mAP"] = "top1"
     by: Literal["time", "cost"] = "time"
     # Percentage points below the target quality that still count as reaching it.
-    within: float = 0.0
-
-    def validate(self, key: str) -> None:
-        check(0 <= self.within <= 100, join(key, "within"), f"must be in [0, 100], got {self.within}")
+    within: Annotated[float, Interval(ge=0, le=100)] = 0.0
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from raycompat.chain.config import ChainConfig, ChainFctConfig, GenerationConfig
 from raycompat.compat.config import CompatConfig
-from raycompat.configio import deep_merge, from_dict, join, load_config, to_dict
+from raycompat.configio import check_dir_name, deep_merge, from_dict, join, load_config, to_dict
 from raycompat.errors import ConfigError
 
 # Given per run by chains / methods / output_dir, not by the shared section.
@@ -47,8 +47,7 @@ class ChainBenchConfig:
             if not getattr(self, what):
                 raise ConfigError(f"{join(key, what)}: needs at least one entry")
             for name in getattr(self, what):
-                if not name or "/" in name or name in (".", ".."):
-                    raise ConfigError(f"{join(key, f'{what}.{name}')}: must be a plain directory name")
+                check_dir_name(name, join(key, f"{what}.{name}"))
         for chain in self.chains:
             for method in self.methods:
                 self.run_config(chain, method, key)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-from annotated_types import Ge, Gt
+from annotated_types import Ge, Gt, Interval
 
 from raycompat.chain.cost_plan import CostPlanConfig
 from raycompat.compat.config import CompatConfig
@@ -49,7 +49,7 @@ class GenerationConfig:
     # Class increment: the classes this generation's model trains on.
     classes: Optional[list[int]] = None
     # Data increment: the share of every class's training images (nested: contains the previous ones).
-    fraction: Optional[float] = None
+    fraction: Annotated[Optional[float], Interval(gt=0, le=1)] = None
     # Keys overriding the chain's model / optim for this generation, e.g. {epochs: 4}.
     model: dict[str, Any] = field(default_factory=dict)
     optim: dict[str, Any] = field(default_factory=dict)
@@ -57,8 +57,6 @@ class GenerationConfig:
     def validate(self, key: str) -> None:
         check((self.classes is None) != (self.fraction is None), key,
               "needs exactly one of classes (a class increment) or fraction (a data increment)")
-        check(self.fraction is None or 0 < self.fraction <= 1, join(key, "fraction"),
-              f"must be in (0, 1], got {self.fraction}")
         self.increment().validate(key)
 
     @property

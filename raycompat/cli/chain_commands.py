@@ -53,29 +53,15 @@ def _quietly(args: argparse.Namespace, output_dir: str, command: str, units: lis
              unit: str, body: Callable, ray_cfg):
     """Run ``body(step)`` with one live line (``-v``: every log line instead); returns its result and the log file.
 
-    ``step`` takes the body's progress lines ``"<unit>: <what>"``; Ray starts here (``ray_cfg``)
-    so that its output is diverted from the start, and stops here, on success, error or Ctrl-C.
+    ``step`` takes the body's progress lines ``"<unit>: <what>"``; Ray starts (``ray_cfg``) and
+    stops as :func:`raycompat.cli.console.quiet_ray_command` says.
     """
-    import ray
-
-    from raycompat.pipeline.ray_session import init_ray
-
     if args.verbose:
         return body(lambda line: log.info("%s: %s", command, line)), None
-    from raycompat.cli.console import log_path_for, quiet_console
+    from raycompat.cli.console import quiet_ray_command
 
-    log_file = log_path_for(output_dir, command)
-    print(f"log: {log_file}", file=sys.stderr)
-    started = not ray.is_initialized()
-    with quiet_console(log_file, units, epochs, desc=command, unit=unit) as console:
-        try:
-            init_ray(ray_cfg)
-            console.attach_ray()
-            return body(console.live.step), log_file
-        finally:
-            # A runtime this command started goes with it; one it found connected (a caller's) stays.
-            if started and ray.is_initialized():
-                ray.shutdown()
+    with quiet_ray_command(output_dir, command, units, epochs, unit=unit, ray_cfg=ray_cfg) as console:
+        return body(console.live.step), console.log_file
 
 
 def cmd_bench_chain(args: argparse.Namespace) -> int:

@@ -83,25 +83,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _quiet_demo(cfg):
     """The demo with one live line; everything else in a log file. Returns the report and the log file."""
-    import ray
-
-    from raycompat.cli.console import log_path_for, quiet_console
-    from raycompat.pipeline.ray_session import init_ray
+    from raycompat.cli.console import quiet_ray_command
     from raycompat.pipeline.run import run_pipeline, stage_names
 
-    log_file = log_path_for(cfg.output_dir, "demo")
     epochs = {"train old model": cfg.old.optim.epochs, "train new model": cfg.new.optim.epochs}
-    print(f"log: {log_file}", file=sys.stderr)
-    with quiet_console(log_file, stage_names(cfg), epochs) as console:
-        init_ray(cfg.ray)
-        try:
-            console.attach_ray()
-            report = run_pipeline(cfg, console.live.stage, records=console.live)
-        finally:
-            # Disconnect while the output is still diverted (Ray's last worker lines arrive until
-            # then), also on an error or Ctrl-C: the runtime this command started goes with it.
-            ray.shutdown()
-    return report, log_file
+    with quiet_ray_command(cfg.output_dir, "demo", stage_names(cfg), epochs, ray_cfg=cfg.ray) as console:
+        return run_pipeline(cfg, console.live.stage, records=console.live), console.log_file
 
 
 def _with_ray(fn: Callable) -> Callable:
@@ -282,22 +269,15 @@ def _run_suite_verbose(cfg, args: argparse.Namespace, command: str, notes: dict)
 
 def _quiet_suite(cfg, args: argparse.Namespace, command: str, notes: dict) -> Path:
     """The suite with one live line (the last finished unit); Ray's and the units' output in a log file."""
-    import ray
-
-    from raycompat.cli.console import log_path_for, quiet_console
+    from raycompat.cli.console import quiet_ray_command
     from raycompat.pipeline.bench_suite import run_suite
 
-    log_file = log_path_for(cfg.output_dir, "bench-suite")
     units = [f"{p} seed {s}" for p in cfg.protocols for s in cfg.seeds]
-    print(f"log: {log_file}", file=sys.stderr)
-    with quiet_console(log_file, units, {}, desc="bench suite", unit="unit") as console:
-        try:
-            return run_suite(cfg, args.out_dir, name=args.name, command=command,
-                             progress=lambda unit: console.live.stage(f"{unit} done"),
-                             on_ray_start=console.attach_ray, **notes)
-        finally:
-            if ray.is_initialized():
-                ray.shutdown()
+    # Ray starts inside run_suite, only when a unit has to run.
+    with quiet_ray_command(cfg.output_dir, "bench-suite", units, {}, desc="bench suite", unit="unit") as console:
+        return run_suite(cfg, args.out_dir, name=args.name, command=command,
+                         progress=lambda unit: console.live.stage(f"{unit} done"),
+                         on_ray_start=console.attach_ray, **notes)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

@@ -189,7 +189,7 @@ def quiet_console(log_file: Path, stages: list[str], epochs: dict[str, int], des
     _divert_stream_handlers(handler)
     # Ray Data's progress bars (or, off a terminal, its progress log blocks): the live line replaces them.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    console = QuietConsole(LiveLine(stages, epochs, sys.stderr, desc, unit), sink, handler)
+    console = QuietConsole(LiveLine(stages, epochs, sys.stderr, desc, unit), sink, handler, log_file)
     ours = _WarningsAbove(sys.stderr)
     logging.getLogger("raycompat").addHandler(ours)
     try:
@@ -209,11 +209,40 @@ def quiet_console(log_file: Path, stages: list[str], epochs: dict[str, int], des
         sink.close()
 
 
-class QuietConsole:
-    """What :func:`quiet_console` yields: the live line, and the hook to quieten Ray once it runs."""
+@contextmanager
+def quiet_ray_command(output_dir: str, command: str, stages: list[str], epochs: dict[str, int],
+                      desc: Optional[str] = None, unit: str = "stage", ray_cfg=None) -> Iterator["QuietConsole"]:
+    """A command's body on Ray under :func:`quiet_console`, its log in :func:`log_path_for` (the path printed first).
 
-    def __init__(self, live: LiveLine, sink, handler: logging.Handler) -> None:
+    With ``ray_cfg`` Ray starts here, its output diverted from the start; without, the body starts
+    it and calls ``console.attach_ray()``. A runtime started while the body ran goes when it ends,
+    on success, error or Ctrl-C, while the output is still diverted (Ray's last worker lines arrive
+    until then); one already connected on entry (a caller's) stays.
+    """
+    import ray
+
+    from raycompat.pipeline.ray_session import init_ray
+
+    log_file = log_path_for(output_dir, command)
+    print(f"log: {log_file}", file=sys.stderr)
+    started = not ray.is_initialized()
+    with quiet_console(log_file, stages, epochs, desc=desc or command, unit=unit) as console:
+        try:
+            if ray_cfg is not None:
+                init_ray(ray_cfg)
+                console.attach_ray()
+            yield console
+        finally:
+            if started and ray.is_initialized():
+                ray.shutdown()
+
+
+class QuietConsole:
+    """What :func:`quiet_console` yields: the live line, the log file, and the hook to quieten Ray once it runs."""
+
+    def __init__(self, live: LiveLine, sink, handler: logging.Handler, log_file: Path) -> None:
         self.live = live
+        self.log_file = log_file
         self._sink = sink
         self._handler = handler
         self._replaced: Optional[list] = None

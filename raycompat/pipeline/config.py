@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Optional
 from annotated_types import Ge, Gt
 
 from raycompat.backfill.units import parse_bandwidth
-from raycompat.configio import check, join, load_config
+from raycompat.configio import check, check_dir_name, join, load_config
 from raycompat.data.config import DataConfig, ProtocolConfig
 from raycompat.models.config import SideInfoConfig, TransformationConfig
 from raycompat.retrieval.index_eval import IndexConfig
@@ -198,8 +198,7 @@ class FitCompatConfig:
 
     def validate(self, key: str) -> None:
         check(self.budget > 0, join(key, "budget"), f"must be positive (training runs), got {self.budget}")
-        check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), join(key, "name"),
-              f"must be a plain directory name, got {self.name!r}")
+        check_dir_name(self.name, join(key, "name"))
 
 
 @dataclass

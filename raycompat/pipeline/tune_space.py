@@ -43,13 +43,15 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
+from annotated_types import Ge, Gt
 
 from raycompat.compat.config import CompatConfig
 from raycompat.configio import (
     check,
+    check_dir_name,
     deep_merge,
     from_dict,
     join,
@@ -86,18 +88,16 @@ class ConstraintConfig:
 
     metric: str = "new/new/mAP"
     # Allowed drop (metric units: percent) below the independent model's value.
-    delta: float = 2.0
+    delta: Annotated[float, Ge(0)] = 2.0
     # The independent model's value (used at every epoch); null = measure it per epoch with a
     # reference run (method independent, the same pipeline otherwise) before the search.
     reference: Optional[float] = None
     # Objective points lost per point of shortfall.
-    penalty: float = 10.0
+    penalty: Annotated[float, Gt(0)] = 10.0
 
     def validate(self, key: str) -> None:
         check(self.metric in RETRIEVAL_METRICS, join(key, "metric"),
               f"{self.metric!r} is not a retrieval metric trials report (one of {', '.join(RETRIEVAL_METRICS)})")
-        check(self.delta >= 0, join(key, "delta"), f"must be >= 0, got {self.delta}")
-        check(self.penalty > 0, join(key, "penalty"), f"must be positive, got {self.penalty}")
 
 
 @dataclass
@@ -117,14 +117,9 @@ class SchedulerConfig:
     """Early stopping: ASHA on the epoch count (its budget is ``new.optim.epochs``), or none (fifo)."""
 
     kind: Literal["asha", "fifo"] = "asha"
-    grace_period: int = 1
-    reduction_factor: float = 2.0
-    brackets: int = 1
-
-    def validate(self, key: str) -> None:
-        check(self.grace_period > 0, join(key, "grace_period"), f"must be positive, got {self.grace_period}")
-        check(self.reduction_factor > 1, join(key, "reduction_factor"), f"must be > 1, got {self.reduction_factor}")
-        check(self.brackets > 0, join(key, "brackets"), f"must be positive, got {self.brackets}")
+    grace_period: Annotated[int, Gt(0)] = 1
+    reduction_factor: Annotated[float, Gt(1)] = 2.0
+    brackets: Annotated[int, Gt(0)] = 1
 
 
 @dataclass
@@ -153,7 +148,7 @@ class SearchConfig:
 
     pipeline: PipelineConfig
     name: str = "search"
-    num_samples: int = 4
+    num_samples: Annotated[int, Gt(0)] = 4
     space: dict[str, Any] = field(default_factory=dict)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -161,9 +156,7 @@ class SearchConfig:
     trial: TrialConfig = field(default_factory=TrialConfig)
 
     def validate(self, key: str) -> None:
-        check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), join(key, "name"),
-              f"must be a plain directory name, got {self.name!r}")
-        check(self.num_samples > 0, join(key, "num_samples"), f"must be positive, got {self.num_samples}")
+        check_dir_name(self.name, join(key, "name"))
         params = self.params()
         keys = {p.key for p in params}
         epochs = self.pipeline.new.optim.epochs

@@ -7,7 +7,9 @@ values are one-line errors naming the file and the dotted key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
+
+from annotated_types import Ge, Gt, Interval
 
 from raycompat.compat.config import CompatConfig
 
@@ -31,12 +33,11 @@ class ProtocolSpec:
     # random_box: no old model is trained, an untrained random-convolution box is the old model.
     kind: Literal["class_split", "data_split", "random_box"] = "class_split"
     old_classes: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    old_fraction: float = 0.25
+    old_fraction: Annotated[float, Interval(gt=0, le=1)] = 0.25
     # random_box: feature dim of the box (the new model's embed_dim grows to match when smaller).
     box_dim: int = 96
 
     def validate(self, key: str) -> None:
-        check(0.0 < self.old_fraction <= 1.0, join(key, "old_fraction"), f"must be in (0, 1], got {self.old_fraction}")
         check(self.box_dim > 0 and self.box_dim % 2 == 0, join(key, "box_dim"),
               f"must be a positive even number, got {self.box_dim}")
         check(len(self.old_classes) == len(set(self.old_classes)), join(key, "old_classes"), "has duplicates")
@@ -84,7 +85,7 @@ class FitSpec:
     base: str = "nifcl+rw"
     # Overrides of the base's compat keys, one training run each ({} = the base as it is).
     candidates: list[dict[str, Any]] = field(default_factory=list)
-    delta: float = 2.0
+    delta: Annotated[float, Ge(0)] = 2.0
 
 
 @dataclass
@@ -94,10 +95,10 @@ class SuiteConfig:
     output_dir: str = "runs/suite"
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     # Training images per protocol before the validation split (stratified subsample; digits has fewer).
-    n_train: int = 10000
-    n_test: int = 2000
+    n_train: Annotated[int, Gt(0)] = 10000
+    n_test: Annotated[int, Gt(0)] = 2000
     # Share of every class of the training images held out as validation (never trained on).
-    validation: float = 0.15
+    validation: Annotated[float, Interval(gt=0, lt=1)] = 0.15
     protocols: dict[str, ProtocolSpec] = field(default_factory=dict)
     methods: dict[str, MethodSpec] = field(default_factory=dict)
     # The method whose criteria the suite checks (the NIFCL recipe).
@@ -110,7 +111,7 @@ class SuiteConfig:
     new_model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="small_cnn", width=24, embed_dim=64))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=4, batch_size=128, lr=0.002))
     # Ray tasks: CPUs (= torch threads) per (protocol, seed) unit; units run side by side.
-    cpus_per_unit: int = 1
+    cpus_per_unit: Annotated[int, Gt(0)] = 1
     # Where each (protocol, seed) result is kept; default <output_dir>/units.
     units_dir: Optional[str] = None
     # A running Ray cluster (ray://... or host:port); null = $RAY_ADDRESS, else a local runtime.
@@ -119,9 +120,6 @@ class SuiteConfig:
     def validate(self, key: str) -> None:
         check(bool(self.seeds), join(key, "seeds"), "needs at least one seed")
         check(len(set(self.seeds)) == len(self.seeds), join(key, "seeds"), "has duplicates")
-        check(self.n_train > 0, join(key, "n_train"), f"must be positive, got {self.n_train}")
-        check(self.n_test > 0, join(key, "n_test"), f"must be positive, got {self.n_test}")
-        check(0.0 < self.validation < 1.0, join(key, "validation"), f"must be in (0, 1), got {self.validation}")
         check(bool(self.protocols), join(key, "protocols"), "needs at least one protocol")
         check(bool(self.methods), join(key, "methods"), "needs at least one method")
         check("independent" in self.methods, join(key, "methods"),
@@ -132,7 +130,6 @@ class SuiteConfig:
         if fitted:
             check(self.fit.base in self.methods, join(key, "fit.base"), f"{self.fit.base!r} is not one of methods")
             check(self.fit.label not in self.methods, join(key, "fit.label"), "is also the label of a method")
-            check(self.fit.delta >= 0, join(key, "fit.delta"), f"must be >= 0, got {self.fit.delta}")
             for i in range(len(self.fit.candidates)):
                 try:
                     validate_tree(self.fit_config(i), "")
@@ -142,7 +139,6 @@ class SuiteConfig:
               "fct+side is switched by fct_side, not listed in methods")
         for label in self.methods:
             validate_tree(self.new_config(label), join(join(key, "methods"), label))
-        check(self.cpus_per_unit > 0, join(key, "cpus_per_unit"), f"must be positive, got {self.cpus_per_unit}")
 
     def new_config(self, label: str, embed_dim: Optional[int] = None) -> NewConfig:
         """The new model's config for method ``label`` (``embed_dim`` overrides the new model's)."""

@@ -189,8 +189,8 @@ def render(doc: dict[str, Any], notes: str | None = None) -> str:
              f"{doc['machine']['platform']}; date {doc['date']}; wall time {doc['wall_s']:.0f} s "
              f"({doc['units_run']} of {doc['units_total']} units run by this command, the rest resumed)",
              f"- selection: every choice read the validation split only; the recipe `{recipe}` is one setting for "
-             "every protocol (its keys are in `config` of suite.json). Test numbers are means over seeds "
-             "± standard deviation over seeds.",
+             "every protocol (its keys are under `config` in the JSON beside this file). Test numbers are means "
+             "over seeds ± standard deviation over seeds.",
              "- metrics in percent; query = gallery = the split, leave-one-out; cosine, exact faiss search",
              _sizing(doc),
              "", "## Criteria (recipe, test split, mean over seeds)", "",
