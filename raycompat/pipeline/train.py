@@ -9,7 +9,9 @@ Both leave out the validation split (``data.validation`` of the training split,
 :func:`raycompat.data.protocols.validation_split`); the test split is never read here.
 
 Each worker loads the dataset itself (no driver-side materialisation), trains
-on its DistributedSampler shard (DDP through ``prepare_model``), and every epoch
+on its DistributedSampler shard (DDP through ``prepare_model``); with ``train.input:
+gallery`` it streams its Ray Dataset shard of the gallery shards instead
+(:mod:`raycompat.pipeline.train_stream`, which also reports ``stream/*`` counts). Every epoch
 all ranks call ``ray.train.report``; rank 0 attaches a checkpoint and the
 validation retrieval metrics (old/old for the old model; new/new and new/old
 for the new one, the old features of the validation items looked up in the
