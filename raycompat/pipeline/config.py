@@ -58,6 +58,22 @@ class RayConfig:
 
 
 @dataclass
+class TrainInputConfig:
+    """Where Ray Train workers get their images (raycompat.pipeline.train).
+
+    ``dataset`` (the default, what every committed result used): each worker loads the dataset
+    files itself and holds the whole training set. ``gallery``: the driver builds Ray Datasets
+    from the training split's gallery shards (raycompat.pipeline.train_stream), written once
+    from the dataset files and read from then on, and each worker streams only its shard;
+    the selection (validation split, the protocol's training subset) is the same items.
+    """
+
+    input: Literal["dataset", "gallery"] = "dataset"
+    # gallery: rows each worker shuffles its stream in (Ray Data's local shuffle buffer); 0 = stream order.
+    shuffle_buffer: Annotated[int, Ge(0)] = 2048
+
+
+@dataclass
 class EvalConfig:
     # Query chunk size of the faiss search: bounds memory at ~chunk x gallery x 12 bytes.
     chunk_size: Annotated[int, Gt(0)] = 1024
@@ -195,6 +211,7 @@ class PipelineConfig:
     new: NewConfig = field(default_factory=NewConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    train: TrainInputConfig = field(default_factory=TrainInputConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     side: SideConfig = field(default_factory=SideConfig)
     # FCT / FastFill transformation h; use_side_info and uncertainty are set per variant by train-fct.

@@ -9,7 +9,9 @@ Both leave out the validation split (``data.validation`` of the training split,
 :func:`raycompat.data.protocols.validation_split`); the test split is never read here.
 
 Each worker loads the dataset itself (no driver-side materialisation), trains
-on its DistributedSampler shard (DDP through ``prepare_model``), and every epoch
+on its DistributedSampler shard (DDP through ``prepare_model``); with ``train.input:
+gallery`` it streams its Ray Dataset shard of the gallery shards instead
+(:mod:`raycompat.pipeline.train_stream`, which also reports ``stream/*`` counts). Every epoch
 all ranks call ``ray.train.report``; rank 0 attaches a checkpoint and the
 validation retrieval metrics (old/old for the old model; new/new and new/old
 for the new one, the old features of the validation items looked up in the
@@ -26,7 +28,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import resource
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -59,6 +63,7 @@ from raycompat.models.backbones import (
     EmbeddingModel,
 )
 from raycompat.models.export import export_model, load_classifier, load_classifier_file
+from raycompat.pipeline import train_stream
 from raycompat.pipeline.ray_session import cluster_cpus_gpus
 from raycompat.pipeline.train_errors import StopOnRaycompatError, fit
 from raycompat.retrieval.release_gate import save_outcomes
@@ -135,19 +140,32 @@ def train_loop_per_worker(config: dict) -> None:
     seed_everything(cfg.seed + 1000 * (role == "new"))
     device = ray.train.torch.get_device()
 
-    ds, validation = validation_split(load_dataset(cfg.data, cfg.seed), cfg.data)
-    if role == "old":
-        old_set = old_training_set(ds, cfg.protocol)
-        train, classes, mcfg, optim = old_set.data, old_set.classes, cfg.old.model, cfg.old.optim
+    stream = config.get("stream")
+    if stream is not None:
+        # train.input: gallery: images arrive as this worker's dataset shard (raycompat.pipeline.train_stream).
+        classes, image_shape, validation = stream["classes"], tuple(stream["image_shape"]), stream["validation"]
+        mcfg, optim = (cfg.old.model, cfg.old.optim) if role == "old" else (cfg.new.model, cfg.new.optim)
         compat = None
+        if role == "new":
+            old_clf = bct_classifier(cfg, classes) if cfg.new.method == "bct" else None
+            compat = build_compat_term(cfg.new, ray.get(stream["old_train"]), stream["train_labels"], len(classes),
+                                       device, old_clf, cfg.seed)
+        train = None
     else:
-        new_set = new_training_set(ds, cfg.protocol)
-        train, classes, mcfg, optim = new_set.data, new_set.classes, cfg.new.model, cfg.new.optim
-        old_train = _load_old_features(cfg, layout, "train", train.ids)
-        old_clf = bct_classifier(cfg, classes) if cfg.new.method == "bct" else None
-        compat = build_compat_term(cfg.new, old_train, train.labels, len(classes), device, old_clf, cfg.seed)
+        ds, validation = validation_split(load_dataset(cfg.data, cfg.seed), cfg.data)
+        image_shape = ds.image_shape
+        if role == "old":
+            old_set = old_training_set(ds, cfg.protocol)
+            train, classes, mcfg, optim = old_set.data, old_set.classes, cfg.old.model, cfg.old.optim
+            compat = None
+        else:
+            new_set = new_training_set(ds, cfg.protocol)
+            train, classes, mcfg, optim = new_set.data, new_set.classes, cfg.new.model, cfg.new.optim
+            old_train = _load_old_features(cfg, layout, "train", train.ids)
+            old_clf = bct_classifier(cfg, classes) if cfg.new.method == "bct" else None
+            compat = build_compat_term(cfg.new, old_train, train.labels, len(classes), device, old_clf, cfg.seed)
 
-    net = EmbeddingClassifier(EmbeddingModel(mcfg, ds.image_shape), CosineClassifier(mcfg.embed_dim, len(classes), optim.scale))
+    net = EmbeddingClassifier(EmbeddingModel(mcfg, image_shape), CosineClassifier(mcfg.embed_dim, len(classes), optim.scale))
     optimizer = torch.optim.AdamW(net.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     scheduler = make_schedule(optimizer, optim)
     start_epoch = 0
@@ -164,41 +182,55 @@ def train_loop_per_worker(config: dict) -> None:
     ddp = ray.train.torch.prepare_model(net)
     inner: EmbeddingClassifier = ddp.module if hasattr(ddp, "module") else ddp
 
-    sampler = torch.utils.data.DistributedSampler(
-        torch.arange(len(train)), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed) if world > 1 else None
-    loader = make_loader(train.images, train.labels, optim.batch_size, shuffle=True, seed=cfg.seed, sampler=sampler)
-
-    validate = rank == 0 and len(validation) > 0
-    gallery_old = _load_old_features(cfg, layout, "train", validation.ids) if role == "new" and validate else None
+    counts: dict = {}
+    if stream is None:
+        sampler = torch.utils.data.DistributedSampler(
+            torch.arange(len(train)), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed) if world > 1 else None
+        loader = make_loader(train.images, train.labels, optim.batch_size, shuffle=True, seed=cfg.seed, sampler=sampler)
+        validate = rank == 0 and len(validation) > 0
+        gallery_old = _load_old_features(cfg, layout, "train", validation.ids) if role == "new" and validate else None
+    else:
+        shard = ray.train.get_dataset_shard(train_stream.TRAIN)
+        validate = rank == 0 and len(validation.ids) > 0
+        gallery_old = validation.old
     for epoch in range(start_epoch, optim.epochs):
-        if sampler is not None:
+        if stream is not None:
+            loader = train_stream.train_batches(shard, optim.batch_size, cfg.train.shuffle_buffer,
+                                                cfg.seed + epoch, counts)
+        elif sampler is not None:
             sampler.set_epoch(epoch)
         else:
             loader.generator.manual_seed(cfg.seed + epoch)
         lr = optimizer.param_groups[0]["lr"]
+        started = time.perf_counter()
         stats = {**train_epoch(ddp, loader, optimizer, device, compat, cfg.new.compat.weight), "lr": lr}
+        counts["seconds"] = time.perf_counter() - started
         if scheduler is not None:
             scheduler.step()
         # resumed_from: the epoch this worker group started at (0 unless restored from a checkpoint).
         metrics = {"epoch": epoch + 1, "resumed_from": start_epoch, **stats}
+        if stream is not None:
+            metrics.update(_stream_counts(counts, world, device))
         checkpoint = None
         last = epoch + 1 == optim.epochs
         outcomes = None
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 if validate and (cfg.eval.every_epoch or last):
-                    scores, outcomes = _validate(inner.model, validation, gallery_old, role, cfg, device, last)
+                    scores, outcomes = _validate(inner.model, validation, gallery_old, role, cfg, device, last,
+                                                 None if stream is None else ray.train.get_dataset_shard(
+                                                     train_stream.VALIDATION))
                     metrics.update(scores)
                 torch.save({"net": inner.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                             "scheduler": None if scheduler is None else scheduler.state_dict(),
-                            "classes": classes, "image_shape": ds.image_shape}, Path(tmp) / "state.pt")
+                            "classes": classes, "image_shape": image_shape}, Path(tmp) / "state.pt")
                 checkpoint = Checkpoint.from_directory(tmp)
                 if epoch + 1 == optim.epochs:
                     # Export from the worker: the driver may not see the checkpoint's files (local mode).
                     # A remote model_dir is written through a local staging directory on this node.
                     model_dir = artifacts.as_location(config.get("model_dir") or layout.model_dir(config["name"]))
                     with artifacts.staged(model_dir, commit_last=("model.json",)) as staging:
-                        export_model(inner.model, inner.classifier.weight, classes, ds.image_shape, staging,
+                        export_model(inner.model, inner.classifier.weight, classes, image_shape, staging,
                                      config["name"], config["version"])
                         if outcomes is not None:
                             save_outcomes(staging / VALIDATION_OUTCOMES, outcomes)
@@ -206,11 +238,31 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
+def _stream_counts(counts: dict, world: int, device: torch.device) -> dict[str, float]:
+    """The streamed epoch's rows: this worker's (``stream/rows``), and all workers' rows and sum of
+    training positions (``stream/rows_all``, ``stream/index_sum_all``: each item once = n and n(n-1)/2);
+    the slowest worker's epoch seconds (``stream/epoch_s``, training only) and the largest peak RSS of a
+    worker process so far (``stream/worker_peak_rss_mb``, VmHWM)."""
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    total = torch.tensor([counts["rows"], counts["index_sum"]], dtype=torch.float64, device=device)
+    peak = torch.tensor([counts["seconds"], rss_mb], dtype=torch.float64, device=device)
+    if world > 1:
+        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    return {"stream/rows": float(counts["rows"]), "stream/rows_all": float(total[0]),
+            "stream/index_sum_all": float(total[1]), "stream/epoch_s": float(peak[0]),
+            "stream/worker_peak_rss_mb": float(peak[1])}
+
+
 def _validate(model: EmbeddingModel, validation, gallery_old: Optional[np.ndarray], role: str, cfg: PipelineConfig,
-              device: torch.device, gate: bool) -> tuple[dict[str, float], Optional[dict]]:
+              device: torch.device, gate: bool, shard=None) -> tuple[dict[str, float], Optional[dict]]:
     """Validation metrics, leave-one-out within the validation split; with ``gate`` (new model only)
-    also the per-query outcomes of old/old and new/old the release gate resamples."""
-    feats = embed(model, validation.images, device=device)
+    also the per-query outcomes of old/old and new/old the release gate resamples. ``shard``: the
+    validation split's stream (``validation`` then holds ids and labels only)."""
+    if shard is None:
+        feats = embed(model, validation.images, device=device)
+    else:
+        feats = train_stream.embed_stream(model, shard, len(validation.ids), device)
     if role == "old":
         matrix = cross_model_matrix({"old": feats}, validation.labels, validation.ids, [("old", "old")],
                                     cfg.eval.chunk_size)
@@ -239,6 +291,9 @@ def config_fingerprint(cfg: PipelineConfig, role: str) -> str:
     """
     doc = {"role": role, "seed": cfg.seed, "data": to_dict(cfg.data), "protocol": to_dict(cfg.protocol),
            "model": to_dict(cfg.old if role == "old" else cfg.new)}
+    if cfg.train.input != "dataset":
+        # Only when set: the fingerprints (and run names) of runs on the default input stay as they were.
+        doc["input"] = cfg.train.input
     if role == "new":
         doc["old"] = {"name": cfg.old.name, "version": cfg.old.version}
         if cfg.old.classifier is not None:
@@ -262,6 +317,8 @@ def _preflight_new(cfg: PipelineConfig, layout: Layout) -> None:
     if cfg.new.method != "independent" and store.dim > cfg.new.model.embed_dim:
         raise DataError(f"old features have dim {store.dim} > new.model.embed_dim {cfg.new.model.embed_dim}: "
                         "the compatible slice needs the new dim >= the old dim")
+    if cfg.train.input == "gallery":
+        return  # the classes are checked where the stream's selection is made (build_trainer)
     if cfg.protocol.new_increment is not None:
         # An increment's class ids are checked against the dataset here, not in every worker.
         ds = load_dataset(cfg.data, cfg.seed)
@@ -279,8 +336,9 @@ def scaling_config(cfg: PipelineConfig) -> ScalingConfig:
     if cfg.ray.num_workers is not None:
         n = cfg.ray.num_workers
     else:
-        # Leave one CPU for the train controller; at least one worker.
-        n = int(gpus) if use_gpu else max(1, int((cpus - 1) // cfg.ray.cpus_per_worker))
+        # Leave one CPU for the train controller (and one for Ray Data's read tasks when streaming); at least one worker.
+        spare = 1 + (cfg.train.input == "gallery")
+        n = int(gpus) if use_gpu else max(1, int((cpus - spare) // cfg.ray.cpus_per_worker))
     resources = {"CPU": cfg.ray.cpus_per_worker} | ({"GPU": 1} if use_gpu else {}) | cfg.ray.resources_per_worker
     return ScalingConfig(num_workers=n, use_gpu=use_gpu, resources_per_worker=resources)
 
@@ -304,17 +362,30 @@ def build_trainer(cfg: PipelineConfig, role: str, scaling: Optional[ScalingConfi
             # Valid (an ablation), but usually a slip: warn rather than refuse.
             log.warning("new.compat.lambda is 0: method %s trains like independent (no compatibility term)",
                         cfg.new.method)
-    else:
+    elif cfg.train.input == "dataset":
         _preflight_old(cfg)
+    loop_config = {"pipeline": to_dict(with_absolute_paths(cfg)), "role": role, "name": name,
+                   "version": cfg.old.version if role == "old" else cfg.new.version,
+                   "model_dir": str(model_dir or layout.model_dir(name))}
+    data_args = {}
+    if cfg.train.input == "gallery":
+        inputs = train_stream.stream_inputs(with_absolute_paths(cfg), role, layout.store(old_model_name(cfg), "train"),
+                                            cfg.old.name, cfg.old.version)
+        if role == "new" and cfg.new.method == "bct":
+            bct_classifier(cfg, inputs.classes)
+        loop_config["stream"] = {"classes": inputs.classes, "image_shape": list(inputs.image_shape),
+                                 "validation": inputs.validation, "old_train": inputs.old_train,
+                                 "train_labels": inputs.train_labels}
+        # The training split is split between the workers; the validation split goes whole to each (rank 0 reads it).
+        data_args = {"datasets": inputs.datasets, "dataset_config": ray.train.DataConfig(datasets_to_split=[train_stream.TRAIN])}
     scaling = scaling or scaling_config(cfg)
     epochs = (cfg.old if role == "old" else cfg.new).optim.epochs
     log.info("training %s model %r: %d epochs, %d workers", role, name, epochs, scaling.num_workers)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"pipeline": to_dict(with_absolute_paths(cfg)), "role": role, "name": name,
-                           "version": cfg.old.version if role == "old" else cfg.new.version,
-                           "model_dir": str(model_dir or layout.model_dir(name))},
+        train_loop_config=loop_config,
         scaling_config=scaling,
+        **data_args,
         run_config=RunConfig(
             name=run_name or default_run_name(cfg, role),
             storage_path=str(storage_path or layout.ray_storage),
