@@ -25,6 +25,7 @@ Writes the JSON to ``--out``; numbers measured on a loaded machine are not resul
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -126,7 +127,8 @@ def main() -> None:
         return child(json.loads(args.child))
     if args.out is None:
         ap.error("--out is required")
-    doc: dict = {"command": " ".join(sys.argv), "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+    load_before, run_started = os.getloadavg()[0], time.perf_counter()
+    doc: dict = {"command": "python " + " ".join(sys.argv), "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                                             "torch": torch.__version__}}
     with tempfile.TemporaryDirectory() as tmp:
         def prepared(n: int, epochs: int) -> tuple[ImageSet, PipelineConfig]:
@@ -151,9 +153,35 @@ def main() -> None:
         for n in (int(x) for x in args.rss_images.split(",") if x):
             _, rcfg = prepared(n, 1)
             doc["worker_peak_rss_mb"][str(n)] = ray_run(rcfg, args.threads, 1)["worker_peak_rss_mb"]
+    doc["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
+    doc["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    doc["whole_run_s"] = time.perf_counter() - run_started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(render(doc))
     print(json.dumps(doc, indent=2))
+
+
+def render(doc: dict) -> str:
+    """The .md beside the JSON: command, machine, the throughput table and peak RSS per worker."""
+    load = doc["load_average_1min"]
+    lines = ["# Training: Ray Train (streaming input) vs a plain torch loop", "", f"    {doc['command']}", "",
+             f"Machine: {doc['machine']['cpus']} CPUs, Python {doc['machine']['python']}, torch {doc['machine']['torch']}; "
+             f"{doc['date']}; 1-minute load average {load['before']:.1f} before, {load['after']:.1f} after; "
+             f"whole run {doc['whole_run_s']:.0f} s.", "",
+             f"{doc['images']} Fashion-MNIST training images, {doc['epochs']} epochs, batch {doc['batch_size']}, the "
+             "default old model and optimiser. Images/s of the last epoch (Ray: rows of all workers over the "
+             "slowest worker's epoch seconds).", "",
+             "| run | images/s | ratio to plain | end to end (s) | peak RSS per worker (MB) |", "|---|---:|---:|---:|---:|",
+             f"| plain loop, {doc['plain']['threads']} torch threads | {doc['plain']['images_per_s']:.0f} | 1.00 | | |"]
+    for name, run in doc["ray"].items():
+        lines.append(f"| Ray Train {run['workers']} worker(s) x {run['cpus_per_worker']} CPU | {run['images_per_s']:.0f} | "
+                     f"{run['ratio']:.2f} | {run['end_to_end_s']:.1f} | {run['worker_peak_rss_mb']:.0f} |")
+    lines += ["", f"**ratio (the lower of the two Ray configurations): {doc['ratio']:.2f}**", "",
+              "Peak RSS per Train worker (the largest VmHWM of a worker process), one epoch, the multi-worker "
+              "configuration:", "", "| training images | peak RSS per worker (MB) |", "|---:|---:|"]
+    lines += [f"| {int(n):,} | {mb:.0f} |" for n, mb in doc["worker_peak_rss_mb"].items()]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -98,6 +98,29 @@ def test_prepare_gallery_shards_and_source_listing(tmp_path):
         prepare_gallery(split.subset(np.arange(10)), uri, 200)
 
 
+def test_builtin_gallery_is_read_without_the_dataset_files_only_for_the_config_it_was_made_from(tmp_path,
+                                                                                               monkeypatch):
+    from raycompat.pipeline import sources
+
+    cfg = PipelineConfig(output_dir=str(tmp_path / "run"), data=DataConfig(name="digits", max_train=600))
+    first = sources.gallery_source(cfg, "train")
+    assert sum(s.rows for s in first.shards) == len(load_dataset(cfg.data, cfg.seed).train)
+
+    def files_gone(*args, **kwargs):
+        raise DataError("digits: the dataset files are gone")
+
+    monkeypatch.setattr(sources, "load_dataset", files_gone)
+    again = sources.gallery_source(cfg, "train")  # the marker records this config: no dataset read
+    assert [s.path for s in again.shards] == [s.path for s in first.shards]
+    # Another subsample (or seed) is not what the gallery holds: it needs the dataset, never the old shards.
+    cfg.data.max_train = 500
+    with pytest.raises(DataError, match="files are gone"):
+        sources.gallery_source(cfg, "train")
+    cfg.data.max_train, cfg.seed = 600, 1
+    with pytest.raises(DataError, match="files are gone"):
+        sources.gallery_source(cfg, "train")
+
+
 def test_source_rejects_mixed_shards(tmp_path):
     pq.write_table(pa.table({"id": ["a"], "image": [b"x"]}), tmp_path / "a.parquet")
     pq.write_table(pa.table({"id": ["b"], "image": [[1, 2]]}, pa.schema([("id", pa.string()),

@@ -272,13 +272,22 @@ def _read_marker(fs: pafs.FileSystem, root: str) -> dict | None:
         raise DataError(f"{path}: not valid JSON ({exc}); delete the gallery directory to rebuild it") from None
 
 
-def prepare_gallery(split: ImageSet, out_uri: str, rows_per_file: int) -> str:
+def builtin_gallery_key(cfg: PipelineConfig, split: str) -> dict:
+    """What a built-in dataset's gallery of ``split`` is made from: the data keys that select its images
+    (dataset, files, subsampling and its seed), recorded in the gallery's marker."""
+    data = cfg.data
+    return {"dataset": data.name, "root": data.root, "max_train": data.max_train, "max_test": data.max_test,
+            "seed": cfg.seed, "split": split}
+
+
+def prepare_gallery(split: ImageSet, out_uri: str, rows_per_file: int, key: dict | None = None) -> str:
     """Write an in-memory split as raw-image Parquet shards under ``out_uri``; return ``out_uri``.
 
     Shards are ``shard-00000.parquet``, ... of ``rows_per_file`` rows, each written
-    atomically; the marker ``_gallery.json`` (with a fingerprint of the split) is written
-    last. A directory whose marker matches the split is reused as is; one with another
-    split's marker is refused, so features are never mixed across datasets.
+    atomically; the marker ``_gallery.json`` (with a fingerprint of the split and, when
+    given, the ``key`` it was made from: :func:`builtin_gallery_key`) is written last. A
+    directory whose marker matches the split is reused as is; one with another split's
+    marker is refused, so features are never mixed across datasets.
     """
     fs, root = filesystem.resolve(out_uri)
     fingerprint = _fingerprint(split)
@@ -313,7 +322,7 @@ def prepare_gallery(split: ImageSet, out_uri: str, rows_per_file: int) -> str:
         filesystem.atomic_write(fs, filesystem.join(root, name),
                              lambda sink, t=table: pq.write_table(t, sink, row_group_size=GALLERY_ROW_GROUP_ROWS))
         shards += 1
-    doc = {"rows": n, "image_shape": shape, "fingerprint": fingerprint}
+    doc = {"rows": n, "image_shape": shape, "fingerprint": fingerprint, **({"key": key} if key else {})}
     filesystem.atomic_write_bytes(fs, filesystem.join(root, GALLERY_MARKER), json.dumps(doc, indent=2).encode())
     log.info("gallery %s: wrote %d rows in %d shards", out_uri, n, shards)
     return out_uri
@@ -371,12 +380,31 @@ def pack_image_folder(root: str, split: str, out_uri: str, rows_per_file: int) -
     return out_uri
 
 
+def _builtin_gallery(cfg: PipelineConfig, split: str, gallery_dir: str) -> str:
+    """The gallery of a built-in dataset's ``split``, written once from the dataset files.
+
+    A gallery whose marker records this config's :func:`builtin_gallery_key` is read as it is, without
+    the dataset files (they may be gone once it exists). Otherwise the dataset is loaded and the
+    gallery written, or an existing one checked against it by fingerprint. A gallery made from the
+    fallback dataset records no key: it is always checked against what loads now.
+    """
+    fs, root = filesystem.resolve(gallery_dir)
+    key = builtin_gallery_key(cfg, split)
+    marker = _read_marker(fs, root)
+    if marker is not None and marker.get("key") == key:
+        log.info("gallery %s: made from this data config, read as it is (%d rows)", gallery_dir, marker.get("rows", 0))
+        return gallery_dir
+    dataset = load_dataset(cfg.data, cfg.seed)
+    return prepare_gallery(getattr(dataset, split), gallery_dir, cfg.extract.rows_per_file,
+                           key if dataset.name == cfg.data.name else None)
+
+
 def gallery_source(cfg: PipelineConfig, split: str, source_uri: str | None = None) -> GallerySource:
     """The shards to extract: ``source_uri`` if given, else the configured dataset's ``split``.
 
     Built-in datasets are written once under ``<output_dir>/gallery/<split>`` (with the
-    config's subsampling applied); image folders are packed there; ``data.name: parquet``
-    reads ``<data.root>/<split>`` in place.
+    config's subsampling applied) and read from there without their files afterwards; image
+    folders are packed there; ``data.name: parquet`` reads ``<data.root>/<split>`` in place.
     """
     data = cfg.data
     if source_uri is None:
@@ -384,8 +412,7 @@ def gallery_source(cfg: PipelineConfig, split: str, source_uri: str | None = Non
             raise DataError(f"split must be train or test, got {split!r}")
         gallery_dir = str(Layout.of(cfg.output_dir).gallery(split))
         if data.name in BUILTIN_DATASETS:
-            dataset = load_dataset(data, cfg.seed)
-            source_uri = prepare_gallery(getattr(dataset, split), gallery_dir, cfg.extract.rows_per_file)
+            source_uri = _builtin_gallery(cfg, split, gallery_dir)
         elif data.root is None:
             raise DataError(f"data.root is required for data.name: {data.name}")
         elif data.name == "imagefolder":

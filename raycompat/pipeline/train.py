@@ -303,6 +303,8 @@ def config_fingerprint(cfg: PipelineConfig, role: str) -> str:
 
 def _preflight_old(cfg: PipelineConfig) -> None:
     """Refuse a dataset that does not load or classes it lacks on the driver, before any worker starts."""
+    if cfg.train.input == "gallery":
+        return  # the classes are checked where the stream's selection is made (build_trainer)
     resolve_old_classes(cfg.protocol, load_dataset(cfg.data, cfg.seed).num_classes)
 
 

@@ -50,7 +50,6 @@ from raycompat.pipeline.config import PipelineConfig
 from raycompat.pipeline.sources import (BUILTIN_DATASETS, GALLERY_MARKER, GallerySource, ImageCodec,
                                         decode_images, gallery_source, open_source)
 from raycompat.storage import filesystem
-from raycompat.storage.layout import Layout
 from raycompat.training.loop import embed
 
 log = logging.getLogger(__name__)
@@ -83,14 +82,8 @@ class ValidationMeta:
 
 
 def training_source(cfg: PipelineConfig) -> GallerySource:
-    """The training split's gallery shards: an existing gallery is read as it is (the dataset
-    files may be gone); otherwise it is written first (:func:`gallery_source`)."""
-    if cfg.data.name not in ("parquet",):
-        gallery = str(Layout.of(cfg.output_dir).gallery("train"))
-        fs, root = filesystem.resolve(gallery)
-        if filesystem.exists(fs, filesystem.join(root, GALLERY_MARKER)):
-            log.info("training streams from the existing gallery %s", gallery)
-            return open_source(gallery, cfg.data.image_size, cfg.data.channels)
+    """The training split's gallery shards (:func:`gallery_source`): a built-in dataset's gallery is
+    written once and then read as it is, so the dataset files may be gone."""
     return gallery_source(cfg, "train")
 
 
